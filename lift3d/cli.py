@@ -1,0 +1,147 @@
+"""The ``lift3d`` command: run, export, info, kernels."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import platform
+import sys
+import time
+
+from lift3d.checkpoint import CheckpointError
+from lift3d.config import ConfigError
+
+logger = logging.getLogger("lift3d")
+
+USER_ERRORS = (ConfigError, CheckpointError, ValueError, FileNotFoundError, KeyError)
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s" if verbose else "%(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+def _split_resume(overrides: list[str]) -> tuple[list[str], str | None]:
+    """``resume=PATH`` is a run option, not a config key."""
+    resume = None
+    rest = []
+    for item in overrides:
+        if item.startswith("resume="):
+            resume = item.split("=", 1)[1]
+        else:
+            rest.append(item)
+    return rest, resume
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from lift3d.train import elapsed, run
+
+    overrides, resume = _split_resume(args.overrides)
+    start = time.perf_counter()
+    result = run(args.config, overrides, prompt=args.prompt, out=args.out, resume=resume)
+    summary = ", ".join(f"{k}={v:.3f}" for k, v in result.metrics.items())
+    logger.info("finished %d steps in %s%s -> %s", result.step, elapsed(start), f" ({summary})" if summary else "", result.run_dir)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from lift3d.train import export_run, open_run
+
+    trainer = open_run(args.run_dir)
+    formats = args.format or trainer.config.export.formats
+    export_run(trainer, formats)
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import torch
+
+    from lift3d import __version__, registry
+    from lift3d.kernels._backend import live_tiers
+
+    lines = [
+        f"lift3d {__version__}",
+        f"python {platform.python_version()} ({platform.machine()}), torch {torch.__version__}",
+        f"device: {'cuda ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu only'}"
+        f", {torch.get_num_threads()} threads",
+    ]
+    for name in ("diffusers", "transformers", "trimesh", "kornia", "gsplat", "nerfacc", "tinycudann"):
+        try:
+            module = __import__(name)
+            lines.append(f"{name}: {getattr(module, '__version__', 'installed')}")
+        except ImportError:
+            lines.append(f"{name}: not installed")
+    tiers = live_tiers("gaussian_rasterize_forward")
+    lines.append("kernel tiers (gaussian_raster): " + ", ".join(f"{t}={'live' if ok else 'off'}" for t, ok in tiers.items()))
+    for interface in registry.INTERFACES:
+        lines.append(f"{interface}: {', '.join(registry.choices(interface))}")
+    sys.stdout.write("\n".join(lines) + "\n")
+    return 0
+
+
+def cmd_kernels(args: argparse.Namespace) -> int:
+    import torch
+
+    from lift3d.kernels._backend import load_cpu_extension, load_cuda_extension
+
+    start = time.perf_counter()
+    load_cpu_extension()
+    logger.info("cpu kernels ready (%.1fs)", time.perf_counter() - start)
+    if torch.cuda.is_available():
+        start = time.perf_counter()
+        load_cuda_extension()
+        logger.info("cuda kernels ready (%.1fs)", time.perf_counter() - start)
+    else:
+        logger.info("no CUDA device: cuda kernels not built")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lift3d", description="Text to 3D by score distillation.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run_parser = sub.add_parser("run", help="optimise one prompt")
+    run_parser.add_argument("config", help="YAML preset, e.g. configs/quickstart.yaml")
+    run_parser.add_argument("--prompt", help="the text prompt (overrides the preset's)")
+    run_parser.add_argument("--out", help="put the run exactly in this folder")
+    run_parser.add_argument(
+        "overrides", nargs="*", help="key.sub=value overrides, e.g. trainer.steps=500; resume=PATH continues a run"
+    )
+    run_parser.set_defaults(func=cmd_run)
+
+    export_parser = sub.add_parser("export", help="export a finished or interrupted run")
+    export_parser.add_argument("run_dir", help="the run folder")
+    export_parser.add_argument(
+        "--format", action="append", choices=["ply", "mp4", "png"], help="repeatable; default: the run's export.formats"
+    )
+    export_parser.set_defaults(func=cmd_export)
+
+    info_parser = sub.add_parser("info", help="versions, device, live kernel tiers, registered components")
+    info_parser.set_defaults(func=cmd_info)
+
+    kernels_parser = sub.add_parser("kernels", help="native kernels")
+    kernels_sub = kernels_parser.add_subparsers(dest="kernels_command", required=True)
+    build = kernels_sub.add_parser("build", help="pre-build the C++ (and CUDA, on a GPU) extensions")
+    build.set_defaults(func=cmd_kernels)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return args.func(args)
+    except USER_ERRORS as error:
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        logger.error("error: %s", message)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,332 @@
+"""The one loop: cameras -> Representation.render -> Teacher/Guidance -> loss -> optimizer step.
+
+This is the only module that knows all four interfaces. A ``Run`` owns the run folder
+(``config.yaml``, ``ckpt/``, ``metrics.jsonl``, ``images/``, ``export/``), checkpoints atomically
+(also on Ctrl-C), resumes bit for bit, evaluates against ground truth when the teacher has it,
+and exports at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lift3d import registry
+from lift3d.cameras import Cameras, OrbitSampler, TurntableConfig, turntable
+from lift3d.checkpoint import load_checkpoint, resolve_checkpoint_path, run_dir_of_checkpoint, save_checkpoint
+from lift3d.config import ResolutionMilestone, RunConfig, dump_config, load_config
+from lift3d.export.video import write_strip, write_video
+from lift3d.metrics import mean_psnr
+from lift3d.prompts import slugify
+from lift3d.representations.base import Representation
+from lift3d.teachers.base import Teacher
+
+logger = logging.getLogger(__name__)
+
+OUTPUTS_ROOT = Path("outputs")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"trainer.device={name!r} but no CUDA device is available; use cpu or auto")
+    return device
+
+
+def default_run_dir(config: RunConfig, root: Path = OUTPUTS_ROOT) -> Path:
+    """``outputs/<config-name>/<prompt-slug>@<timestamp>``; never outside ``root``."""
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    run_dir = (root / slugify(config.name) / f"{slugify(config.prompt)}@{stamp}").resolve()
+    if root.resolve() not in run_dir.parents:  # belt and braces: slugify already forbids it
+        raise ValueError(f"run folder {run_dir} would lie outside {root}")
+    return run_dir
+
+
+def build_teacher(config: RunConfig, device: torch.device) -> Teacher:
+    entry = registry.lookup("teacher", _type_of("teacher", config.teacher))
+    return entry.cls(config.teacher).to(device)
+
+
+def build_representation(config: RunConfig, device: torch.device) -> Representation:
+    entry = registry.lookup("representation", _type_of("representation", config.representation))
+    generator = torch.Generator().manual_seed(config.trainer.seed)
+    return entry.cls(config.representation, generator=generator).to(device)
+
+
+def build_guidance(config: RunConfig, teacher: Teacher):
+    entry = registry.lookup("guidance", _type_of("guidance", config.guidance))
+    return entry.cls(config.guidance, teacher)
+
+
+def _type_of(interface: str, section: Any) -> str:
+    from lift3d.config import registered_name
+
+    return registered_name(interface, section)
+
+
+def resolution_at(step: int, default: tuple[int, int], milestones: list[ResolutionMilestone]) -> tuple[int, int]:
+    width, height = default
+    for milestone in sorted(milestones, key=lambda m: m.step):
+        if step >= milestone.step:
+            width, height = milestone.width, milestone.height
+    return width, height
+
+
+@dataclass
+class RunResult:
+    """What a finished (or interrupted) run left behind."""
+
+    run_dir: Path
+    step: int
+    metrics: dict[str, float]
+
+
+class Trainer:
+    """Optimises one representation for one prompt."""
+
+    def __init__(self, config: RunConfig, run_dir: Path | None = None, resume: str | Path | None = None):
+        self.config = config
+        trainer_cfg = config.trainer
+        if trainer_cfg.threads > 0:
+            torch.set_num_threads(trainer_cfg.threads)
+        self.device = resolve_device(trainer_cfg.device)
+        # Everything that can fail on bad input happens before the run folder exists.
+        resume_state = None
+        if resume:
+            resume_path = resolve_checkpoint_path(resume)
+            resume_state = load_checkpoint(resume_path)
+            run_dir = run_dir or run_dir_of_checkpoint(resume_path)
+        torch.manual_seed(trainer_cfg.seed)
+        self.teacher = build_teacher(config, self.device)
+        self.teacher.requires_grad_(False)
+        self.prompt_state = self.teacher.encode_prompt(config.prompt, config.negative_prompt)
+        self.representation = build_representation(config, self.device)
+        self.guidance = build_guidance(config, self.teacher).to(self.device)
+        self.camera_sampler = OrbitSampler(trainer_cfg.cameras)
+        self.camera_generator = torch.Generator().manual_seed(trainer_cfg.seed + 1)
+        self.background = self.teacher.background.to(self.device) if hasattr(self.teacher, "background") else torch.ones(3, device=self.device)
+        self.step = 0
+        if resume_state is not None:
+            self.representation.load_state_dict(resume_state["representation"])
+            self.representation.to(self.device)
+        self.optimizer = torch.optim.Adam(self.representation.param_groups(), eps=1e-15)
+        guidance_groups = self.guidance.param_groups()
+        self.guidance_optimizer = torch.optim.AdamW(guidance_groups) if guidance_groups else None
+        if resume_state is not None:
+            self._restore(resume_state)
+
+        self.run_dir = Path(run_dir) if run_dir is not None else default_run_dir(config)
+        for sub in ("ckpt", "images", "export"):
+            (self.run_dir / sub).mkdir(parents=True, exist_ok=True)
+        dump_config(config, self.run_dir / "config.yaml")
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        if resume_state is not None:
+            self._truncate_metrics(self.step)
+        logger.info("run folder: %s", self.run_dir)
+
+    # ----------------------------------------------------------------------- state
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "representation": self.representation.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "guidance": self.guidance.state_dict(),
+            "guidance_optimizer": self.guidance_optimizer.state_dict() if self.guidance_optimizer else {},
+            "torch_rng": torch.get_rng_state(),
+            "camera_rng": self.camera_generator.get_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.guidance.load_state_dict(state["guidance"])
+        if self.guidance_optimizer is not None and state["guidance_optimizer"]:
+            self.guidance_optimizer.load_state_dict(state["guidance_optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        self.camera_generator.set_state(state["camera_rng"])
+        if torch.cuda.is_available() and state["cuda_rng"]:
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        logger.info("resumed at step %d", self.step)
+
+    def save(self, name: str = "last.pt") -> Path:
+        path = self.run_dir / "ckpt" / name
+        save_checkpoint(path, self.state_dict())
+        return path
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop metric lines written after the checkpoint we resume from."""
+        if not self.metrics_path.exists():
+            return
+        kept = [
+            line for line in self.metrics_path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step
+        ]
+        self.metrics_path.write_text("".join(line + "\n" for line in kept))
+
+    def log_metrics(self, record: dict[str, float]) -> None:
+        with open(self.metrics_path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    # ----------------------------------------------------------------------- loop
+
+    def sample_cameras(self, step: int) -> Cameras:
+        cfg = self.config.trainer
+        width, height = resolution_at(step, (cfg.cameras.width, cfg.cameras.height), cfg.resolution_milestones)
+        return self.camera_sampler.sample(self.camera_generator, width, height).to(self.device)
+
+    def train_step(self, step: int) -> dict[str, float]:
+        cfg = self.config.trainer
+        for group in self.optimizer.param_groups:
+            scheduled = getattr(self.representation, "learning_rates", lambda s: {})(step)
+            if group.get("name") in scheduled:
+                group["lr"] = scheduled[group["name"]]
+        self.representation.train()
+        cameras = self.sample_cameras(step)
+        render = self.representation.render(cameras, self.background)
+        conditioning = self.teacher.condition(self.prompt_state, cameras, view_dependent=cfg.view_dependent_prompts)
+        output = self.guidance(render, conditioning, cameras, step)
+        regularizers = self.representation.regularization(render, step)
+        loss = output.loss + sum(regularizers.values(), torch.zeros((), device=self.device))
+        logs = {"loss": float(loss.detach()), **output.logs}
+        logs.update({f"reg/{name}": float(value.detach()) for name, value in regularizers.items()})
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.guidance_optimizer is not None:
+            self.guidance_optimizer.zero_grad(set_to_none=True)
+        if not torch.isfinite(loss):
+            logger.warning("step %d: non-finite loss, step skipped", step)
+            logs["skipped"] = 1.0
+            return logs
+        loss.backward()
+        if cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.representation.parameters(), cfg.max_grad_norm)
+        self.optimizer.step()
+        if self.guidance_optimizer is not None:
+            self.guidance_optimizer.step()
+        self.representation.on_step(step, render, self.optimizer)
+        logs["num_primitives"] = float(getattr(self.representation, "num_gaussians", 0))
+        return logs
+
+    def fit(self) -> RunResult:
+        cfg = self.config.trainer
+        from tqdm import tqdm
+
+        bar = tqdm(
+            total=cfg.steps, initial=self.step, disable=not cfg.progress_bar, dynamic_ncols=True,
+            desc=slugify(self.config.prompt)[:30], unit="it", mininterval=0.5,
+        )
+        try:
+            while self.step < cfg.steps:
+                logs = self.train_step(self.step)
+                self.step += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{logs['loss']:.4g}", refresh=False)
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    self.log_metrics({"step": self.step, **logs})
+                if cfg.val_every and self.step % cfg.val_every == 0:
+                    self.save_validation(f"val_{self.step:06d}.png")
+                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                    self.save(f"step_{self.step:06d}.pt")
+                    self.save()
+        except KeyboardInterrupt:
+            bar.close()
+            path = self.save()
+            logger.warning("interrupted at step %d; checkpoint saved to %s (resume with resume=%s)", self.step, path, path)
+            raise
+        bar.close()
+        self.save()
+        metrics = self.finish()
+        return RunResult(self.run_dir, self.step, metrics)
+
+    # ----------------------------------------------------------------------- evaluation & export
+
+    @torch.no_grad()
+    def render_views(self, cameras: Cameras, chunk: int = 8) -> Tensor:
+        self.representation.eval()
+        images = [
+            self.representation.render(cameras[i : i + chunk].to(self.device), self.background).rgb[..., :3].cpu()
+            for i in range(0, len(cameras), chunk)
+        ]
+        return torch.cat(images)
+
+    def save_validation(self, name: str) -> None:
+        write_strip(self.run_dir / "images" / name, self.render_views(turntable(self.config.trainer.eval)))
+
+    def evaluate(self) -> dict[str, float]:
+        """``eval/psnr`` on the held-out turntable against the teacher's ground truth, if it has one."""
+        if not hasattr(self.teacher, "ground_truth"):
+            return {}
+        cameras = turntable(self.config.trainer.eval)
+        prediction = self.render_views(cameras)
+        target = self.teacher.ground_truth(self.prompt_state, cameras.to(self.device)).cpu()
+        write_strip(self.run_dir / "images" / "eval.png", torch.cat([prediction, target], dim=1))
+        return {"eval/psnr": mean_psnr(prediction, target)}
+
+    def finish(self) -> dict[str, float]:
+        self.save_validation("final.png")
+        metrics = self.evaluate()
+        if metrics:
+            self.log_metrics({"step": self.step, **metrics})
+            logger.info("eval: %s", ", ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
+        export_run(self, self.config.export.formats)
+        return metrics
+
+
+def export_run(trainer: Trainer, formats: list[str]) -> list[Path]:
+    """Write the requested formats into ``<run>/export``: representation files plus rendered media."""
+    cfg = trainer.config.export
+    directory = trainer.run_dir / "export"
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    media = {"png", "mp4"}
+    native = [f for f in formats if f not in media]
+    if native:
+        written += trainer.representation.export(directory, native)
+    size = cfg.video_resolution
+    eval_cfg = trainer.config.trainer.eval
+    if "png" in formats:
+        views = TurntableConfig(cfg.strip_views, eval_cfg.elevation_deg, eval_cfg.distance, eval_cfg.fovy_deg, 0.0, size, size)
+        write_strip(directory / "turntable.png", trainer.render_views(turntable(views)))
+        written.append(directory / "turntable.png")
+    if "mp4" in formats:
+        views = TurntableConfig(cfg.video_frames, eval_cfg.elevation_deg, eval_cfg.distance, eval_cfg.fovy_deg, 0.0, size, size)
+        write_video(directory / "turntable.mp4", trainer.render_views(turntable(views)), cfg.video_fps)
+        written.append(directory / "turntable.mp4")
+    for path in written:
+        logger.info("exported %s", path)
+    return written
+
+
+def run(config_path: str | None, overrides: list[str], prompt: str | None = None, out: str | None = None,
+        resume: str | None = None) -> RunResult:
+    """``lift3d run``: validate everything, then optimise, evaluate and export."""
+    config = load_config(config_path, overrides, prompt=prompt)
+    trainer = Trainer(config, run_dir=Path(out) if out else None, resume=resume)
+    return trainer.fit()
+
+
+def open_run(run_dir: str | Path) -> Trainer:
+    """A trainer restored from a run folder's config and last checkpoint (for export)."""
+    run_dir = Path(run_dir)
+    config_path = run_dir / "config.yaml"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{str(run_dir)!r} is not a run folder (no config.yaml)")
+    config = load_config(config_path)
+    return Trainer(config, run_dir=run_dir, resume=run_dir)
+
+
+def elapsed(start: float) -> str:
+    seconds = time.perf_counter() - start
+    return f"{int(seconds // 60)}m{seconds % 60:04.1f}s" if seconds >= 60 else f"{seconds:.1f}s"
+

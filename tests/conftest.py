@@ -1,0 +1,52 @@
+"""Shared fixtures: stub teachers whose noise prediction is a known function."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lift3d.cameras import Cameras
+from lift3d.teachers.base import Conditioning, NoisePrediction, Teacher, scaled_linear_alphas_cumprod
+
+
+class GaussianStubTeacher(Teacher):
+    """Pixel teacher with p(x0|cond) = N(mu_c, sd^2 I) and p(x0|uncond) = N(mu_u, sd^2 I), exact eps."""
+
+    def __init__(self, mu_cond: torch.Tensor, mu_uncond: torch.Tensor, sigma_data: float = 0.1):
+        super().__init__()
+        self.register_buffer("alphas_cumprod", scaled_linear_alphas_cumprod())
+        self.register_buffer("mu_cond", mu_cond)
+        self.register_buffer("mu_uncond", mu_uncond)
+        self.sigma_data = sigma_data
+
+    @property
+    def channels(self) -> int:
+        return self.mu_cond.shape[0]
+
+    def encode_prompt(self, prompt: str, negative_prompt: str = ""):
+        return prompt
+
+    def condition(self, prompt_state, cameras: Cameras, view_dependent: bool = True) -> Conditioning:
+        return Conditioning(cond=self.mu_cond, uncond=self.mu_uncond, view_labels=cameras.view_labels())
+
+    def encode_images(self, rgb: torch.Tensor) -> torch.Tensor:
+        return rgb.permute(0, 3, 1, 2)
+
+    def decode(self, x0: torch.Tensor) -> torch.Tensor:
+        return x0.permute(0, 2, 3, 1)
+
+    def eps(self, x_t: torch.Tensor, t: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
+        abar = self.alphas_cumprod[t].view(-1, 1, 1, 1)
+        alpha, sigma = abar.sqrt(), (1 - abar).sqrt()
+        return sigma * (x_t - alpha * mu) / (alpha**2 * self.sigma_data**2 + sigma**2)
+
+    def predict_noise(self, x_t, t, conditioning: Conditioning) -> NoisePrediction:
+        return NoisePrediction(cond=self.eps(x_t, t, conditioning.cond), uncond=self.eps(x_t, t, conditioning.uncond))
+
+
+@pytest.fixture
+def stub_teacher() -> GaussianStubTeacher:
+    generator = torch.Generator().manual_seed(0)
+    mu_c = torch.rand(3, 4, 4, generator=generator)
+    mu_u = torch.rand(3, 4, 4, generator=generator)
+    return GaussianStubTeacher(mu_c, mu_u)
