@@ -46,7 +46,11 @@ def load_cpu_extension() -> None:
     """Build (first time) and load the C++ extension holding every cpu-tier op."""
     from torch.utils import cpp_extension
 
-    sources = sorted(str(p) for p in source_dir().glob("*_cpu.cpp"))
+    # LIFT3D_CPU_SOURCES (a glob) lets a kernel developer build just the file being worked on.
+    pattern = os.environ.get("LIFT3D_CPU_SOURCES", "*_cpu.cpp")
+    sources = sorted(str(p) for p in source_dir().glob(pattern))
+    if not sources:
+        raise KernelBuildError(f"no C++ kernel sources match {pattern!r} in {source_dir()}")
     logger.info("building/loading the lift3d C++ kernels from %d sources (first build takes ~1 min)", len(sources))
     try:
         cpp_extension.load(
