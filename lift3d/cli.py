@@ -131,7 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Overrides may come before or after --prompt/--out: argparse leaves the later ones over.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if args.command != "run" or any(item.startswith("-") or "=" not in item for item in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     _setup_logging(args.verbose)
     try:
         return args.func(args)

@@ -1,0 +1,507 @@
+"""The analytic scene teacher: a diffusion prior whose data distribution is known exactly.
+
+Data model: for a prompt naming a scene (see ``lift3d.teachers.scenes``) and a camera,
+``p(x0 | prompt, camera) = N(x0*, sigma_d^2 I)`` where ``x0* = encode(reference render)``.
+Every branch is a Gaussian mixture ``sum_k pi_k N(mu_k, sigma_d^2 I)`` with equal covariances,
+so under the DDPM forward process ``x_t = alpha x0 + sigma eps`` (alpha = sqrt(abar),
+sigma = sqrt(1 - abar)) the noised density is
+``p_t = sum_k pi_k N(alpha mu_k, (alpha^2 sigma_d^2 + sigma^2) I)`` and
+
+    eps(x_t) = -sigma grad log p_t(x_t) = sigma (x_t - alpha sum_k r_k mu_k) / (alpha^2 sigma_d^2 + sigma^2)
+
+with responsibilities ``r_k ∝ pi_k N(x_t; alpha mu_k, ...)``: closed form, no weights.
+
+- Conditional branch: the prompt's scene at the true camera (``camera_aware``), or a mixture over
+  the scene seen from canonical azimuths, ignoring the camera's azimuth (the Janus problem of
+  real teachers, measurable); view-dependent prompts narrow that mixture to the camera's sector.
+- Unconditional branch: the exact mixture over a fixed set of scenes, so classifier-free
+  guidance has its real meaning; a negative prompt replaces that set by its own scene.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+import trimesh
+from torch import Tensor, nn
+
+from lift3d.cameras import Cameras, orbit_cameras, wrap_azimuth
+from lift3d.registry import register
+from lift3d.teachers.base import Conditioning, NoisePrediction, Teacher, scaled_linear_alphas_cumprod
+from lift3d.teachers.scenes import BACKGROUND, Scene, parse_prompt
+
+logger = logging.getLogger(__name__)
+
+LATENT_PATCH = 8
+"""Side of the pixel patch that one latent cell encodes."""
+LATENT_CHANNELS = 4
+"""Channels of the latent variant's x0."""
+LUMINANCE = (0.299, 0.587, 0.114)
+"""Weights of the luminance that the latent pattern channel reads."""
+
+
+# ------------------------------------------------------------------------ mixture algebra
+
+
+def _per_sample(value: Tensor | float, batch: int, like: Tensor) -> Tensor:
+    """A scalar or [B] value as a float64 [B] tensor on ``like``'s device."""
+    value = torch.as_tensor(value, dtype=torch.float64, device=like.device)
+    return value.expand(batch) if value.dim() == 0 else value.reshape(batch).to(torch.float64)
+
+
+def _mixture_terms(
+    x_t: Tensor, alpha: Tensor | float, sigma: Tensor | float, means: Tensor, log_weights: Tensor, sigma_data: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Flattened float64 pieces: x [B, D], mu [B, K, D], alpha, sigma, variance [B], responsibilities [B, K]."""
+    B = x_t.shape[0]
+    if means.shape[0] != B or means.shape[2:] != x_t.shape[1:]:
+        raise ValueError(f"means {tuple(means.shape)} do not match x_t {tuple(x_t.shape)} as [B, K, ...]")
+    if log_weights.shape != means.shape[:2]:
+        raise ValueError(f"log_weights {tuple(log_weights.shape)} must be [B, K] = {tuple(means.shape[:2])}")
+    x = x_t.reshape(B, -1).to(torch.float64)
+    log_weights = log_weights.to(device=x.device, dtype=torch.float64)
+    present = torch.isfinite(log_weights)
+    # Padding components (-inf weight) may hold anything; zero them so 0 * mu stays finite.
+    mu = torch.where(present.unsqueeze(-1), means.reshape(B, means.shape[1], -1).to(torch.float64), 0.0)
+    alpha, sigma = _per_sample(alpha, B, x), _per_sample(sigma, B, x)
+    variance = alpha.square() * sigma_data**2 + sigma.square()
+    squared_distance = (x.unsqueeze(1) - alpha.view(B, 1, 1) * mu).square().sum(-1)  # [B, K]
+    logits = log_weights - squared_distance / (2.0 * variance.unsqueeze(1))
+    responsibilities = torch.softmax(logits, dim=1)  # logsumexp-stable; exactly 0 where the weight is -inf
+    return x, mu, alpha, sigma, variance, responsibilities
+
+
+def mixture_responsibilities(
+    x_t: Tensor, alpha: Tensor | float, sigma: Tensor | float, means: Tensor, log_weights: Tensor, sigma_data: float
+) -> Tensor:
+    """Posterior component probabilities [B, K] (float64) of x_t under the noised mixture.
+
+    Args:
+        x_t: noisy samples [B, ...].
+        alpha, sigma: sqrt(abar_t) and sqrt(1 - abar_t), scalars or [B].
+        means: component means [B, K, ...] in x0 space.
+        log_weights: log mixture weights [B, K]; ``-inf`` marks padding (each row needs a finite one).
+        sigma_data: standard deviation of every component.
+    """
+    return _mixture_terms(x_t, alpha, sigma, means, log_weights, sigma_data)[-1]
+
+
+def mixture_eps(
+    x_t: Tensor, alpha: Tensor | float, sigma: Tensor | float, means: Tensor, log_weights: Tensor, sigma_data: float
+) -> Tensor:
+    """The exact noise prediction ``-sigma grad log p_t(x_t)`` [B, ...] of a Gaussian mixture.
+
+    ``eps = sigma (x_t - alpha sum_k r_k mu_k) / (alpha^2 sigma_d^2 + sigma^2)``; arguments as in
+    :func:`mixture_responsibilities`. Computed in float64, returned in ``x_t``'s dtype.
+    """
+    x, mu, alpha, sigma, variance, responsibilities = _mixture_terms(x_t, alpha, sigma, means, log_weights, sigma_data)
+    mean_of_means = torch.einsum("bk,bkd->bd", responsibilities, mu)
+    eps = sigma.unsqueeze(1) * (x - alpha.unsqueeze(1) * mean_of_means) / variance.unsqueeze(1)
+    return eps.to(x_t.dtype).view_as(x_t)
+
+
+def mixture_posterior_mean(
+    x_t: Tensor, alpha: Tensor | float, sigma: Tensor | float, means: Tensor, log_weights: Tensor, sigma_data: float
+) -> Tensor:
+    """The exact ``E[x0 | x_t]`` [B, ...] of a Gaussian mixture (Tweedie: ``(x_t - sigma eps) / alpha``).
+
+    ``sum_k r_k (mu_k + alpha sigma_d^2 (x_t - alpha mu_k) / (alpha^2 sigma_d^2 + sigma^2))``;
+    arguments as in :func:`mixture_responsibilities`.
+    """
+    x, mu, alpha, sigma, variance, responsibilities = _mixture_terms(x_t, alpha, sigma, means, log_weights, sigma_data)
+    mean_of_means = torch.einsum("bk,bkd->bd", responsibilities, mu)
+    posterior = (sigma.square().unsqueeze(1) * mean_of_means + (alpha * sigma_data**2).unsqueeze(1) * x) / (
+        variance.unsqueeze(1)
+    )
+    return posterior.to(x_t.dtype).view_as(x_t)
+
+
+@dataclass
+class MixturePayload:
+    """One branch of the analytic teacher's conditioning: a Gaussian mixture per sample."""
+
+    means: Tensor
+    """[B, K, C, h, w] component means in x0 space (padding components are zeros)."""
+    log_weights: Tensor
+    """[B, K] log mixture weights; ``-inf`` for components excluded for that sample."""
+    component_names: tuple[str, ...]
+    """K names, e.g. ``red-sphere`` or ``red-sphere@az180`` (same layout for every sample)."""
+
+    @property
+    def num_components(self) -> int:
+        return self.means.shape[1]
+
+    def to(self, device: torch.device | str) -> "MixturePayload":
+        return MixturePayload(self.means.to(device), self.log_weights.to(device), self.component_names)
+
+
+# -------------------------------------------------------------------------------- config
+
+
+@dataclass
+class AnalyticTeacherConfig:
+    """The analytic scene teacher: exact scores of rendered SDF scenes, no weights."""
+
+    resolution: int = 64
+    """Side of the square image the teacher judges, in pixels (the latent x0 is resolution/8 on a side)."""
+    sigma_data: float = 0.1
+    """Standard deviation of the data around the reference render, in x0 units."""
+    camera_aware: bool = True
+    """Condition on the true camera; false makes the conditional a mixture over canonical azimuths (Janus)."""
+    canonical_azimuths_deg: tuple[float, ...] = (0.0, 90.0, 180.0, 270.0)
+    """Azimuths of the mixture components when ``camera_aware`` is false, degrees."""
+    latent: bool = False
+    """Work in a 4-channel latent space (a fixed linear 8x8-patch map) instead of pixels."""
+    supersample: int = 2
+    """Rays per pixel side of the reference renders (antialiasing)."""
+    unconditional_prompts: tuple[str, ...] = (
+        "a red sphere",
+        "a green cube",
+        "a blue torus",
+        "a yellow cone",
+        "an orange cylinder",
+        "a purple capsule",
+        "a white sphere on a gray cube",
+        "a gray cone on a white cylinder",
+    )
+    """Scenes of the unconditional branch, an equal-weight mixture (covers every shape and colour)."""
+    front_threshold_deg: float = 45.0
+    """Views with |azimuth| below this are labelled front."""
+    back_threshold_deg: float = 45.0
+    """Views with |azimuth| above 180 minus this are labelled back."""
+    overhead_threshold_deg: float = 60.0
+    """Views with elevation above this are labelled overhead (the whole mixture is kept)."""
+    background: tuple[float, float, float] = BACKGROUND
+    """RGB background of the reference renders (representations composite over it)."""
+    num_train_timesteps: int = 1000
+    """Length T of the DDPM schedule (Stable Diffusion's scaled-linear betas)."""
+    student_camera_dim: int = 4
+    """Length D of the camera embedding the student accepts ([elev_rad, sin az, cos az, dist])."""
+    student_hidden_channels: int = 32
+    """Width of the student's residual conv net."""
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first inconsistent field."""
+        if self.resolution < 1:
+            raise ValueError(f"teacher.resolution must be positive, got {self.resolution}")
+        if self.latent and self.resolution % LATENT_PATCH:
+            raise ValueError(
+                f"teacher.resolution must be a multiple of {LATENT_PATCH} when latent, got {self.resolution}"
+            )
+        if self.sigma_data <= 0:
+            raise ValueError(f"teacher.sigma_data must be positive, got {self.sigma_data}")
+        if self.supersample < 1:
+            raise ValueError(f"teacher.supersample must be >= 1, got {self.supersample}")
+        if not self.canonical_azimuths_deg:
+            raise ValueError("teacher.canonical_azimuths_deg must list at least one azimuth")
+        if not self.unconditional_prompts:
+            raise ValueError("teacher.unconditional_prompts must list at least one prompt")
+        if self.student_camera_dim < 1 or self.student_hidden_channels < 1:
+            raise ValueError("teacher.student_camera_dim and teacher.student_hidden_channels must be positive")
+
+
+@dataclass
+class AnalyticPromptState:
+    """What ``encode_prompt`` returns: the parsed scenes of a prompt and its negative prompt."""
+
+    prompt: str
+    """The prompt as given."""
+    scene: Scene
+    """The scene the prompt names."""
+    negative_prompt: str = ""
+    """The negative prompt as given ("" for none)."""
+    negative_scene: Scene | None = field(default=None)
+    """The scene the negative prompt names, replacing the unconditional set when present."""
+
+
+# ----------------------------------------------------------------------------- the teacher
+
+
+def spherical_camera_embedding(cameras: Cameras) -> Tensor:
+    """[B, 4] camera embedding ``[elevation_rad, sin azimuth, cos azimuth, distance]`` (threestudio's "spherical")."""
+    azimuth = torch.deg2rad(cameras.azimuth_deg)
+    return torch.stack(
+        [torch.deg2rad(cameras.elevation_deg), torch.sin(azimuth), torch.cos(azimuth), cameras.distance], dim=-1
+    )
+
+
+def _latent_maps() -> tuple[Tensor, Tensor]:
+    """The fixed 8x8-patch encoder [4, 3, p, p] (conv weight) and its pseudo-inverse (conv-transpose weight).
+
+    Channels 0-2 are the patch means of R, G, B (in [-1, 1] units); channel 3 is the luminance
+    projected on a zero-mean diagonal ramp, scaled so that a ramp from -1 to 1 across the patch
+    reads 1. All four rows are orthogonal, so the pseudo-inverse is the transpose over the row norms.
+    """
+    p = LATENT_PATCH
+    encoder = torch.zeros(LATENT_CHANNELS, 3, p, p, dtype=torch.float64)
+    for channel in range(3):
+        encoder[channel, channel] = 1.0 / (p * p)
+    centred = torch.arange(p, dtype=torch.float64) - 0.5 * (p - 1)
+    ramp = centred.view(p, 1) + centred.view(1, p)  # from -(p-1) to p-1
+    unit_ramp = ramp / (p - 1)  # the -1..1 ramp that should read 1
+    pattern = ramp / (ramp * unit_ramp).sum()
+    encoder[3] = torch.tensor(LUMINANCE, dtype=torch.float64).view(3, 1, 1) * pattern
+    rows = encoder.reshape(LATENT_CHANNELS, -1)
+    decoder = torch.linalg.pinv(rows).T.reshape(LATENT_CHANNELS, 3, p, p)
+    return encoder.float(), decoder.float()
+
+
+def _resize(image: Tensor, size: int) -> Tensor:
+    """[B, C, H, W] -> [B, C, size, size]: area average for integer downsampling, else antialiased bilinear."""
+    H, W = image.shape[-2:]
+    if (H, W) == (size, size):
+        return image
+    if H % size == 0 and W % size == 0:
+        # Exactly the supersampled reference when H = s * size: the same sub-pixel rays, averaged.
+        return F.avg_pool2d(image, kernel_size=(H // size, W // size))
+    return F.interpolate(image, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+
+
+@register("teacher", "analytic", AnalyticTeacherConfig)
+class AnalyticTeacher(Teacher):
+    """Exact scores of sphere-traced SDF scenes named by a tiny prompt grammar (no weights)."""
+
+    background: Tensor
+    """[3] RGB background that representations composite over."""
+
+    def __init__(self, config: AnalyticTeacherConfig | None = None):
+        super().__init__()
+        self.config = config = config or AnalyticTeacherConfig()
+        config.validate()
+        self.register_buffer("alphas_cumprod", scaled_linear_alphas_cumprod(config.num_train_timesteps))
+        self.register_buffer("background", torch.tensor(config.background, dtype=torch.float32), persistent=False)
+        encoder, decoder = _latent_maps()
+        self.register_buffer("latent_encoder", encoder, persistent=False)
+        self.register_buffer("latent_decoder", decoder, persistent=False)
+        self.unconditional_scenes: tuple[Scene, ...] = tuple(parse_prompt(p) for p in config.unconditional_prompts)
+        self.requires_grad_(False)
+
+    # ------------------------------------------------------------------ sample space
+
+    @property
+    def channels(self) -> int:
+        return LATENT_CHANNELS if self.config.latent else 3
+
+    @property
+    def sample_size(self) -> int:
+        """Side h = w of x0."""
+        return self.config.resolution // LATENT_PATCH if self.config.latent else self.config.resolution
+
+    def encode_images(self, rgb: Tensor) -> Tensor:
+        """Renders rgb [B, H, W, 3] in [0, 1] -> x0 [B, C, h, w], differentiable.
+
+        Pixel variant: ``2 rgb - 1`` at ``resolution``. Latent variant: the fixed linear patch map
+        of that image; a render that already has 4 channels [B, H, W, 4] (latent-NeRF style) is
+        taken as latents and only resized to ``resolution / 8``.
+        """
+        if rgb.dim() != 4 or rgb.shape[-1] not in (3, self.channels):
+            raise ValueError(f"encode_images expects rgb [B, H, W, 3], got {tuple(rgb.shape)}")
+        image = rgb.permute(0, 3, 1, 2)
+        if rgb.shape[-1] == LATENT_CHANNELS and self.config.latent:
+            return _resize(image, self.sample_size)
+        pixels = 2.0 * _resize(image, self.config.resolution) - 1.0
+        if not self.config.latent:
+            return pixels
+        return F.conv2d(pixels, self.latent_encoder.to(pixels.dtype), stride=LATENT_PATCH)
+
+    def decode(self, x0: Tensor) -> Tensor:
+        """x0 [B, C, h, w] -> rgb [B, resolution, resolution, 3] in [0, 1] (lossy for latents)."""
+        pixels = x0
+        if self.config.latent:
+            pixels = F.conv_transpose2d(x0, self.latent_decoder.to(x0.dtype), stride=LATENT_PATCH)
+        return ((pixels + 1.0) * 0.5).clamp(0.0, 1.0).permute(0, 2, 3, 1)
+
+    # ------------------------------------------------------------------ conditioning
+
+    def encode_prompt(self, prompt: str, negative_prompt: str = "") -> AnalyticPromptState:
+        """Parse the prompt (and negative prompt); ``ValueError`` with the vocabulary on an unknown word."""
+        scene = parse_prompt(prompt)
+        negative_scene = None
+        if negative_prompt.strip():
+            try:
+                negative_scene = parse_prompt(negative_prompt)
+            except ValueError as error:
+                raise ValueError(f"negative prompt: {error}") from None
+        return AnalyticPromptState(prompt, scene, negative_prompt, negative_scene)
+
+    def condition(
+        self, prompt_state: AnalyticPromptState, cameras: Cameras, view_dependent: bool = True
+    ) -> Conditioning:
+        """Mixture payloads for both branches; ``view_labels`` are the cameras' labels either way.
+
+        With ``view_dependent`` and ``camera_aware=False`` the conditional mixture keeps only the
+        canonical azimuths in each camera's label sector (all of them for overhead views, or when
+        the sector holds none). The unconditional / negative branch is never narrowed: as with
+        Stable Diffusion, the negative text carries no view suffix.
+        """
+        cfg = self.config
+        labels = cameras.view_labels(cfg.front_threshold_deg, cfg.back_threshold_deg, cfg.overhead_threshold_deg)
+        reference = cameras.with_resolution(cfg.resolution, cfg.resolution)
+        narrow_to = labels if view_dependent else None
+        cond = self._mixture((prompt_state.scene,), reference, narrow_to)
+        negative = prompt_state.negative_scene
+        uncond_scenes = (negative,) if negative is not None else self.unconditional_scenes
+        uncond = self._mixture(uncond_scenes, reference, None)
+        return Conditioning(cond=cond, uncond=uncond, view_labels=labels)
+
+    def predict_noise(self, x_t: Tensor, t: Tensor, conditioning: Conditioning) -> NoisePrediction:
+        """The exact eps of both branches, each [B, C, h, w]."""
+        alpha, sigma = self._alpha_sigma(t, x_t)
+        cfg = self.config
+        cond, uncond = conditioning.cond, conditioning.uncond
+        return NoisePrediction(
+            cond=mixture_eps(x_t, alpha, sigma, cond.means, cond.log_weights, cfg.sigma_data),
+            uncond=mixture_eps(x_t, alpha, sigma, uncond.means, uncond.log_weights, cfg.sigma_data),
+        )
+
+    def posterior_mean(self, x_t: Tensor, t: Tensor, payload: MixturePayload) -> Tensor:
+        """Exact E[x0 | x_t] [B, C, h, w] under one branch's mixture."""
+        alpha, sigma = self._alpha_sigma(t, x_t)
+        return mixture_posterior_mean(x_t, alpha, sigma, payload.means, payload.log_weights, self.config.sigma_data)
+
+    # ------------------------------------------------------------------ ground truth
+
+    def reference_images(self, scene: Scene, cameras: Cameras) -> Tensor:
+        """x0* [B, C, h, w]: the encoded reference render of ``scene`` at the teacher resolution."""
+        res = self.config.resolution
+        with torch.no_grad():
+            rgb, _ = scene.render(cameras.with_resolution(res, res), self.config.supersample, self.background)
+            return self.encode_images(rgb.to(self.background.device))
+
+    def ground_truth(self, prompt_state: AnalyticPromptState, cameras: Cameras) -> Tensor:
+        """rgb [B, H, W, 3] in [0, 1] of the prompt's scene at the cameras' own resolution."""
+        with torch.no_grad():
+            return prompt_state.scene.render(cameras, self.config.supersample, self.background)[0]
+
+    def ground_truth_mesh(self, prompt_state: AnalyticPromptState, resolution: int = 128) -> trimesh.Trimesh:
+        """The prompt's scene as a ``trimesh.Trimesh`` (marching cubes of its SDF, world coordinates)."""
+        return prompt_state.scene.mesh(resolution=resolution)
+
+    # ------------------------------------------------------------------ student
+
+    def make_student(self) -> "AnalyticStudent":
+        """The analytic conditional eps plus a zero-initialised conv residual (trainable)."""
+        cfg = self.config
+        return AnalyticStudent(
+            self.alphas_cumprod.detach().clone(), cfg.sigma_data, self.channels,
+            cfg.student_camera_dim, cfg.student_hidden_channels,
+        ).to(self.alphas_cumprod.device)
+
+    # ------------------------------------------------------------------ internals
+
+    def _alpha_sigma(self, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
+        abar = self.alphas_cumprod.to(like.device)[t.long()].to(torch.float64)
+        return abar.sqrt(), (1.0 - abar).sqrt()
+
+    def _allowed_azimuths(self, labels: list[str] | None, batch: int, device: torch.device) -> Tensor:
+        """[B, A] bool: which canonical azimuths each sample's mixture keeps."""
+        cfg = self.config
+        azimuths = wrap_azimuth(torch.tensor(cfg.canonical_azimuths_deg, dtype=torch.float32)).abs()
+        everything = torch.ones(batch, len(azimuths), dtype=torch.bool)
+        if labels is None:
+            return everything.to(device)
+        sector = {
+            "front": azimuths < cfg.front_threshold_deg,
+            "back": azimuths > 180.0 - cfg.back_threshold_deg,
+        }
+        sector["side"] = ~(sector["front"] | sector["back"])
+        rows = []
+        for label in labels:
+            keep = sector.get(label)  # overhead keeps everything
+            if keep is None or not bool(keep.any()):
+                if keep is not None:
+                    logger.debug("no canonical azimuth in the %s sector; keeping the whole mixture", label)
+                keep = everything[0]
+            rows.append(keep)
+        return torch.stack(rows).to(device)
+
+    def _mixture(self, scenes: tuple[Scene, ...], cameras: Cameras, narrow_to: list[str] | None) -> MixturePayload:
+        """Equal-weight mixture over ``scenes``, each at the true camera or at the canonical azimuths."""
+        B, device = len(cameras), self.background.device
+        if self.config.camera_aware:
+            means = torch.stack([self.reference_images(scene, cameras) for scene in scenes], dim=1)
+            log_weights = torch.full((B, len(scenes)), -math.log(len(scenes)), device=device)
+            return MixturePayload(means, log_weights, tuple(scene.slug for scene in scenes))
+
+        azimuths = self.config.canonical_azimuths_deg
+        A = len(azimuths)
+        allowed = self._allowed_azimuths(narrow_to, B, device)  # [B, A]
+        # Render only the (sample, azimuth) pairs that carry weight, all in one batch per scene.
+        sample_index, azimuth_index = allowed.nonzero(as_tuple=True)
+        camera_index = sample_index.to(cameras.device)
+        canonical = orbit_cameras(
+            cameras.elevation_deg[camera_index],
+            torch.tensor(azimuths, dtype=torch.float32, device=cameras.device)[azimuth_index.to(cameras.device)],
+            cameras.distance[camera_index],
+            torch.rad2deg(cameras.fovy[camera_index]),
+            cameras.width,
+            cameras.height,
+        )
+        means = torch.zeros(B, len(scenes) * A, self.channels, self.sample_size, self.sample_size, device=device)
+        for i, scene in enumerate(scenes):
+            means[sample_index, i * A + azimuth_index] = self.reference_images(scene, canonical).to(device)
+        per_sample = torch.log(allowed.sum(dim=1, keepdim=True).double() * len(scenes)).float()
+        log_weights = torch.where(allowed, -per_sample, -math.inf).repeat(1, len(scenes))
+        names = tuple(f"{scene.slug}@az{azimuth:g}" for scene in scenes for azimuth in azimuths)
+        return MixturePayload(means, log_weights, names)
+
+
+# ------------------------------------------------------------------------------- student
+
+
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """Sinusoidal embedding [B, dim] of integer timesteps [B] (the DDPM/transformer one)."""
+    half = dim // 2
+    frequencies = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    angles = t.float().unsqueeze(1) * frequencies.unsqueeze(0)
+    embedding = torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
+    return F.pad(embedding, (0, dim - 2 * half))
+
+
+class AnalyticStudent(nn.Module):
+    """The teacher's conditional eps plus a small conv residual, zero at initialisation.
+
+    The residual sees x_t, the timestep and (optionally) a camera embedding [B, D]; a missing
+    camera is the zero embedding (threestudio's "cam = 0" branch), so camera dropout works.
+    """
+
+    def __init__(
+        self, alphas_cumprod: Tensor, sigma_data: float, channels: int, camera_dim: int = 4, hidden_channels: int = 32
+    ):
+        super().__init__()
+        self.register_buffer("alphas_cumprod", alphas_cumprod, persistent=False)
+        self.sigma_data = sigma_data
+        self.camera_dim = camera_dim
+        self.time_embedding_dim = hidden_channels
+        self.conv_in = nn.Conv2d(channels, hidden_channels, 3, padding=1)
+        self.time_projection = nn.Sequential(
+            nn.Linear(hidden_channels, hidden_channels), nn.SiLU(), nn.Linear(hidden_channels, hidden_channels)
+        )
+        # No bias: the zero embedding (no camera) adds nothing.
+        self.camera_projection = nn.Linear(camera_dim, hidden_channels, bias=False)
+        self.conv_mid = nn.Conv2d(hidden_channels, hidden_channels, 3, padding=1)
+        self.conv_out = nn.Conv2d(hidden_channels, channels, 3, padding=1)
+        # Zero output layer: the student starts exactly at the teacher, as a fresh LoRA does.
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+
+    def analytic_eps(self, x_t: Tensor, t: Tensor, conditioning: Conditioning) -> Tensor:
+        """The teacher's conditional eps [B, C, h, w] (no trainable part)."""
+        abar = self.alphas_cumprod.to(x_t.device)[t.long()].to(torch.float64)
+        payload = conditioning.cond
+        return mixture_eps(x_t, abar.sqrt(), (1.0 - abar).sqrt(), payload.means, payload.log_weights, self.sigma_data)
+
+    def forward(self, x_t: Tensor, t: Tensor, conditioning: Conditioning, camera: Tensor | None = None) -> Tensor:
+        """eps [B, C, h, w] for noisy x_t [B, C, h, w], integer timesteps t [B], camera embedding [B, D] or None."""
+        embedding = self.time_projection(timestep_embedding(t, self.time_embedding_dim).to(x_t.dtype))
+        if camera is not None:
+            if camera.shape != (x_t.shape[0], self.camera_dim):
+                raise ValueError(f"camera embedding must be [B, {self.camera_dim}], got {tuple(camera.shape)}")
+            embedding = embedding + self.camera_projection(camera.to(x_t.dtype))
+        hidden = F.silu(self.conv_in(x_t) + embedding[:, :, None, None])
+        hidden = F.silu(self.conv_mid(hidden))
+        return self.analytic_eps(x_t, t, conditioning) + self.conv_out(hidden)

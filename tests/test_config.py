@@ -1,0 +1,60 @@
+import pytest
+
+from lift3d.config import ConfigError, Schedule, dump_config, load_config
+
+QUICKSTART = "configs/quickstart.yaml"
+
+
+def test_quickstart_preset_loads_with_overrides():
+    config = load_config(QUICKSTART, ["trainer.steps=7", "guidance.guidance_scale=2", "trainer.cameras.width=32"])
+    assert config.trainer.steps == 7
+    assert config.guidance.guidance_scale == 2.0
+    assert config.trainer.cameras.width == 32
+    assert config.name == "quickstart"
+
+
+def test_schedule_from_number_and_mapping():
+    config = load_config(QUICKSTART, ["guidance.timesteps.max_step_percent={start: 0.98, end: 0.5, start_step: 10, kind: step}"])
+    schedule = config.guidance.timesteps.max_step_percent
+    assert isinstance(schedule, Schedule) and schedule(9) == 0.98 and schedule(10) == 0.5
+    assert load_config(QUICKSTART, ["guidance.timesteps.min_step_percent=0.1"]).guidance.timesteps.min_step_percent(0) == 0.1
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("trainer.stepz=3", "unknown key 'trainer.stepz' (did you mean 'steps'?)"),
+        ("trainer.steps=many", "trainer.steps: expected an integer"),
+        ("guidance.type=nope", "unknown guidance type 'nope'; choose one of: "),
+        ("guidance.weighting=bogus", "choose one of sds, uniform, fantasia3d"),
+        ("teacher.resolutionn=3", "unknown key 'teacher.resolutionn'"),
+        ("representation.sh_degree=7", "sh_degree must be 0..3"),
+        ("bogus=1", "unknown key 'bogus'"),
+        ("trainer.cameras.elevation_range_deg=[1, 2, 3]", "expected 2 values"),
+    ],
+)
+def test_bad_config_fails_with_one_line_naming_the_key(override, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(QUICKSTART, [override])
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_unknown_type_lists_choices():
+    with pytest.raises(ConfigError, match="sds"):
+        load_config(QUICKSTART, ["guidance.type=nope"])
+
+
+def test_missing_prompt_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "none.yaml")
+    (tmp_path / "c.yaml").write_text("representation: {type: gaussians}\nteacher: {type: analytic}\nguidance: {type: sds}\n")
+    with pytest.raises(ConfigError, match="'prompt' must be a non-empty string"):
+        load_config(tmp_path / "c.yaml")
+
+
+def test_resolved_config_round_trips(tmp_path):
+    config = load_config(QUICKSTART, ["trainer.steps=5", "guidance.timesteps.max_step_percent={start: 0.9, end: 0.5, end_step: 4, kind: linear}"])
+    dump_config(config, tmp_path / "config.yaml")
+    again = load_config(tmp_path / "config.yaml")
+    assert again == config
