@@ -195,7 +195,10 @@ class Trainer:
         self.representation.train()
         cameras = self.sample_cameras(step)
         render = self.representation.render(cameras, self.background)
-        conditioning = self.teacher.condition(self.prompt_state, cameras, view_dependent=cfg.view_dependent_prompts)
+        conditioning = self.teacher.condition(
+            self.prompt_state, cameras, view_dependent=cfg.view_dependent_prompts,
+            with_unconditional=self.guidance.needs_unconditional,
+        )
         output = self.guidance(render, conditioning, cameras, step)
         regularizers = self.representation.regularization(render, step)
         loss = output.loss + sum(regularizers.values(), torch.zeros((), device=self.device))

@@ -26,8 +26,9 @@ class GaussianStubTeacher(Teacher):
     def encode_prompt(self, prompt: str, negative_prompt: str = ""):
         return prompt
 
-    def condition(self, prompt_state, cameras: Cameras, view_dependent: bool = True) -> Conditioning:
-        return Conditioning(cond=self.mu_cond, uncond=self.mu_uncond, view_labels=cameras.view_labels())
+    def condition(self, prompt_state, cameras: Cameras, view_dependent: bool = True, with_unconditional: bool = True):
+        uncond = self.mu_uncond if with_unconditional else None
+        return Conditioning(cond=self.mu_cond, uncond=uncond, view_labels=cameras.view_labels())
 
     def encode_images(self, rgb: torch.Tensor) -> torch.Tensor:
         return rgb.permute(0, 3, 1, 2)
@@ -41,7 +42,8 @@ class GaussianStubTeacher(Teacher):
         return sigma * (x_t - alpha * mu) / (alpha**2 * self.sigma_data**2 + sigma**2)
 
     def predict_noise(self, x_t, t, conditioning: Conditioning) -> NoisePrediction:
-        return NoisePrediction(cond=self.eps(x_t, t, conditioning.cond), uncond=self.eps(x_t, t, conditioning.uncond))
+        uncond = None if conditioning.uncond is None else self.eps(x_t, t, conditioning.uncond)
+        return NoisePrediction(cond=self.eps(x_t, t, conditioning.cond), uncond=uncond)
 
 
 @pytest.fixture

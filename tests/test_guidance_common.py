@@ -28,6 +28,13 @@ def test_cfg_convention_is_diffusers():
     assert pred.cfg(7.5).item() == 1.0 + 7.5
 
 
+def test_cfg_without_unconditional_branch_only_allows_scale_one():
+    pred = NoisePrediction(cond=torch.full((1,), 2.0), uncond=None)
+    assert pred.cfg(1.0).item() == 2.0
+    with pytest.raises(ValueError, match="unconditional branch"):
+        pred.cfg(3.0)
+
+
 def test_weightings():
     abar = torch.tensor([0.25, 0.81])
     assert torch.allclose(weighting("sds", abar), 1 - abar)

@@ -124,6 +124,11 @@ class Guidance(nn.Module, ABC):
         """Trainable state of the objective itself (LoRA, student); none by default."""
         return []
 
+    @property
+    def needs_unconditional(self) -> bool:
+        """Whether the teacher must compute the unconditional branch (CFG with s != 1)."""
+        return self.config.guidance_scale != 1.0
+
     # Helpers for subclasses -----------------------------------------------------------------
 
     def clip_value(self, step: int) -> float | None:

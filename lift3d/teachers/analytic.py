@@ -329,7 +329,11 @@ class AnalyticTeacher(Teacher):
         return AnalyticPromptState(prompt, scene, negative_prompt, negative_scene)
 
     def condition(
-        self, prompt_state: AnalyticPromptState, cameras: Cameras, view_dependent: bool = True
+        self,
+        prompt_state: AnalyticPromptState,
+        cameras: Cameras,
+        view_dependent: bool = True,
+        with_unconditional: bool = True,
     ) -> Conditioning:
         """Mixture payloads for both branches; ``view_labels`` are the cameras' labels either way.
 
@@ -345,7 +349,8 @@ class AnalyticTeacher(Teacher):
         cond = self._mixture((prompt_state.scene,), reference, narrow_to)
         negative = prompt_state.negative_scene
         uncond_scenes = (negative,) if negative is not None else self.unconditional_scenes
-        uncond = self._mixture(uncond_scenes, reference, None)
+        # The unconditional mixture is most of the cost; skip it when CFG will not use it.
+        uncond = self._mixture(uncond_scenes, reference, None) if with_unconditional else None
         return Conditioning(cond=cond, uncond=uncond, view_labels=labels)
 
     def predict_noise(self, x_t: Tensor, t: Tensor, conditioning: Conditioning) -> NoisePrediction:
@@ -355,7 +360,9 @@ class AnalyticTeacher(Teacher):
         cond, uncond = conditioning.cond, conditioning.uncond
         return NoisePrediction(
             cond=mixture_eps(x_t, alpha, sigma, cond.means, cond.log_weights, cfg.sigma_data),
-            uncond=mixture_eps(x_t, alpha, sigma, uncond.means, uncond.log_weights, cfg.sigma_data),
+            uncond=None
+            if uncond is None
+            else mixture_eps(x_t, alpha, sigma, uncond.means, uncond.log_weights, cfg.sigma_data),
         )
 
     def posterior_mean(self, x_t: Tensor, t: Tensor, payload: MixturePayload) -> Tensor:

@@ -27,8 +27,8 @@ class Conditioning:
 
     cond: Any
     """Conditional payload for the B samples."""
-    uncond: Any
-    """Unconditional / negative payload for the B samples."""
+    uncond: Any | None
+    """Unconditional / negative payload for the B samples (None when not asked for)."""
     view_labels: list[str]
     """The view label (front/side/back/overhead) each sample was conditioned on."""
 
@@ -38,7 +38,7 @@ class NoisePrediction:
     """Noise predicted by the teacher for both branches, each [B, C, h, w]."""
 
     cond: Tensor
-    uncond: Tensor
+    uncond: Tensor | None
 
     def cfg(self, guidance_scale: float) -> Tensor:
         """Classifier-free guidance, diffusers convention: ``uncond + s (cond - uncond)``.
@@ -46,6 +46,10 @@ class NoisePrediction:
         s = 1 gives the conditional prediction and s = 0 the unconditional one. (threestudio's
         SDS uses ``cond + s (cond - uncond)``, i.e. our ``s + 1``.)
         """
+        if self.uncond is None:
+            if guidance_scale != 1.0:
+                raise ValueError(f"guidance scale {guidance_scale} needs the unconditional branch, which was not computed")
+            return self.cond
         return self.uncond + guidance_scale * (self.cond - self.uncond)
 
 
@@ -69,8 +73,11 @@ class Teacher(nn.Module, ABC):
         """Parse/encode a prompt once per run; raise ``ValueError`` on an unusable prompt."""
 
     @abstractmethod
-    def condition(self, prompt_state: Any, cameras: Cameras, view_dependent: bool = True) -> Conditioning:
-        """Per-step conditioning for a batch of cameras (view-dependent prompts pick per camera)."""
+    def condition(
+        self, prompt_state: Any, cameras: Cameras, view_dependent: bool = True, with_unconditional: bool = True
+    ) -> Conditioning:
+        """Per-step conditioning for a batch of cameras (view-dependent prompts pick per camera);
+        ``with_unconditional=False`` skips the unconditional branch (CFG scale 1 needs none)."""
 
     @abstractmethod
     def encode_images(self, rgb: Tensor) -> Tensor:

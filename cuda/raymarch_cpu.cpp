@@ -1,0 +1,388 @@
+// Ray marching through an occupancy grid and volume-rendering compositing, cpu tier (C++/OpenMP)
+// with a hand-written backward.
+//
+// Semantics: lift3d/kernels/raymarch.py (the reference tier is the definition).
+//
+// march_rays: per ray, with t_min/t_max already clipped to the box and [near, far] in Python,
+//   for k = 0, 1, ...:  s = float(k) + jitter;  t0 = t_min + s * step;  t1 = t0 + step
+//     stop unless t1 <= t_max;  tm = (t0 + t1) * 0.5;  x_c = o_c + tm * d_c
+//     i_c = floor((x_c - lo_c) * scale_c);  keep if every 0 <= i_c < res and occupied
+//     stop after max_samples kept samples.
+//   Every operation is one float32 rounding, exactly as the torch reference does it, so both tiers
+//   give identical samples. A count pass then a fill pass pack the samples in ray order.
+//
+// composite: per ray (samples contiguous, sorted by t), sd_i = sigma_i * (t1_i - t0_i),
+//   excl_i = float(sum_{j<i} sd_j accumulated in double)   (torch.cumsum's CPU accumulation),
+//   kept_i = excl_i <= -log(threshold)   (i.e. T_i >= threshold; decided identically in both tiers),
+//   w_i = kept_i * exp(-excl_i) * (-expm1(-sd_i)).
+//   Backward: with G_i = dL/dw_i (direct + through colour, opacity and depth),
+//   dL/dsd_j = kept_j G_j T_j exp(-sd_j) - sum_{i>j} G_i w_i   (a suffix sum, O(S) per ray).
+//
+// Determinism: each ray is handled by one thread and writes only its own outputs; no atomics.
+
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+// The sample positions must round exactly like torch's separate mul and add kernels: never let
+// the compiler fuse a * b + c into an FMA (it may with -march flags that enable FMA).
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#elif defined(__GNUC__)
+#pragma GCC optimize("fp-contract=off")
+#endif
+
+namespace {
+
+void check_tensor(const at::Tensor& t, const char* op, const char* name, at::ScalarType dtype,
+                  std::vector<int64_t> shape) {
+  TORCH_CHECK(t.device().is_cpu(), op, " (cpu tier): ", name, " must be on the CPU");
+  TORCH_CHECK(t.scalar_type() == dtype, op, " (cpu tier): ", name, " must be ", dtype, ", got ",
+              t.scalar_type());
+  TORCH_CHECK(t.is_contiguous(), op, " (cpu tier): ", name, " must be contiguous");
+  TORCH_CHECK(t.sizes() == at::IntArrayRef(shape), op, " (cpu tier): ", name, " has shape ", t.sizes(),
+              ", expected ", at::IntArrayRef(shape));
+}
+
+// ------------------------------------------------------------------------------------------------
+// march_rays
+// ------------------------------------------------------------------------------------------------
+
+struct Marcher {
+  const float* origins;
+  const float* dirs;
+  const float* t_min;
+  const float* t_max;
+  const float* jitter;  // null: no jitter
+  const bool* occupancy;
+  float lo[3];
+  float scale[3];  // res / (hi - lo), rounded to float like torch
+  int64_t res;
+  float res_f;
+  float step;
+  int64_t max_samples;
+
+  // Visits the kept samples of ray r in order; fn(t0, t1) returns nothing. Returns the count.
+  template <typename Fn>
+  int64_t march(int64_t r, Fn&& fn) const {
+    const float o[3] = {origins[3 * r], origins[3 * r + 1], origins[3 * r + 2]};
+    const float d[3] = {dirs[3 * r], dirs[3 * r + 1], dirs[3 * r + 2]};
+    const float start = t_min[r];
+    const float stop = t_max[r];
+    const float j = jitter ? jitter[r] : 0.0f;
+    int64_t kept = 0;
+    for (int64_t k = 0; kept < max_samples; ++k) {
+      const float s = static_cast<float>(k) + j;
+      const float offset = s * step;
+      const float t0 = start + offset;
+      const float t1 = t0 + step;
+      if (!(t1 <= stop)) break;  // also stops on NaN
+      const float tm = (t0 + t1) * 0.5f;
+      int64_t cell = 0;
+      bool inside = true;
+      for (int c = 0; c < 3; ++c) {
+        const float along = tm * d[c];
+        const float x = o[c] + along;
+        const float u = (x - lo[c]) * scale[c];
+        // 0 <= floor(u) < res  <=>  0 <= u < res (res is an integer), and then floor(u) is the
+        // truncation: same cells as the reference's floor without a libm call. Rejects NaN too.
+        if (!(u >= 0.0f && u < res_f)) {
+          inside = false;
+          break;
+        }
+        cell = cell * res + static_cast<int64_t>(u);
+      }
+      if (!inside || !occupancy[cell]) continue;
+      fn(t0, t1);
+      ++kept;
+    }
+    return kept;
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> march_rays(const at::Tensor& origins, const at::Tensor& dirs,
+                                                          const at::Tensor& t_min, const at::Tensor& t_max,
+                                                          const at::Tensor& aabb, const at::Tensor& occupancy,
+                                                          int64_t resolution, double step_size,
+                                                          const c10::optional<at::Tensor>& jitter,
+                                                          int64_t max_samples) {
+  const char* op = "march_rays";
+  const int64_t R = origins.size(0);
+  check_tensor(origins, op, "origins", at::kFloat, {R, 3});
+  check_tensor(dirs, op, "dirs", at::kFloat, {R, 3});
+  check_tensor(t_min, op, "t_min", at::kFloat, {R});
+  check_tensor(t_max, op, "t_max", at::kFloat, {R});
+  check_tensor(aabb, op, "aabb", at::kFloat, {6});
+  TORCH_CHECK(resolution > 0, "march_rays: resolution must be positive");
+  check_tensor(occupancy, op, "occupancy", at::kBool, {resolution * resolution * resolution});
+  TORCH_CHECK(step_size > 0.0, "march_rays: step_size must be positive");
+  TORCH_CHECK(max_samples >= 0, "march_rays: max_samples must be >= 0");
+  if (jitter.has_value()) check_tensor(*jitter, op, "jitter", at::kFloat, {R});
+
+  Marcher m;
+  m.origins = origins.data_ptr<float>();
+  m.dirs = dirs.data_ptr<float>();
+  m.t_min = t_min.data_ptr<float>();
+  m.t_max = t_max.data_ptr<float>();
+  m.jitter = jitter.has_value() ? jitter->data_ptr<float>() : nullptr;
+  m.occupancy = occupancy.data_ptr<bool>();
+  const float* box = aabb.data_ptr<float>();
+  m.res = resolution;
+  m.res_f = static_cast<float>(resolution);
+  for (int c = 0; c < 3; ++c) {
+    m.lo[c] = box[c];
+    const float size = box[c + 3] - box[c];
+    m.scale[c] = m.res_f / size;
+  }
+  m.step = static_cast<float>(step_size);
+  m.max_samples = max_samples;
+
+  // Pass 1: count per ray. Pass 2: fill at the exclusive prefix offsets (packed in ray order).
+  std::vector<int64_t> offsets(R + 1, 0);
+#pragma omp parallel for schedule(dynamic, 16)
+  for (int64_t r = 0; r < R; ++r) offsets[r + 1] = m.march(r, [](float, float) {});
+  for (int64_t r = 0; r < R; ++r) offsets[r + 1] += offsets[r];
+
+  const int64_t S = offsets[R];
+  at::Tensor ray_indices = at::empty({S}, origins.options().dtype(at::kLong));
+  at::Tensor t_starts = at::empty({S}, origins.options());
+  at::Tensor t_ends = at::empty({S}, origins.options());
+  int64_t* out_ray = ray_indices.data_ptr<int64_t>();
+  float* out_t0 = t_starts.data_ptr<float>();
+  float* out_t1 = t_ends.data_ptr<float>();
+#pragma omp parallel for schedule(dynamic, 16)
+  for (int64_t r = 0; r < R; ++r) {
+    int64_t at = offsets[r];
+    m.march(r, [&](float t0, float t1) {
+      out_ray[at] = r;
+      out_t0[at] = t0;
+      out_t1[at] = t1;
+      ++at;
+    });
+  }
+  return {ray_indices, t_starts, t_ends};
+}
+
+// ------------------------------------------------------------------------------------------------
+// composite
+// ------------------------------------------------------------------------------------------------
+
+struct CompositeInputs {
+  const float* sigmas;
+  const float* values;
+  const float* t_starts;
+  const float* t_ends;
+  int64_t C;
+  float max_optical_depth;  // -log(threshold), rounded to float like torch's scalar comparison
+};
+
+// One sample's forward quantities, shared by forward and backward so both decide identically.
+struct SampleState {
+  float sd;    // sigma * delta
+  float T;     // transmittance before the sample, exp(-excl)
+  float w;     // weight (0 when terminated)
+  bool kept;
+};
+
+// Advances the per-ray optical depth accumulator (double, like torch.cumsum on CPU).
+inline SampleState sample_state(const CompositeInputs& in, int64_t i, double& optical_depth) {
+  SampleState s;
+  const float delta = in.t_ends[i] - in.t_starts[i];
+  s.sd = in.sigmas[i] * delta;
+  const float excl = static_cast<float>(optical_depth);
+  optical_depth += static_cast<double>(s.sd);
+  s.kept = excl <= in.max_optical_depth;  // false on NaN too
+  if (s.kept) {
+    s.T = std::exp(-excl);
+    s.w = s.T * -std::expm1(-s.sd);
+  } else {
+    s.T = 0.0f;
+    s.w = 0.0f;
+  }
+  return s;
+}
+
+// Ray r's samples are [offsets[r], offsets[r + 1]); checks ray_indices is sorted and in range.
+std::vector<int64_t> ray_offsets(const at::Tensor& ray_indices, int64_t R) {
+  const int64_t S = ray_indices.size(0);
+  const int64_t* idx = ray_indices.data_ptr<int64_t>();
+  std::vector<int64_t> offsets(R + 1, 0);
+  int64_t previous = 0;
+  for (int64_t i = 0; i < S; ++i) {
+    const int64_t r = idx[i];
+    TORCH_CHECK(r >= previous && r < R, "composite: ray_indices must be non-decreasing and in [0, num_rays); got ",
+                r, " at position ", i);
+    ++offsets[r + 1];
+    previous = r;
+  }
+  for (int64_t r = 0; r < R; ++r) offsets[r + 1] += offsets[r];
+  return offsets;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> composite_forward(
+    const at::Tensor& sigmas, const at::Tensor& values, const at::Tensor& t_starts, const at::Tensor& t_ends,
+    const at::Tensor& ray_indices, int64_t num_rays, double transmittance_threshold) {
+  const char* op = "composite_forward";
+  const int64_t S = sigmas.size(0);
+  TORCH_CHECK(values.dim() == 2, "composite_forward: values must be [S, C]");
+  const int64_t C = values.size(1);
+  const int64_t R = num_rays;
+  TORCH_CHECK(R >= 0, "composite_forward: num_rays must be >= 0");
+  check_tensor(sigmas, op, "sigmas", at::kFloat, {S});
+  check_tensor(values, op, "values", at::kFloat, {S, C});
+  check_tensor(t_starts, op, "t_starts", at::kFloat, {S});
+  check_tensor(t_ends, op, "t_ends", at::kFloat, {S});
+  check_tensor(ray_indices, op, "ray_indices", at::kLong, {S});
+  TORCH_CHECK(transmittance_threshold > 0.0, "composite_forward: transmittance_threshold must be positive");
+
+  const std::vector<int64_t> offsets = ray_offsets(ray_indices, R);
+  const CompositeInputs in{sigmas.data_ptr<float>(), values.data_ptr<float>(), t_starts.data_ptr<float>(),
+                           t_ends.data_ptr<float>(), C,
+                           static_cast<float>(-std::log(transmittance_threshold))};
+
+  const auto f32 = sigmas.options();
+  at::Tensor weights = at::empty({S}, f32);  // every entry is written
+  at::Tensor accumulated = at::zeros({R, C}, f32);
+  at::Tensor opacity = at::zeros({R, 1}, f32);
+  at::Tensor depth = at::zeros({R, 1}, f32);
+  float* w_out = weights.data_ptr<float>();
+  float* acc_out = accumulated.data_ptr<float>();
+  float* op_out = opacity.data_ptr<float>();
+  float* depth_out = depth.data_ptr<float>();
+
+#pragma omp parallel
+  {
+    std::vector<double> acc(C);
+#pragma omp for schedule(dynamic, 16)
+    for (int64_t r = 0; r < R; ++r) {
+      std::fill(acc.begin(), acc.end(), 0.0);
+      double optical_depth = 0.0, total = 0.0, depth_sum = 0.0;
+      for (int64_t i = offsets[r]; i < offsets[r + 1]; ++i) {
+        // No early exit: with sigma >= 0 a terminated ray stays terminated, but the rule is per
+        // sample (as in the reference), so negative densities give the same answer in both tiers.
+        const SampleState s = sample_state(in, i, optical_depth);
+        w_out[i] = s.w;  // 0 when terminated
+        if (!s.kept) continue;
+        const double w = s.w;
+        total += w;
+        depth_sum += w * (0.5 * (static_cast<double>(in.t_starts[i]) + in.t_ends[i]));
+        const float* v = in.values + i * C;
+        for (int64_t c = 0; c < C; ++c) acc[c] += w * v[c];
+      }
+      for (int64_t c = 0; c < C; ++c) acc_out[r * C + c] = static_cast<float>(acc[c]);
+      op_out[r] = static_cast<float>(total);
+      depth_out[r] = static_cast<float>(depth_sum);
+    }
+  }
+  at::Tensor offsets_tensor = at::empty({R + 1}, ray_indices.options());
+  std::copy(offsets.begin(), offsets.end(), offsets_tensor.data_ptr<int64_t>());
+  return {weights, accumulated, opacity, depth, offsets_tensor};
+}
+
+std::tuple<at::Tensor, at::Tensor> composite_backward(const at::Tensor& sigmas, const at::Tensor& values,
+                                                      const at::Tensor& t_starts, const at::Tensor& t_ends,
+                                                      const at::Tensor& ray_offsets_tensor,
+                                                      const at::Tensor& grad_weights,
+                                                      const at::Tensor& grad_accumulated,
+                                                      const at::Tensor& grad_opacity, const at::Tensor& grad_depth,
+                                                      double transmittance_threshold) {
+  const char* op = "composite_backward";
+  const int64_t S = sigmas.size(0);
+  TORCH_CHECK(values.dim() == 2, "composite_backward: values must be [S, C]");
+  const int64_t C = values.size(1);
+  const int64_t R = ray_offsets_tensor.size(0) - 1;
+  check_tensor(sigmas, op, "sigmas", at::kFloat, {S});
+  check_tensor(values, op, "values", at::kFloat, {S, C});
+  check_tensor(t_starts, op, "t_starts", at::kFloat, {S});
+  check_tensor(t_ends, op, "t_ends", at::kFloat, {S});
+  check_tensor(ray_offsets_tensor, op, "ray_offsets", at::kLong, {R + 1});
+  check_tensor(grad_weights, op, "grad_weights", at::kFloat, {S});
+  check_tensor(grad_accumulated, op, "grad_accumulated", at::kFloat, {R, C});
+  check_tensor(grad_opacity, op, "grad_opacity", at::kFloat, {R, 1});
+  check_tensor(grad_depth, op, "grad_depth", at::kFloat, {R, 1});
+
+  const int64_t* offsets = ray_offsets_tensor.data_ptr<int64_t>();
+  const CompositeInputs in{sigmas.data_ptr<float>(), values.data_ptr<float>(), t_starts.data_ptr<float>(),
+                           t_ends.data_ptr<float>(), C,
+                           static_cast<float>(-std::log(transmittance_threshold))};
+  TORCH_CHECK(R >= 0 && offsets[0] == 0 && offsets[R] == S, "composite_backward: bad ray_offsets");
+  for (int64_t r = 0; r < R; ++r)
+    TORCH_CHECK(offsets[r] <= offsets[r + 1], "composite_backward: ray_offsets must be non-decreasing");
+  const float* g_w = grad_weights.data_ptr<float>();
+  const float* g_acc = grad_accumulated.data_ptr<float>();
+  const float* g_op = grad_opacity.data_ptr<float>();
+  const float* g_depth = grad_depth.data_ptr<float>();
+
+  // Every entry is written below (offsets cover [0, S) exactly).
+  at::Tensor grad_sigmas = at::empty({S}, sigmas.options());
+  at::Tensor grad_values = at::empty({S, C}, values.options());
+  float* gs = grad_sigmas.data_ptr<float>();
+  float* gv = grad_values.data_ptr<float>();
+
+#pragma omp parallel
+  {
+    // Per ray: G_i * w_i (for the suffix sums) and G_i * T_i * exp(-sd_i) (the sample's own term).
+    std::vector<double> gw, own;
+#pragma omp for schedule(dynamic, 16)
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t begin = offsets[r], end = offsets[r + 1];
+      const float* ga = g_acc + r * C;
+      gw.clear();
+      own.clear();
+      double optical_depth = 0.0;
+      for (int64_t i = begin; i < end; ++i) {
+        const SampleState s = sample_state(in, i, optical_depth);
+        if (!s.kept) {  // zero weight, zero gradient, and nothing added to earlier samples' suffix
+          std::fill(gv + i * C, gv + (i + 1) * C, 0.0f);
+          gw.push_back(0.0);
+          own.push_back(0.0);
+          continue;
+        }
+        const float* v = in.values + i * C;
+        double G = static_cast<double>(g_w[i]) + g_op[r] +
+                   static_cast<double>(g_depth[r]) * (0.5 * (static_cast<double>(in.t_starts[i]) + in.t_ends[i]));
+        float* gvi = gv + i * C;
+        for (int64_t c = 0; c < C; ++c) {
+          G += static_cast<double>(ga[c]) * v[c];
+          gvi[c] = s.w * ga[c];
+        }
+        gw.push_back(G * s.w);
+        own.push_back(G * s.T * std::exp(-s.sd));
+      }
+      double suffix = 0.0;  // sum_{i > j} G_i w_i
+      for (int64_t i = end - 1; i >= begin; --i) {
+        const int64_t n = i - begin;
+        const double d_sd = own[n] - suffix;
+        suffix += gw[n];
+        const float delta = in.t_ends[i] - in.t_starts[i];
+        gs[i] = static_cast<float>(d_sd * delta);
+      }
+    }
+  }
+  return {grad_sigmas, grad_values};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(lift3d_cpu, m) {
+  m.def(
+      "march_rays(Tensor origins, Tensor dirs, Tensor t_min, Tensor t_max, Tensor aabb, Tensor occupancy, "
+      "int resolution, float step_size, Tensor? jitter, int max_samples) -> (Tensor ray_indices, "
+      "Tensor t_starts, Tensor t_ends)",
+      &march_rays);
+  m.def(
+      "composite_forward(Tensor sigmas, Tensor values, Tensor t_starts, Tensor t_ends, Tensor ray_indices, "
+      "int num_rays, float transmittance_threshold) -> (Tensor weights, Tensor accumulated, Tensor opacity, "
+      "Tensor depth, Tensor ray_offsets)",
+      &composite_forward);
+  m.def(
+      "composite_backward(Tensor sigmas, Tensor values, Tensor t_starts, Tensor t_ends, Tensor ray_offsets, "
+      "Tensor grad_weights, Tensor grad_accumulated, Tensor grad_opacity, Tensor grad_depth, "
+      "float transmittance_threshold) -> (Tensor grad_sigmas, Tensor grad_values)",
+      &composite_backward);
+}

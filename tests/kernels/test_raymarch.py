@@ -1,0 +1,370 @@
+"""Ray marching and volume compositing: ray/box hand cases, the occupancy grid, the cpu tier against
+the reference (identical samples; composite values and gradients), closed forms, determinism."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import Tensor
+
+from lift3d.kernels._backend import KernelBuildError, load_cpu_extension, tier_available
+from lift3d.kernels.raymarch import (
+    COMPOSITE_FORWARD_OP,
+    MARCH_OP,
+    OccupancyGrid,
+    OccupancyGridConfig,
+    RaySamples,
+    composite,
+    march_rays,
+    ray_aabb,
+    render_rays,
+)
+
+STEP = math.sqrt(3) * 2 / 256  # threestudio's rule for radius 1 and 256 samples per ray
+
+
+@pytest.fixture(scope="module")
+def cpu_tier() -> None:
+    """Skip (with the reason) when the C++ kernels cannot be built here."""
+    try:
+        load_cpu_extension()
+    except KernelBuildError as error:
+        pytest.skip(f"cpu kernels unavailable: {str(error).splitlines()[0]}")
+    for op in (MARCH_OP, COMPOSITE_FORWARD_OP):
+        if not tier_available("cpu", op):
+            pytest.skip(f"the cpu extension has no {op} op")
+
+
+def random_rays(seed: int, R: int, miss_fraction: float = 0.2) -> tuple[Tensor, Tensor]:
+    """Unit rays from a sphere of radius 3 aimed near the origin; a fraction aimed away (misses),
+    and a few starting inside the box."""
+    g = torch.Generator().manual_seed(seed)
+    origins = torch.randn(R, 3, generator=g)
+    origins = 3 * origins / origins.norm(dim=-1, keepdim=True)
+    origins[: R // 10] *= 0.2  # inside the box
+    targets = 0.6 * torch.randn(R, 3, generator=g)
+    dirs = targets - origins
+    away = torch.rand(R, generator=g) < miss_fraction
+    dirs[away] = origins[away]  # pointing outwards from |o| = 3: misses the box
+    return origins, dirs / dirs.norm(dim=-1, keepdim=True)
+
+
+def sphere_grid(resolution: int = 16, radius: float = 0.6) -> OccupancyGrid:
+    """A grid whose occupied cells are those of a ball (about a quarter of the cells)."""
+    grid = OccupancyGrid(OccupancyGridConfig(resolution=resolution))
+    grid.update(0, lambda x: 50.0 * (x.norm(dim=-1) < radius).float(), STEP)
+    return grid
+
+
+def assert_same_samples(a: RaySamples, b: RaySamples) -> None:
+    assert a.ray_indices.dtype == b.ray_indices.dtype == torch.int64
+    assert torch.equal(a.ray_indices, b.ray_indices)
+    assert torch.equal(a.t_starts, b.t_starts)
+    assert torch.equal(a.t_ends, b.t_ends)
+
+
+def rel_err(a: Tensor, b: Tensor) -> float:
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+# --------------------------------------------------------------------------------------------
+# ray / box
+# --------------------------------------------------------------------------------------------
+
+
+def test_ray_aabb_hand_cases() -> None:
+    aabb = torch.tensor([-1.0, -1.0, -1.0, 1.0, 1.0, 1.0])
+    origins = torch.tensor(
+        [
+            [-3.0, 0.5, 0.0],  # hit along +x
+            [-3.0, 2.0, 0.0],  # parallel to the y slab, outside it: miss
+            [0.0, 0.0, 0.0],  # inside
+            [3.0, 0.0, 0.0],  # box behind the origin: miss
+            [-2.0, -2.0, 0.0],  # diagonal, non-unit direction
+        ]
+    )
+    dirs = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0], [2.0, 2.0, 0.0]])
+    t_near, t_far, hit = ray_aabb(origins, dirs, aabb)
+    assert hit.tolist() == [True, False, True, False, True]
+    torch.testing.assert_close(t_near[[0, 2, 4]], torch.tensor([2.0, -1.0, 0.5]))
+    torch.testing.assert_close(t_far[[0, 2, 4]], torch.tensor([4.0, 1.0, 1.5]))
+    assert not torch.isnan(t_near[hit]).any() and not torch.isnan(t_far[hit]).any()
+
+
+# --------------------------------------------------------------------------------------------
+# marching
+# --------------------------------------------------------------------------------------------
+
+
+def test_march_reference_semantics() -> None:
+    """Uniform steps from the entry, only occupied cells, none for misses, inside [near, far]."""
+    grid = sphere_grid()
+    origins, dirs = random_rays(0, 256)
+    samples = march_rays(origins, dirs, grid.aabb, grid.occupancy, grid.resolution, STEP, tier="reference")
+    assert samples.ray_indices.numel() > 1000
+    assert bool((samples.ray_indices[1:] >= samples.ray_indices[:-1]).all())
+    mids = samples.midpoints()
+    points = origins[samples.ray_indices] + mids.unsqueeze(-1) * dirs[samples.ray_indices]
+    assert bool(grid.occupied(points).all())
+    assert bool((points.norm(dim=-1) < 0.6 + math.sqrt(3) * 2 / 16).all())  # within a cell of the ball
+
+    t_near, _, hit = ray_aabb(origins, dirs, grid.aabb)
+    assert not bool(torch.isin(torch.nonzero(~hit).squeeze(-1), samples.ray_indices).any())
+    t_min = t_near.clamp(min=0)[samples.ray_indices]
+    k = (samples.t_starts - t_min) / STEP
+    torch.testing.assert_close(k, k.round(), atol=1e-3, rtol=0)  # on the lattice t_min + k * step
+    torch.testing.assert_close(samples.t_ends - samples.t_starts, torch.full_like(k, STEP))
+
+    near, far = 2.6, 3.2
+    clipped = march_rays(origins, dirs, grid.aabb, grid.occupancy, grid.resolution, STEP, near, far, tier="reference")
+    assert clipped.ray_indices.numel() > 0
+    assert bool((clipped.t_starts >= near).all()) and bool((clipped.t_ends <= far).all())
+
+
+def test_march_full_grid_counts_and_max_samples() -> None:
+    """With every cell occupied a ray gets floor(L / step) samples; max_samples keeps the first ones."""
+    occupancy = torch.ones(8**3, dtype=torch.bool)
+    aabb = torch.tensor([-1.0, -1.0, -1.0, 1.0, 1.0, 1.0])
+    origins = torch.tensor([[-2.0, 0.1, 0.2], [0.0, 0.0, 0.0]])
+    dirs = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    step = 1.0 / 32  # exact in binary: the sample count is exactly L / step
+    samples = march_rays(origins, dirs, aabb, occupancy, 8, step, tier="reference")
+    assert torch.bincount(samples.ray_indices).tolist() == [64, 32]
+    capped = march_rays(origins, dirs, aabb, occupancy, 8, step, max_samples_per_ray=10, tier="reference")
+    assert torch.bincount(capped.ray_indices).tolist() == [10, 10]
+    torch.testing.assert_close(capped.t_starts[:10], samples.t_starts[:10], rtol=0, atol=0)
+    jittered = march_rays(origins, dirs, aabb, occupancy, 8, step, jitter=torch.tensor([0.5, 0.5]), tier="reference")
+    assert torch.bincount(jittered.ray_indices).tolist() == [63, 31]  # the last half step does not fit
+    assert jittered.t_starts[0].item() == 1.0 + 0.5 * step
+
+
+@pytest.mark.parametrize("stratified", [False, True])
+def test_march_cpu_matches_reference_exactly(cpu_tier: None, stratified: bool) -> None:
+    grid = sphere_grid()
+    # A partly empty grid with holes inside the ball too.
+    holes = torch.rand(grid.occupancy.shape, generator=torch.Generator().manual_seed(3)) < 0.3
+    occupancy = grid.occupancy & ~holes
+    origins, dirs = random_rays(1, 512)
+    jitter = torch.rand(512, generator=torch.Generator().manual_seed(4)) if stratified else None
+    args = (origins, dirs, grid.aabb, occupancy, grid.resolution, STEP)
+    reference = march_rays(*args, jitter=jitter, tier="reference")
+    native = march_rays(*args, jitter=jitter, tier="cpu")
+    assert reference.ray_indices.numel() > 1000
+    assert_same_samples(native, reference)
+
+    t_near, _, hit = ray_aabb(origins, dirs, grid.aabb)
+    assert not bool(torch.isin(torch.nonzero(~hit).squeeze(-1), native.ray_indices).any())
+
+    capped_ref = march_rays(*args, jitter=jitter, max_samples_per_ray=7, tier="reference")
+    capped = march_rays(*args, jitter=jitter, max_samples_per_ray=7, tier="cpu")
+    assert_same_samples(capped, capped_ref)
+    assert int(torch.bincount(capped.ray_indices).max()) == 7
+
+    clipped_ref = march_rays(*args, 2.7, 3.1, jitter=jitter, tier="reference")
+    clipped = march_rays(*args, 2.7, 3.1, jitter=jitter, tier="cpu")
+    assert_same_samples(clipped, clipped_ref)
+
+
+def test_march_cpu_edge_cases(cpu_tier: None) -> None:
+    aabb = torch.tensor([-1.0, -1.0, -1.0, 1.0, 1.0, 1.0])
+    occupancy = torch.ones(4**3, dtype=torch.bool)
+    for origins, dirs in [
+        (torch.zeros(0, 3), torch.zeros(0, 3)),  # no rays
+        # a miss and a zero direction
+        (torch.tensor([[-3.0, 2.0, 0.0], [0.0, 0.0, 0.0]]), torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 0.0]])),
+    ]:
+        for tier in ("reference", "cpu"):
+            samples = march_rays(origins, dirs, aabb, occupancy, 4, 0.1, tier=tier)
+            assert samples.ray_indices.numel() == 0
+    empty = march_rays(torch.tensor([[-3.0, 0.0, 0.0]]), torch.tensor([[1.0, 0.0, 0.0]]), aabb,
+                       torch.zeros(4**3, dtype=torch.bool), 4, 0.1, tier="cpu")
+    assert empty.ray_indices.numel() == 0
+
+
+# --------------------------------------------------------------------------------------------
+# compositing
+# --------------------------------------------------------------------------------------------
+
+
+def test_composite_reference_by_hand() -> None:
+    sigmas = torch.tensor([0.5, 2.0, 1.0], dtype=torch.float64)
+    values = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], dtype=torch.float64)
+    t_starts = torch.tensor([0.0, 0.5, 1.5], dtype=torch.float64)
+    t_ends = torch.tensor([0.5, 1.5, 2.0], dtype=torch.float64)
+    ray_indices = torch.tensor([1, 1, 1])
+    out = composite(sigmas, values, t_starts, t_ends, ray_indices, 2, tier="reference")
+
+    a = [1 - math.exp(-0.25), 1 - math.exp(-2.0), 1 - math.exp(-0.5)]
+    T = [1.0, 1 - a[0], (1 - a[0]) * (1 - a[1])]
+    w = [T[i] * a[i] for i in range(3)]
+    torch.testing.assert_close(out.weights, torch.tensor(w, dtype=torch.float64))
+    torch.testing.assert_close(out.opacity, torch.tensor([[0.0], [sum(w)]], dtype=torch.float64))
+    rgb = [w[0] + w[2], w[1] + w[2]]
+    torch.testing.assert_close(out.accumulated, torch.tensor([[0.0, 0.0], rgb], dtype=torch.float64))
+    depth = w[0] * 0.25 + w[1] * 1.0 + w[2] * 1.75
+    torch.testing.assert_close(out.depth, torch.tensor([[0.0], [depth]], dtype=torch.float64))
+    # T_3 = exp(-2.25) ~ 0.105: a threshold of 0.2 terminates the third sample only.
+    cut = composite(sigmas, values, t_starts, t_ends, ray_indices, 2, transmittance_threshold=0.2, tier="reference")
+    torch.testing.assert_close(cut.weights, torch.tensor([w[0], w[1], 0.0], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("tier", ["reference", "cpu"])
+def test_constant_slab_opacity(tier: str, request: pytest.FixtureRequest) -> None:
+    if tier == "cpu":
+        request.getfixturevalue("cpu_tier")
+    aabb = torch.tensor([-1.0, -1.0, -1.0, 1.0, 1.0, 1.0])
+    origins = torch.tensor([[-2.0, 0.1, 0.3], [-2.0, 5.0, 0.0]])  # the second misses
+    dirs = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
+    samples = march_rays(origins, dirs, aabb, torch.ones(8**3, dtype=torch.bool), 8, 1.0 / 64, tier=tier)
+    sigma = 0.7
+    sigmas = torch.full_like(samples.t_starts, sigma)
+    values = torch.ones(samples.t_starts.numel(), 3)
+    out = composite(sigmas, values, samples.t_starts, samples.t_ends, samples.ray_indices, 2, tier=tier)
+    expected = 1 - math.exp(-sigma * 2.0)
+    torch.testing.assert_close(out.opacity, torch.tensor([[expected], [0.0]]), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.accumulated, out.opacity.expand(2, 3))
+    # Expected depth of a homogeneous slab entered at t = 1: 1 + (1 - (1 + sL) e^{-sL}) / (s (1 - e^{-sL})) * opacity.
+    s, L = sigma, 2.0
+    mean_depth = 1.0 + (1 - (1 + s * L) * math.exp(-s * L)) / (s * (1 - math.exp(-s * L)))
+    torch.testing.assert_close(out.depth[0, 0], torch.tensor(mean_depth * expected), rtol=1e-4, atol=0)
+
+
+def composite_case(seed: int, R: int = 300) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Random packed samples (empty rays included) with densities high enough to terminate early."""
+    g = torch.Generator().manual_seed(seed)
+    counts = torch.randint(0, 120, (R,), generator=g)
+    counts[::7] = 0
+    ray_indices = torch.repeat_interleave(torch.arange(R), counts)
+    S = ray_indices.numel()
+    deltas = 0.005 + 0.02 * torch.rand(S, generator=g)
+    ends = torch.zeros(S)
+    for start, count in zip((torch.cumsum(counts, 0) - counts).tolist(), counts.tolist()):
+        ends[start : start + count] = 1.0 + torch.cumsum(deltas[start : start + count], 0)
+    starts = ends - deltas
+    sigmas = 60.0 * torch.rand(S, generator=g) ** 2
+    values = torch.rand(S, 4, generator=g)
+    return sigmas, values, starts, ends, ray_indices
+
+
+def test_composite_cpu_matches_reference(cpu_tier: None) -> None:
+    sigmas, values, starts, ends, ray_indices = composite_case(0)
+    R = int(ray_indices.max()) + 2
+    g = torch.Generator().manual_seed(1)
+    cotangents = [torch.randn(shape, generator=g) for shape in ((sigmas.numel(),), (R, 4), (R, 1), (R, 1))]
+    results = {}
+    for tier in ("reference", "cpu"):
+        s = sigmas.clone().requires_grad_()
+        v = values.clone().requires_grad_()
+        out = composite(s, v, starts, ends, ray_indices, R, tier=tier)
+        outputs = [out.weights, out.accumulated, out.opacity, out.depth]
+        loss = sum((o * c).sum() for o, c in zip(outputs, cotangents))
+        loss.backward()
+        results[tier] = [o.detach() for o in outputs] + [s.grad, v.grad]
+    terminated = (results["reference"][0] == 0) & (sigmas > 0)
+    assert terminated.float().mean() > 0.2, "the case must exercise early termination"
+    names = ["weights", "accumulated", "opacity", "depth", "d_sigmas", "d_values"]
+    for name, native, reference in zip(names, results["cpu"], results["reference"]):
+        assert rel_err(native, reference) <= 1e-4, name
+    # Identical termination decisions: zero weights in exactly the same places.
+    assert torch.equal(results["cpu"][0] == 0, results["reference"][0] == 0)
+
+
+def test_composite_rejects_unsorted_rays(cpu_tier: None) -> None:
+    sigmas, values = torch.ones(3), torch.ones(3, 1)
+    t0, t1 = torch.tensor([0.0, 0.1, 0.2]), torch.tensor([0.1, 0.2, 0.3])
+    for tier in ("reference", "cpu"):
+        with pytest.raises((ValueError, RuntimeError)):
+            composite(sigmas, values, t0, t1, torch.tensor([1, 0, 1]), 2, tier=tier)
+
+
+def test_cpu_tier_is_deterministic(cpu_tier: None) -> None:
+    """Bit-identical samples, outputs and gradients across runs and thread counts."""
+    grid = sphere_grid()
+    origins, dirs = random_rays(2, 256)
+    jitter = torch.rand(256, generator=torch.Generator().manual_seed(5))
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for n in (threads, 1, threads):
+            torch.set_num_threads(n)
+            samples = march_rays(
+                origins, dirs, grid.aabb, grid.occupancy, grid.resolution, STEP, jitter=jitter, tier="cpu"
+            )
+            S = samples.t_starts.numel()
+            sigmas = (30.0 * torch.rand(S, generator=torch.Generator().manual_seed(6))).requires_grad_()
+            values = torch.rand(S, 3, generator=torch.Generator().manual_seed(7)).requires_grad_()
+            out = composite(sigmas, values, samples.t_starts, samples.t_ends, samples.ray_indices, 256, tier="cpu")
+            (out.accumulated.sum() + out.depth.square().sum() + out.weights.square().sum()).backward()
+            outputs = [out.weights, out.accumulated, out.depth, sigmas.grad, values.grad]
+            runs.append([samples.ray_indices, samples.t_starts, *outputs])
+    finally:
+        torch.set_num_threads(threads)
+    for run in runs[1:]:
+        for a, b in zip(run, runs[0]):
+            assert torch.equal(a, b)
+
+
+# --------------------------------------------------------------------------------------------
+# occupancy grid and the convenience renderer
+# --------------------------------------------------------------------------------------------
+
+
+def test_occupancy_grid_marks_a_sphere() -> None:
+    res, radius = 16, 0.5
+    grid = OccupancyGrid(OccupancyGridConfig(resolution=res))
+    assert bool(grid.occupancy.all())  # everything counts as occupied before the first update
+
+    def density(x: Tensor) -> Tensor:
+        return 100.0 * (x.norm(dim=-1) < radius).float()
+
+    torch.manual_seed(0)
+    assert grid.update(0, density, STEP)
+    coords = grid.cell_coords(torch.arange(res**3)).float()
+    centres = -1.0 + (coords + 0.5) * (2.0 / res)
+    distance = centres.norm(dim=-1)
+    half_diagonal = math.sqrt(3) / res
+    assert bool(grid.occupancy[distance < radius - half_diagonal].all())
+    assert not bool(grid.occupancy[distance > radius + half_diagonal].any())
+    probes = torch.tensor([[0.0, 0.0, 0.0], [0.9, 0.9, 0.9], [2.0, 0.0, 0.0]])
+    assert grid.occupied(probes).tolist() == [True, False, False]
+
+    assert not grid.update(5, density, STEP)  # not a multiple of update_every
+    grid.eval()
+    assert not grid.update(16, density, STEP)  # eval mode never updates
+    grid.train()
+
+    # After warm-up: a random subset plus occupied cells; reproducible from the RNG state.
+    def after_warmup(seed: int) -> Tensor:
+        copy = OccupancyGrid(OccupancyGridConfig(resolution=res))
+        copy.load_state_dict(grid.state_dict())
+        torch.manual_seed(seed)
+        copy.update(512, lambda x: 100.0 * (x.norm(dim=-1) < 0.3).float(), STEP)
+        return copy.density_ema
+
+    first, second = after_warmup(1), after_warmup(1)
+    assert torch.equal(first, second)
+    assert not torch.equal(first, after_warmup(2))
+    decayed = (first < grid.density_ema) & (first > 0)
+    assert bool(decayed.any())  # cells of the old ball outside the new one decay by ema_decay
+
+
+def test_render_rays_end_to_end() -> None:
+    grid = sphere_grid(radius=0.7)
+    origins, dirs = random_rays(3, 64)
+    colour = torch.tensor([0.2, 0.5, 0.9], requires_grad=True)
+
+    def field(points: Tensor, view_dirs: Tensor) -> tuple[Tensor, Tensor]:
+        sigma = 20.0 * (points.norm(dim=-1) < 0.5).float()
+        return sigma, colour.expand(points.shape[0], 3)
+
+    generator = torch.Generator().manual_seed(0)
+    out = render_rays(origins, dirs, field, grid, STEP, stratified=True, generator=generator, tier="reference")
+    assert out.rgb.shape == (64, 3) and out.opacity.shape == (64, 1) and out.depth.shape == (64, 1)
+    assert out.weights.shape == out.samples.t_starts.shape
+    opacity = out.opacity.detach()
+    assert float(opacity.max()) > 0.9 and float(opacity.min()) == 0.0
+    torch.testing.assert_close(out.rgb, out.opacity * colour.detach())
+    out.rgb.sum().backward()
+    torch.testing.assert_close(colour.grad, out.opacity.detach().sum().expand(3))
