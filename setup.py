@@ -24,6 +24,7 @@ setup(
         "scipy>=1.9",
         "xatlas>=0.0.9",
         "pillow>=9",
+        "fast-simplification>=0.1.7",
         "imageio>=2.30",
         "imageio-ffmpeg>=0.4.9",
         "ninja>=1.11",

@@ -110,7 +110,9 @@ class ExportConfig:
     """What a finished run writes into ``export/``."""
 
     formats: list[str] = field(default_factory=lambda: ["ply", "png", "mp4"])
-    """Any of: ply (3DGS layout), png (turntable strip), mp4 (turntable video)."""
+    """Any of: ply (Gaussians, 3DGS layout), glb / obj (textured mesh), png (turntable strip), mp4 (turntable video)."""
+    texture_size: int = 1024
+    """Side of the baked base-colour texture of glb/obj exports."""
     video_frames: int = 60
     """Frames of the turntable video."""
     video_fps: int = 24

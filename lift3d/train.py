@@ -279,23 +279,41 @@ class Trainer:
     def finish(self) -> dict[str, float]:
         self.save_validation("final.png")
         metrics = self.evaluate()
+        _, mesh = export_run(self, self.config.export.formats)
+        if mesh is not None and hasattr(self.teacher, "ground_truth_mesh"):
+            from lift3d.export.mesh import chamfer_distance
+
+            metrics["eval/chamfer"] = chamfer_distance(mesh, self.teacher.ground_truth_mesh(self.prompt_state))
         if metrics:
             self.log_metrics({"step": self.step, **metrics})
-            logger.info("eval: %s", ", ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
-        export_run(self, self.config.export.formats)
+            logger.info("eval: %s", ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
         return metrics
 
 
-def export_run(trainer: Trainer, formats: list[str]) -> list[Path]:
-    """Write the requested formats into ``<run>/export``: representation files plus rendered media."""
+MEDIA_FORMATS = ("png", "mp4")
+MESH_FORMATS = ("glb", "obj")
+
+
+def export_run(trainer: Trainer, formats: list[str]) -> tuple[list[Path], "trimesh.Trimesh | None"]:  # noqa: F821
+    """Write the requested formats into ``<run>/export``: the representation's own files
+    (e.g. ply), a textured mesh (glb/obj) and rendered media (png/mp4). Returns the files and
+    the exported mesh, if any."""
     cfg = trainer.config.export
     directory = trainer.run_dir / "export"
     directory.mkdir(parents=True, exist_ok=True)
-    written = []
-    media = {"png", "mp4"}
-    native = [f for f in formats if f not in media]
+    written: list[Path] = []
+    native = [f for f in formats if f not in MEDIA_FORMATS + MESH_FORMATS]
     if native:
         written += trainer.representation.export(directory, native)
+    mesh = None
+    mesh_formats = [f for f in formats if f in MESH_FORMATS]
+    if mesh_formats:
+        if not hasattr(trainer.representation, "surface"):
+            raise ValueError(f"{type(trainer.representation).__name__} cannot export {mesh_formats}")
+        from lift3d.export.gltf import export_textured_mesh
+
+        mesh, color_fn = trainer.representation.surface()
+        written += export_textured_mesh(directory, mesh, color_fn, formats=mesh_formats, texture_size=cfg.texture_size)
     size = cfg.video_resolution
     eval_cfg = trainer.config.trainer.eval
     if "png" in formats:
@@ -308,7 +326,7 @@ def export_run(trainer: Trainer, formats: list[str]) -> list[Path]:
         written.append(directory / "turntable.mp4")
     for path in written:
         logger.info("exported %s", path)
-    return written
+    return written, mesh
 
 
 def run(config_path: str | None, overrides: list[str], prompt: str | None = None, out: str | None = None,

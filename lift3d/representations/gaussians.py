@@ -105,6 +105,10 @@ class GaussiansConfig:
     """Learning rates per parameter group."""
     kernel_tier: str = ""
     """Force a rasterizer tier (reference, cpu, cuda); empty = fastest available."""
+    mesh_resolution: int = 128
+    """Voxels per side of the density grid that mesh export splats the Gaussians into."""
+    mesh_threshold: float = 0.5
+    """Iso-level of the splatted density (sum of opacity-weighted Gaussians) for mesh export."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.sh_degree <= 3:
@@ -374,6 +378,56 @@ class Gaussians(Representation):
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     # ------------------------------------------------------------------------------- export
+
+    @torch.no_grad()
+    def splat_to_grid(self, resolution: int, bound: float) -> tuple[Tensor, Tensor]:
+        """Density sum_i o_i exp(-q_i/2) and its colour average on a resolution^3 grid over
+        [-bound, bound]^3; each Gaussian touches only the voxels within 3 sigma of its centre."""
+        voxel = 2.0 * bound / (resolution - 1)
+        scales, means = self.scales, self.means.detach()
+        radius = int(min(math.ceil(3.0 * float(scales.max()) / voxel), resolution // 4))
+        offsets = torch.arange(-radius, radius + 1)
+        neighbourhood = torch.stack(torch.meshgrid(offsets, offsets, offsets, indexing="ij"), -1).reshape(-1, 3)
+        rotation = _quat_to_rotation(self.quats.detach())
+        inverse_cov = rotation @ torch.diag_embed(scales.reciprocal().square()) @ rotation.transpose(1, 2)
+        colors = torch.clamp_min(self.sh_dc[:, 0] * 0.28209479177387814 + 0.5, 0.0)
+        density = torch.zeros(resolution**3)
+        color_sum = torch.zeros(resolution**3, 3)
+        centre = torch.round((means + bound) / voxel).long()
+        for chunk in torch.arange(self.num_gaussians).split(max(1, 2_000_000 // neighbourhood.shape[0])):
+            cells = centre[chunk, None, :] + neighbourhood[None]  # [n, K, 3]
+            inside = ((cells >= 0) & (cells < resolution)).all(-1)
+            delta = cells.float() * voxel - bound - means[chunk, None, :]
+            q = torch.einsum("nki,nij,nkj->nk", delta, inverse_cov[chunk], delta)
+            weight = self.opacities[chunk, None] * torch.exp(-0.5 * q) * inside
+            flat = ((cells[..., 0] * resolution + cells[..., 1]) * resolution + cells[..., 2]).clamp(0, resolution**3 - 1)
+            density.index_add_(0, flat.reshape(-1), weight.reshape(-1))
+            color_sum.index_add_(0, flat.reshape(-1), (weight.unsqueeze(-1) * colors[chunk, None, :]).reshape(-1, 3))
+        color = color_sum / density.clamp_min(1e-8).unsqueeze(-1)
+        shape = (resolution, resolution, resolution)
+        return density.view(shape), color.view(*shape, 3)
+
+    @torch.no_grad()
+    def surface(self) -> tuple["trimesh.Trimesh", object]:  # noqa: F821
+        """Mesh of the splatted density (marching cubes) and a colour function for texture baking."""
+        from lift3d.export.mesh import clean_mesh, extract_mesh
+
+        bound = float(self.means.detach().abs().max()) + 3.0 * float(self.scales.max()) + 1e-3
+        resolution = self.config.mesh_resolution
+        density, color = self.splat_to_grid(resolution, bound)
+
+        def lookup(grid: Tensor, points: Tensor) -> Tensor:
+            # grid_sample wants (x, y, z) -> (W, H, D) order: our grid is indexed [x, y, z].
+            volume = grid.permute(*range(3, grid.dim()), 2, 1, 0).reshape(1, -1, resolution, resolution, resolution)
+            coords = (points.cpu().float() / bound).view(1, -1, 1, 1, 3)
+            sampled = torch.nn.functional.grid_sample(volume, coords, align_corners=True, padding_mode="border")
+            return sampled.view(volume.shape[1], -1).t()
+
+        mesh = extract_mesh(
+            lambda p: lookup(density, p)[:, 0], [-bound] * 3, [bound] * 3, resolution=resolution,
+            threshold=self.config.mesh_threshold, level_kind="density", coarse_to_fine=False,
+        )
+        return clean_mesh(mesh, target_faces=20_000), lambda p: lookup(color, p).clamp(0.0, 1.0)
 
     def export(self, directory: Path, formats: list[str]) -> list[Path]:
         from lift3d.export.ply import write_gaussians_ply
