@@ -1,0 +1,270 @@
+"""Kernel benchmarks: time every live tier of each op on identical inputs and check they agree.
+
+Each benchmark case is a function ``(size, args) -> list[Result]``, registered in ``CASES`` with
+its default sizes; add hash-grid or ray-marching cases the same way. Timings are forward +
+backward (the training cost), median over ``--repeats`` after one warm-up run.
+
+    python benchmarks/kernels.py                       # default sizes, writes benchmarks/results/kernels.json
+    python benchmarks/kernels.py --sizes 64x64:5000 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+try:
+    import lift3d  # noqa: F401
+except ImportError:  # run as a script from a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lift3d.cameras import orbit_cameras  # noqa: E402
+from lift3d.kernels._backend import tier_available  # noqa: E402
+from lift3d.kernels.gaussian_raster import FORWARD_OP, project_gaussians, rasterize_gaussians  # noqa: E402
+
+logger = logging.getLogger("benchmarks.kernels")
+
+REFERENCE = "reference"
+
+
+@dataclass
+class Result:
+    """One (case, size, tier) timing."""
+
+    case: str
+    size: str
+    tier: str
+    median_ms: float
+    times_ms: list[float]
+    speedup_vs_reference: float | None = None
+    max_relative_error: float | None = None
+    """Largest ||tier - reference|| / ||reference|| over the outputs and input gradients."""
+    notes: dict[str, float | int | str] = field(default_factory=dict)
+
+
+def native_tiers(device: torch.device) -> list[str]:
+    """The non-reference tiers that can run on ``device``."""
+    return ["cuda"] if device.type == "cuda" else ["cpu"]
+
+
+def relative_error(actual: Tensor, expected: Tensor) -> float:
+    """||actual - expected|| / ||expected|| in float64 (the difference itself when the reference is zero)."""
+    actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
+    scale = expected.norm().item()
+    difference = (actual - expected).norm().item()
+    return difference / scale if scale > 0 else difference
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_runs(run: Callable[[], list[Tensor]], repeats: int, device: torch.device) -> tuple[list[float], list[Tensor]]:
+    """Milliseconds of ``repeats`` calls after one warm-up, and the last call's tensors."""
+    tensors = run()
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        tensors = run()
+        synchronize(device)
+        times.append(1e3 * (time.perf_counter() - start))
+    return times, tensors
+
+
+def compare_tiers(
+    case: str,
+    size: str,
+    tiers: list[str],
+    make_run: Callable[[str], Callable[[], list[Tensor]]],
+    repeats: int,
+    device: torch.device,
+    notes: dict[str, float | int | str],
+) -> list[Result]:
+    """Time each tier's run, then fill in speed-ups and errors against the reference (if it ran)."""
+    results: list[Result] = []
+    outputs: dict[str, list[Tensor]] = {}
+    for tier in tiers:
+        logger.info("%s %s: timing tier %s", case, size, tier)
+        times, outputs[tier] = time_runs(make_run(tier), repeats, device)
+        results.append(Result(case, size, tier, statistics.median(times), times, notes=dict(notes)))
+    if REFERENCE in outputs:
+        reference_ms = next(r.median_ms for r in results if r.tier == REFERENCE)
+        for result in results:
+            result.speedup_vs_reference = reference_ms / result.median_ms
+            result.max_relative_error = max(
+                (relative_error(a, e) for a, e in zip(outputs[result.tier], outputs[REFERENCE])), default=0.0
+            )
+    return results
+
+
+# --------------------------------------------------------------------------------------------
+# case: Gaussian rasterization
+# --------------------------------------------------------------------------------------------
+
+
+def gaussian_scene(
+    count: int, width: int, height: int, device: torch.device, seed: int = 0
+) -> tuple[list[Tensor], Tensor]:
+    """Gaussians in the unit ball seen by an orbit camera at distance 3 (B = 1, C = 3), projected.
+
+    Returns the five differentiable rasterizer inputs (means2d, conics, colors, opacities, depths)
+    and the radii.
+    """
+    g = torch.Generator().manual_seed(seed)
+    direction = torch.randn(count, 3, generator=g)
+    means = direction / direction.norm(dim=-1, keepdim=True) * torch.rand(count, 1, generator=g) ** (1 / 3)
+    scales = torch.exp(torch.empty(count, 3).uniform_(-4.5, -2.5, generator=g))  # 1%-8% of the radius
+    quats = torch.randn(count, 4, generator=g)
+    opacities = torch.sigmoid(2.0 * torch.randn(1, count, generator=g))
+    colors = torch.rand(1, count, 3, generator=g)
+    cameras = orbit_cameras(
+        torch.tensor([20.0]), torch.tensor([30.0]), torch.tensor([3.0]), torch.tensor([40.0]), width, height
+    )
+    with torch.no_grad():
+        projected = project_gaussians(
+            means, scales, quats, cameras.world_to_camera(), cameras.intrinsics(), width, height
+        )
+    inputs = [projected.means2d, projected.conics, colors, opacities, projected.depths]
+    return [t.contiguous().to(device) for t in inputs], projected.radii.to(device)
+
+
+def bench_gaussian_raster(size: str, args: argparse.Namespace) -> list[Result]:
+    """Forward + backward of ``rasterize_gaussians``; size is ``WxH:N``."""
+    resolution, count_text = size.split(":")
+    width, height = (int(v) for v in resolution.lower().split("x"))
+    count = int(count_text)
+    device = torch.device(args.device)
+    inputs, radii = gaussian_scene(count, width, height, device)
+    g = torch.Generator().manual_seed(1)
+    shapes = [(1, height, width, 3), (1, height, width, 1), (1, height, width, 1)]  # rgb, alpha, depth
+    upstream = [torch.randn(shape, generator=g).to(device) for shape in shapes]
+
+    def make_run(tier: str) -> Callable[[], list[Tensor]]:
+        def run() -> list[Tensor]:
+            leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
+            outputs = rasterize_gaussians(*leaves, radii, width, height, tier=tier)
+            loss = sum((o * u).sum() for o, u in zip(outputs, upstream))
+            grads = torch.autograd.grad(loss, leaves)
+            return [o.detach() for o in outputs] + list(grads)
+
+        return run
+
+    tiers = [t for t in native_tiers(device) if tier_available(t, FORWARD_OP)]
+    # The reference is dense in (pixels x Gaussians); past the budget it would swap, so skip it.
+    if width * height * count <= args.max_reference_elements:
+        tiers.insert(0, REFERENCE)
+    else:
+        logger.info(
+            "gaussian_raster %s: reference skipped (%d > --max-reference-elements)", size, width * height * count
+        )
+    notes: dict[str, float | int | str] = {
+        "visible_gaussians": int((radii > 0).sum()),
+        "mean_radius_px": round(float(radii[radii > 0].float().mean()), 2) if bool((radii > 0).any()) else 0.0,
+    }
+    return compare_tiers("gaussian_raster", size, tiers, make_run, args.repeats, device, notes)
+
+
+@dataclass
+class Case:
+    """A benchmark case: its runner and the sizes it runs by default."""
+
+    name: str
+    run: Callable[[str, argparse.Namespace], list[Result]]
+    default_sizes: list[str]
+
+
+CASES: list[Case] = [
+    Case("gaussian_raster", bench_gaussian_raster, ["32x32:1000", "64x64:5000", "128x128:5000", "256x256:50000"]),
+]
+
+
+# --------------------------------------------------------------------------------------------
+# driver
+# --------------------------------------------------------------------------------------------
+
+
+def format_table(results: list[Result]) -> str:
+    """A plain-text table: case, size, tier, median ms, speed-up vs reference, max relative error."""
+    header = ("case", "size", "tier", "median ms", "speed-up", "max rel err")
+    rows = [
+        (
+            r.case,
+            r.size,
+            r.tier,
+            f"{r.median_ms:.2f}",
+            "-" if r.speedup_vs_reference is None else f"{r.speedup_vs_reference:.1f}x",
+            "-" if r.max_relative_error is None else f"{r.max_relative_error:.1e}",
+        )
+        for r in results
+    ]
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)) for row in [header, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", default=",".join(c.name for c in CASES), help="comma-separated case names")
+    parser.add_argument(
+        "--sizes", default=None, help="comma-separated sizes for every selected case (gaussian_raster: WxH:N)"
+    )
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per tier (after one warm-up)")
+    parser.add_argument(
+        "--json", type=Path, default=Path("benchmarks/results/kernels.json"), help="where to write results"
+    )
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device of the inputs")
+    parser.add_argument("--threads", type=int, default=None, help="torch/OpenMP threads (default: torch's choice)")
+    parser.add_argument(
+        "--max-reference-elements", type=float, default=2.1e7,
+        help="skip the dense reference tier above this many pixel x Gaussian pairs (its memory grows with it)",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> list[Result]:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)  # also the OpenMP thread count of the C++ kernels
+    selected = set(args.cases.split(","))
+    unknown = selected - {c.name for c in CASES}
+    if unknown:
+        raise SystemExit(f"unknown case(s): {', '.join(sorted(unknown))}")
+    results: list[Result] = []
+    for case in CASES:
+        if case.name not in selected:
+            continue
+        sizes = args.sizes.split(",") if args.sizes else case.default_sizes
+        for size in sizes:
+            results.extend(case.run(size, args))
+    print(format_table(results))
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    machine = {
+        "platform": platform.platform(),
+        "processor": platform.processor(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
+    }
+    payload = {"machine": machine, "repeats": args.repeats, "results": [asdict(r) for r in results]}
+    args.json.write_text(json.dumps(payload, indent=2))
+    logger.info("wrote %s", args.json)
+    return results
+
+
+if __name__ == "__main__":
+    main()
