@@ -13,6 +13,13 @@ from lift3d.config import ConfigError
 
 logger = logging.getLogger("lift3d")
 
+# One representative native op per kernel, to report which tiers are live.
+KERNEL_OPS = {
+    "gaussian_raster": "gaussian_rasterize_forward",
+    "hashgrid": "hashgrid_forward",
+    "raymarch": "march_rays",
+}
+
 USER_ERRORS = (ConfigError, CheckpointError, ValueError, FileNotFoundError, KeyError)
 
 
@@ -74,8 +81,9 @@ def cmd_info(args: argparse.Namespace) -> int:
             lines.append(f"{name}: {getattr(module, '__version__', 'installed')}")
         except ImportError:
             lines.append(f"{name}: not installed")
-    tiers = live_tiers("gaussian_rasterize_forward")
-    lines.append("kernel tiers (gaussian_raster): " + ", ".join(f"{t}={'live' if ok else 'off'}" for t, ok in tiers.items()))
+    for label, op in KERNEL_OPS.items():
+        tiers = live_tiers(op)
+        lines.append(f"kernel {label}: " + ", ".join(f"{t}={'live' if ok else 'off'}" for t, ok in tiers.items()))
     for interface in registry.INTERFACES:
         lines.append(f"{interface}: {', '.join(registry.choices(interface))}")
     sys.stdout.write("\n".join(lines) + "\n")

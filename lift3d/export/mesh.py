@@ -170,24 +170,29 @@ def clean_mesh(
 def chamfer_distance(
     mesh_a: trimesh.Trimesh,
     mesh_b: trimesh.Trimesh,
-    num_samples: int = 100_000,
+    num_samples: int = 30_000,
     seed: int = 0,
+    reference_factor: int = 4,
 ) -> float:
     """Symmetric mean Chamfer distance, normalised by ``mesh_b``'s bounding-box diagonal.
 
     ``(mean_a min_b |a-b| + mean_b min_a |a-b|) / 2 / diag(bbox(mesh_b))`` over
-    ``num_samples`` area-uniform surface samples of each mesh (``mesh_b`` is the ground
-    truth; DESIGN §6 ``eval/chamfer``). Same seed, same samples: a mesh against itself gives
-    exactly 0. Two different triangulations of one surface give a small positive floor of
-    roughly ``0.25 * sqrt(area / num_samples) / diag`` from the sampling alone.
+    ``num_samples`` area-uniform query samples of each mesh, each matched against
+    ``reference_factor * num_samples`` samples of the other (``mesh_b`` is the ground truth;
+    DESIGN §6 ``eval/chamfer``). The denser reference set lowers the sampling floor (roughly
+    ``0.25 * sqrt(area / (reference_factor * num_samples)) / diag`` for two triangulations of
+    one surface) while keeping the k-d tree queries, which slow down badly between distant
+    surfaces, few. Same seed, same samples: a mesh against itself gives exactly 0.
     """
     for name, mesh in (("mesh_a", mesh_a), ("mesh_b", mesh_b)):
         if len(mesh.faces) == 0 or mesh.area <= 0:
             raise ValueError(f"{name} has no surface to sample")
-    points_a = _sample_surface(mesh_a, num_samples, seed)
-    points_b = _sample_surface(mesh_b, num_samples, seed)
-    a_to_b = _nearest_distances(points_a, points_b).mean()
-    b_to_a = _nearest_distances(points_b, points_a).mean()
+    dense = num_samples * reference_factor
+    # The query set is the first num_samples of the dense set: a mesh against itself gives 0.
+    dense_a = _sample_surface(mesh_a, dense, seed)
+    dense_b = _sample_surface(mesh_b, dense, seed)
+    a_to_b = _nearest_distances(dense_a[:num_samples], dense_b).mean()
+    b_to_a = _nearest_distances(dense_b[:num_samples], dense_a).mean()
     bounds = np.asarray(mesh_b.bounds, dtype=np.float64)
     diagonal = float(np.linalg.norm(bounds[1] - bounds[0]))
     if diagonal <= 0:
@@ -293,5 +298,6 @@ def _nearest_distances(query: np.ndarray, reference: np.ndarray, chunk: int = 40
         out = [torch.cdist(torch.from_numpy(query[i : i + chunk]), ref).min(dim=1).values
                for i in range(0, len(query), chunk)]
         return torch.cat(out).numpy()
-    distances, _ = cKDTree(reference).query(query, k=1)
+    # An unbalanced tree queries far faster between distant surfaces (seen: 4x), same answers.
+    distances, _ = cKDTree(reference, balanced_tree=False, compact_nodes=False).query(query, k=1, workers=-1)
     return np.asarray(distances)

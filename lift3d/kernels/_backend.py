@@ -97,7 +97,7 @@ def _has_op(namespace: str, op: str) -> bool:
     return True
 
 
-def tier_available(tier: str, op: str) -> bool:
+def tier_available(tier: str, op: str, quiet: bool = False) -> bool:
     """Whether ``op`` can run on ``tier`` here (builds the extension on first ask)."""
     if tier == "reference":
         return True
@@ -105,7 +105,8 @@ def tier_available(tier: str, op: str) -> bool:
     try:
         loader()
     except KernelBuildError as error:
-        _warn_once(f"lift3d {tier} kernels unavailable ({str(error).splitlines()[0]})")
+        if not quiet:
+            _warn_once(f"lift3d {tier} kernels unavailable ({str(error).splitlines()[0]})")
         return False
     return _has_op(f"lift3d_{tier}", op)
 
@@ -149,4 +150,4 @@ def select_tier(op: str, device: torch.device, requested: str | None = None) -> 
 
 def live_tiers(op: str) -> dict[str, bool]:
     """Which tiers are live for ``op`` on this machine (for ``lift3d info``)."""
-    return {tier: tier_available(tier, op) for tier in TIERS}
+    return {tier: tier_available(tier, op, quiet=True) for tier in TIERS}
