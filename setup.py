@@ -30,7 +30,8 @@ setup(
         "ninja>=1.11",
     ],
     extras_require={
-        "test": ["pytest>=7.4", "pytest-timeout>=2.2"],
+        # The tests exercise the diffusers teachers on tiny random models, so they need them too.
+        "test": ["pytest>=7.4", "pytest-timeout>=2.2", "diffusers>=0.27", "transformers>=4.38", "accelerate>=0.27", "peft>=0.10"],
         "diffusers": ["diffusers>=0.27", "transformers>=4.38", "accelerate>=0.27", "peft>=0.10"],
     },
     entry_points={"console_scripts": ["lift3d=lift3d.cli:main"]},

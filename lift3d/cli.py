@@ -20,7 +20,7 @@ KERNEL_OPS = {
     "raymarch": "march_rays",
 }
 
-USER_ERRORS = (ConfigError, CheckpointError, ValueError, FileNotFoundError, KeyError)
+USER_ERRORS = (ConfigError, CheckpointError, ValueError, FileNotFoundError, KeyError, ImportError)
 
 
 def _setup_logging(verbose: bool) -> None:

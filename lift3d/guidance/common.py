@@ -113,7 +113,9 @@ class Guidance(nn.Module, ABC):
     def __init__(self, config: GuidanceBaseConfig, teacher: Teacher):
         super().__init__()
         self.config = config
-        self.teacher = teacher
+        # Kept out of the module tree: the frozen teacher must not land in checkpoints or in
+        # guidance.parameters() (a Stable Diffusion teacher is gigabytes).
+        object.__setattr__(self, "_teacher", teacher)
         self.timesteps = TimestepSampler(config.timesteps, teacher.num_train_timesteps)
 
     @abstractmethod
@@ -123,6 +125,10 @@ class Guidance(nn.Module, ABC):
     def param_groups(self) -> list[dict]:
         """Trainable state of the objective itself (LoRA, student); none by default."""
         return []
+
+    @property
+    def teacher(self) -> Teacher:
+        return self._teacher
 
     @property
     def needs_unconditional(self) -> bool:

@@ -31,6 +31,8 @@ class Conditioning:
     """Unconditional / negative payload for the B samples (None when not asked for)."""
     view_labels: list[str]
     """The view label (front/side/back/overhead) each sample was conditioned on."""
+    view_independent: Any | None = None
+    """The conditional payload without view-dependent prompting (VSD's student uses it), if the teacher has one."""
 
 
 @dataclass
