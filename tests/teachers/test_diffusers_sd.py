@@ -445,11 +445,14 @@ def test_cli_runs_dreamfusion_sd_on_the_tiny_model(sd_folder, tmp_path):
         f"teacher.prompting.cache_dir={tmp_path / 'cache'}",
         "trainer.steps=4", "trainer.cameras.width=16", "trainer.cameras.height=16", "trainer.eval.width=16",
         "trainer.eval.height=16", "trainer.eval.num_views=2", "trainer.log_every=1", "trainer.progress_bar=false",
-        "representation.num_points=200", "export.formats=[ply]",
+        "representation.encoding.n_levels=4", "representation.encoding.log2_hashmap_size=12",
+        "representation.hidden_dim=16", "representation.num_samples_per_ray=64", "representation.mesh_resolution=32",
+        "export.formats=[glb]", "export.texture_size=32",
     ]
     config = str(ROOT / "configs" / "dreamfusion-sd.yaml")
     assert main(["run", config, "--prompt", "a hamburger", "--out", str(out), *overrides]) == 0
-    assert (out / "ckpt" / "last.pt").is_file() and (out / "export" / "gaussians.ply").is_file()
+    assert (out / "ckpt" / "last.pt").is_file() and (out / "export" / "model.glb").is_file()
+    assert (out / "ckpt" / "last.pt").stat().st_size < 5_000_000  # the frozen teacher is not saved
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2, 3, 4]
     assert all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics)
