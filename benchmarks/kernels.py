@@ -191,6 +191,14 @@ CASES: list[Case] = [
 ]
 
 
+def all_cases() -> list[Case]:
+    """This file's cases plus those of the per-kernel scripts (imported lazily: they import us)."""
+    import bench_hashgrid
+    import bench_raymarch
+
+    return [*CASES, *bench_hashgrid.cases(), *bench_raymarch.cases()]
+
+
 # --------------------------------------------------------------------------------------------
 # driver
 # --------------------------------------------------------------------------------------------
@@ -218,7 +226,7 @@ def format_table(results: list[Result]) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", default=",".join(c.name for c in CASES), help="comma-separated case names")
+    parser.add_argument("--cases", default=",".join(c.name for c in all_cases()), help="comma-separated case names")
     parser.add_argument(
         "--sizes", default=None, help="comma-separated sizes for every selected case (gaussian_raster: WxH:N)"
     )
@@ -241,11 +249,12 @@ def main(argv: list[str] | None = None) -> list[Result]:
     if args.threads is not None:
         torch.set_num_threads(args.threads)  # also the OpenMP thread count of the C++ kernels
     selected = set(args.cases.split(","))
-    unknown = selected - {c.name for c in CASES}
+    cases = all_cases()
+    unknown = selected - {c.name for c in cases}
     if unknown:
         raise SystemExit(f"unknown case(s): {', '.join(sorted(unknown))}")
     results: list[Result] = []
-    for case in CASES:
+    for case in cases:
         if case.name not in selected:
             continue
         sizes = args.sizes.split(",") if args.sizes else case.default_sizes

@@ -1,0 +1,140 @@
+"""Hash-grid encoding benchmark: forward + backward of every live tier on identical inputs.
+
+Sizes are ``N:L:F:log2T`` (points, levels, features per level, log2 of the per-level table size),
+with an optional ``:x`` suffix that also differentiates with respect to the positions (analytic
+normals); otherwise only the table gets a gradient (plain NeRF training). Points are uniform in
+the unit cube (no spatial coherence: the worst case for the table's caches), the table is tcnn's
+init and the upstream gradient is standard normal. Timings are the median of ``--repeats`` runs
+after one warm-up.
+
+    python benchmarks/bench_hashgrid.py                    # default sizes, writes benchmarks/results/hashgrid.json
+    python benchmarks/bench_hashgrid.py --sizes 65536:16:2:19 --repeats 3
+
+``cases()`` returns the ``Case`` entries for ``benchmarks/kernels.py``, whose helpers this uses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import sys
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmarks/kernels.py
+try:
+    import lift3d  # noqa: F401
+except ImportError:  # run as a script from a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kernels import REFERENCE, Case, Result, compare_tiers, format_table, native_tiers  # noqa: E402
+
+from lift3d.kernels._backend import tier_available  # noqa: E402
+from lift3d.kernels.hashgrid import FORWARD_OP, INIT_RANGE, HashGridConfig, hashgrid_encode, level_is_hashed  # noqa: E402
+
+logger = logging.getLogger("benchmarks.hashgrid")
+
+DEFAULT_SIZES = [
+    "4096:16:2:19",
+    "65536:16:2:19",
+    "262144:16:2:19",  # the target: threestudio's grid at a NeRF training batch
+    "262144:16:2:19:x",
+    "262144:16:2:14",
+]
+
+
+def parse_size(size: str) -> tuple[int, HashGridConfig, bool]:
+    """``N:L:F:log2T[:x]`` -> (N, config with threestudio's base 16 and max resolution 4096, position grads)."""
+    parts = size.split(":")
+    if len(parts) not in (4, 5) or (len(parts) == 5 and parts[4] != "x"):
+        raise ValueError(f"hash-grid size must be N:L:F:log2T[:x], got {size!r}")
+    count, levels, features, log2_size = (int(p) for p in parts[:4])
+    # Keep the finest resolution at 4096 whatever L is, as threestudio's configs do.
+    per_level_scale = (4096 / 16) ** (1 / (levels - 1)) if levels > 1 else 1.0
+    config = HashGridConfig(
+        n_levels=levels, n_features_per_level=features, log2_hashmap_size=log2_size, per_level_scale=per_level_scale
+    )
+    return count, config, len(parts) == 5
+
+
+def bench_hashgrid(size: str, args: argparse.Namespace) -> list[Result]:
+    """Forward + backward of ``hashgrid_encode`` (see the module docstring for the size format)."""
+    count, config, position_grads = parse_size(size)
+    device = torch.device(args.device)
+    g = torch.Generator().manual_seed(0)
+    positions = torch.rand(count, 3, generator=g).to(device)
+    table = torch.empty(config.n_params, config.n_features_per_level).uniform_(-INIT_RANGE, INIT_RANGE, generator=g).to(device)
+    upstream = torch.randn(count, config.output_dim, generator=g).to(device)
+
+    def make_run(tier: str) -> Callable[[], list[Tensor]]:
+        # Leaves are made once, so the 50 MB table is not copied inside the timed region.
+        leaves = [table.clone().requires_grad_(True)]
+        x = positions.clone().requires_grad_(position_grads)
+        if position_grads:
+            leaves.append(x)
+
+        def run() -> list[Tensor]:
+            features = hashgrid_encode(x, leaves[0], config, tier=tier)
+            grads = torch.autograd.grad((features * upstream).sum(), leaves)
+            return [features.detach(), *grads]
+
+        return run
+
+    tiers = [REFERENCE] + [t for t in native_tiers(device) if tier_available(t, FORWARD_OP)]
+    notes: dict[str, float | int | str] = {
+        "points": count,
+        "levels": config.n_levels,
+        "dense_levels": sum(not h for h in level_is_hashed(config)),
+        "table_rows": config.n_params,
+        "position_grads": int(position_grads),
+        "threads": torch.get_num_threads(),
+    }
+    return compare_tiers("hashgrid", size, tiers, make_run, args.repeats, device, notes)
+
+
+def cases() -> list[Case]:
+    """The hash-grid benchmark case for ``benchmarks/kernels.py``'s ``CASES``."""
+    return [Case("hashgrid", bench_hashgrid, list(DEFAULT_SIZES))]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default=",".join(DEFAULT_SIZES), help="comma-separated N:L:F:log2T[:x]")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per tier (after one warm-up)")
+    parser.add_argument("--json", type=Path, default=Path("benchmarks/results/hashgrid.json"), help="where to write results")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device of the inputs")
+    parser.add_argument("--threads", type=int, default=None, help="torch (and OpenMP) threads; default: torch's")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> list[Result]:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    results: list[Result] = []
+    for size in args.sizes.split(","):
+        results.extend(bench_hashgrid(size, args))
+    print(format_table(results))
+    machine = {
+        "platform": platform.platform(),
+        "processor": platform.processor(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"machine": machine, "repeats": args.repeats, "results": [asdict(r) for r in results]}
+    args.json.write_text(json.dumps(payload, indent=2) + "\n")
+    logger.info("wrote %s", args.json)
+    return results
+
+
+if __name__ == "__main__":
+    main()

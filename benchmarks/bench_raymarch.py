@@ -1,0 +1,204 @@
+"""Ray-marching benchmarks: occupancy-grid marching and march + composite (forward + backward),
+every live tier on identical inputs, with the agreement against the reference.
+
+Scene: an orbit camera at distance 3 (fov 40 deg) looking at a ball of radius 0.7 inside the box
+[-1, 1]^3; a 32^3 occupancy grid updated from that ball; ``step = 2 sqrt(3) / N`` (threestudio's
+rule, N samples across the box diagonal). Sizes are ``WxH:N`` (W*H rays).
+
+    python benchmarks/bench_raymarch.py                    # writes benchmarks/results/raymarch.json
+    python benchmarks/bench_raymarch.py --sizes 64x64:512 --repeats 3
+
+``cases()`` returns the cases in ``benchmarks/kernels.py``'s ``Case`` form, for folding in there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import platform
+import sys
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+try:
+    import lift3d  # noqa: F401
+except ImportError:  # run as a script from a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # for the shared helpers in kernels.py
+
+from kernels import REFERENCE, Case, Result, compare_tiers, format_table, native_tiers  # noqa: E402
+
+from lift3d.cameras import orbit_cameras  # noqa: E402
+from lift3d.kernels._backend import tier_available  # noqa: E402
+from lift3d.kernels.raymarch import (  # noqa: E402
+    COMPOSITE_FORWARD_OP,
+    MARCH_OP,
+    OccupancyGrid,
+    OccupancyGridConfig,
+    composite,
+    march_rays,
+)
+
+logger = logging.getLogger("benchmarks.raymarch")
+
+BALL_RADIUS = 0.7
+GRID_RESOLUTION = 32
+DEFAULT_SIZES = ["32x32:256", "64x64:512", "128x128:512"]
+
+
+def parse_size(size: str) -> tuple[int, int, int]:
+    """``WxH:N`` -> (W, H, N)."""
+    resolution, samples = size.split(":")
+    width, height = (int(v) for v in resolution.lower().split("x"))
+    return width, height, int(samples)
+
+
+def ball_density(points: Tensor) -> Tensor:
+    """[S] density: 40 inside the ball with a soft edge, ~0 outside."""
+    return 40.0 * torch.sigmoid(40.0 * (BALL_RADIUS - points.norm(dim=-1)))
+
+
+def scene(
+    width: int, height: int, samples_per_ray: int, device: torch.device
+) -> tuple[Tensor, Tensor, OccupancyGrid, float]:
+    """[R, 3] origins and unit directions of one camera, the updated grid and the step size."""
+    cameras = orbit_cameras(
+        torch.tensor([20.0]), torch.tensor([30.0]), torch.tensor([3.0]), torch.tensor([40.0]), width, height
+    )
+    origins, dirs = cameras.rays()
+    step = 2 * math.sqrt(3) / samples_per_ray
+    grid = OccupancyGrid(OccupancyGridConfig(resolution=GRID_RESOLUTION))
+    torch.manual_seed(0)
+    grid.update(0, ball_density, step)
+    return origins.reshape(-1, 3).to(device), dirs.reshape(-1, 3).to(device), grid.to(device), step
+
+
+def live_tiers(device: torch.device, ops: tuple[str, ...]) -> list[str]:
+    """The reference plus every native tier that has all of ``ops`` here."""
+    return [REFERENCE] + [t for t in native_tiers(device) if all(tier_available(t, op) for op in ops)]
+
+
+def bench_march(size: str, args: argparse.Namespace) -> list[Result]:
+    """``march_rays`` alone (stratified, no gradient); size is ``WxH:N``."""
+    width, height, samples_per_ray = parse_size(size)
+    device = torch.device(args.device)
+    origins, dirs, grid, step = scene(width, height, samples_per_ray, device)
+    jitter = torch.rand(origins.shape[0], generator=torch.Generator().manual_seed(1)).to(device)
+
+    def make_run(tier: str) -> Callable[[], list[Tensor]]:
+        def run() -> list[Tensor]:
+            samples = march_rays(
+                origins, dirs, grid.aabb, grid.occupancy, grid.resolution, step,
+                jitter=jitter, max_samples_per_ray=samples_per_ray, tier=tier,
+            )
+            return [samples.ray_indices, samples.t_starts, samples.t_ends]
+
+        return run
+
+    count = make_run(REFERENCE)()[0].numel()
+    notes: dict[str, float | int | str] = {
+        "rays": origins.shape[0],
+        "samples": count,
+        "occupied_cells": int(grid.occupancy.sum()),
+    }
+    return compare_tiers("raymarch_march", size, live_tiers(device, (MARCH_OP,)), make_run, args.repeats, device, notes)
+
+
+def bench_render(size: str, args: argparse.Namespace) -> list[Result]:
+    """``march_rays`` + field evaluation + ``composite`` forward and backward; size is ``WxH:N``.
+
+    The "field" is a fixed function of the sample positions whose outputs are fresh leaves, so the
+    timing is the kernels' (the field itself costs the same for every tier).
+    """
+    width, height, samples_per_ray = parse_size(size)
+    device = torch.device(args.device)
+    origins, dirs, grid, step = scene(width, height, samples_per_ray, device)
+    R = origins.shape[0]
+    jitter = torch.rand(R, generator=torch.Generator().manual_seed(1)).to(device)
+    g = torch.Generator().manual_seed(2)
+    upstream = [torch.randn(shape, generator=g).to(device) for shape in ((R, 3), (R, 1), (R, 1))]
+
+    def make_run(tier: str) -> Callable[[], list[Tensor]]:
+        def run() -> list[Tensor]:
+            samples = march_rays(
+                origins, dirs, grid.aabb, grid.occupancy, grid.resolution, step,
+                jitter=jitter, max_samples_per_ray=samples_per_ray, tier=tier,
+            )
+            points = origins[samples.ray_indices] + samples.midpoints().unsqueeze(-1) * dirs[samples.ray_indices]
+            sigmas = ball_density(points).requires_grad_(True)
+            rgb = (0.5 + 0.5 * points).clamp(0, 1).requires_grad_(True)
+            out = composite(sigmas, rgb, samples.t_starts, samples.t_ends, samples.ray_indices, R, tier=tier)
+            loss = sum((o * u).sum() for o, u in zip((out.accumulated, out.opacity, out.depth), upstream))
+            grads = torch.autograd.grad(loss, (sigmas, rgb))
+            return [out.weights.detach(), out.accumulated.detach(), out.opacity.detach(), out.depth.detach(), *grads]
+
+        return run
+
+    probe = make_run(REFERENCE)()
+    notes: dict[str, float | int | str] = {
+        "rays": R,
+        "samples": probe[0].numel(),
+        "terminated_samples": int((probe[0] == 0).sum()),
+        "mean_opacity": round(float(probe[2].mean()), 4),
+    }
+    ops = (MARCH_OP, COMPOSITE_FORWARD_OP)
+    return compare_tiers("raymarch_render", size, live_tiers(device, ops), make_run, args.repeats, device, notes)
+
+
+def cases() -> list[Case]:
+    """The ray-marching cases with their default sizes (``benchmarks/kernels.py`` form)."""
+    return [
+        Case("raymarch_march", bench_march, list(DEFAULT_SIZES)),
+        Case("raymarch_render", bench_render, list(DEFAULT_SIZES)),
+    ]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", default=",".join(c.name for c in cases()), help="comma-separated case names")
+    parser.add_argument("--sizes", default=None, help="comma-separated WxH:N sizes for every selected case")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per tier (after one warm-up)")
+    parser.add_argument(
+        "--json", type=Path, default=Path("benchmarks/results/raymarch.json"), help="where to write results"
+    )
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device of the inputs")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> list[Result]:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    args = parse_args(argv)
+    selected = set(args.cases.split(","))
+    known = cases()
+    unknown = selected - {c.name for c in known}
+    if unknown:
+        raise SystemExit(f"unknown case(s): {', '.join(sorted(unknown))}")
+    results: list[Result] = []
+    for case in known:
+        if case.name not in selected:
+            continue
+        for size in args.sizes.split(",") if args.sizes else case.default_sizes:
+            results.extend(case.run(size, args))
+    print(format_table(results))
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    machine = {
+        "platform": platform.platform(),
+        "processor": platform.processor(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
+    }
+    payload = {"machine": machine, "repeats": args.repeats, "results": [asdict(r) for r in results]}
+    args.json.write_text(json.dumps(payload, indent=2) + "\n")
+    logger.info("wrote %s", args.json)
+    return results
+
+
+if __name__ == "__main__":
+    main()
