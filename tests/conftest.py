@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lift3d.kernels._backend import KernelBuildError, load_cpu_extension, tier_available
+
 from lift3d.cameras import Cameras
 from lift3d.teachers.base import Conditioning, NoisePrediction, Teacher, scaled_linear_alphas_cumprod
 
@@ -52,3 +54,14 @@ def stub_teacher() -> GaussianStubTeacher:
     mu_c = torch.rand(3, 4, 4, generator=generator)
     mu_u = torch.rand(3, 4, 4, generator=generator)
     return GaussianStubTeacher(mu_c, mu_u)
+
+
+def require_cpu_ops(*ops: str) -> None:
+    """Skip (with the reason) unless the C++ kernels build here and register ``ops``."""
+    try:
+        load_cpu_extension()
+    except KernelBuildError as error:
+        pytest.skip(f"cpu kernels unavailable: {str(error).splitlines()[0]}")
+    for op in ops:
+        if not tier_available("cpu", op):
+            pytest.skip(f"the cpu extension has no {op} op")

@@ -10,7 +10,8 @@ import torch
 from torch import Tensor
 
 from lift3d.cameras import orbit_cameras
-from lift3d.kernels._backend import KernelBuildError, load_cpu_extension, tier_available
+from conftest import require_cpu_ops
+
 from lift3d.kernels.gaussian_raster import (
     FORWARD_OP,
     ProjectedGaussians,
@@ -23,13 +24,7 @@ Scene = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
 
 @pytest.fixture(scope="module")
 def cpu_tier() -> None:
-    """Skip (with the reason) when the C++ kernels cannot be built here."""
-    try:
-        load_cpu_extension()
-    except KernelBuildError as error:
-        pytest.skip(f"cpu kernels unavailable: {str(error).splitlines()[0]}")
-    if not tier_available("cpu", FORWARD_OP):
-        pytest.skip(f"the cpu extension has no {FORWARD_OP} op")
+    require_cpu_ops(FORWARD_OP)
 
 
 def random_scene(

@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch import Tensor
 
-from lift3d.kernels._backend import KernelBuildError, load_cpu_extension, tier_available
+from conftest import require_cpu_ops
+
 from lift3d.kernels.hashgrid import (
     FORWARD_OP,
     HASH_PRIMES,
@@ -36,13 +37,7 @@ CONFIGS = {
 
 @pytest.fixture(scope="module")
 def cpu_tier() -> None:
-    """Skip (with the reason) when the C++ kernels cannot be built here."""
-    try:
-        load_cpu_extension()
-    except KernelBuildError as error:
-        pytest.skip(f"cpu kernels unavailable: {str(error).splitlines()[0]}")
-    if not tier_available("cpu", FORWARD_OP):
-        pytest.skip(f"the cpu extension has no {FORWARD_OP} op")
+    require_cpu_ops(FORWARD_OP)
 
 
 def relative_error(actual: Tensor, expected: Tensor) -> float:

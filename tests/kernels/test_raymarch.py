@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import Tensor
 
-from lift3d.kernels._backend import KernelBuildError, load_cpu_extension, tier_available
+from conftest import require_cpu_ops
+
 from lift3d.kernels.raymarch import (
     COMPOSITE_FORWARD_OP,
     MARCH_OP,
@@ -27,14 +28,7 @@ STEP = math.sqrt(3) * 2 / 256  # threestudio's rule for radius 1 and 256 samples
 
 @pytest.fixture(scope="module")
 def cpu_tier() -> None:
-    """Skip (with the reason) when the C++ kernels cannot be built here."""
-    try:
-        load_cpu_extension()
-    except KernelBuildError as error:
-        pytest.skip(f"cpu kernels unavailable: {str(error).splitlines()[0]}")
-    for op in (MARCH_OP, COMPOSITE_FORWARD_OP):
-        if not tier_available("cpu", op):
-            pytest.skip(f"the cpu extension has no {op} op")
+    require_cpu_ops(MARCH_OP, COMPOSITE_FORWARD_OP)
 
 
 def random_rays(seed: int, R: int, miss_fraction: float = 0.2) -> tuple[Tensor, Tensor]:
