@@ -13,7 +13,8 @@ The one semantics every tier implements (DESIGN §3): for camera ``b`` and pixel
 background: the caller does ``rgb + (1 - alpha) * background``.
 
 Tiers: ``reference`` (dense torch, autograd; the definition), ``cpu`` (C++/OpenMP, 16x16 tiles,
-hand-written backward, bit-for-bit deterministic). A ``cuda`` tier plugs into ``_TIERS``.
+hand-written backward, bit-for-bit deterministic) and ``cuda`` (tile-sorted CUDA kernels, hand-written
+backward with float atomics: gradients not bit-reproducible).
 """
 
 from __future__ import annotations
@@ -178,7 +179,7 @@ def rasterize_gaussians(
             ``radius`` of the mean, so radii must bound the 1/255 footprint (``project_gaussians``'s do).
         width: Image width in pixels.
         height: Image height in pixels.
-        tier: ``reference``, ``cpu`` (or later ``cuda``); None picks the fastest live tier.
+        tier: ``reference``, ``cpu`` or ``cuda``; None picks the fastest live tier.
 
     Returns:
         ``rgb`` [B, H, W, C] (not composited with a background), ``alpha`` [B, H, W, 1] and
@@ -341,10 +342,80 @@ def _rasterize_cpu(
     return _RasterizeCpu.apply(means2d, conics, colors, opacities, depths, radii, width, height)
 
 
+# --------------------------------------------------------------------------------------------
+# cuda tier: cuda/gaussian_raster.cu (+ gaussian_raster_cuda.cpp), tile-sorted, atomic backward
+# --------------------------------------------------------------------------------------------
+
+
+class _RasterizeCuda(torch.autograd.Function):
+    """Autograd wrapper of ``torch.ops.lift3d_cuda.gaussian_rasterize_{forward,backward}``.
+
+    The gradients are summed with float atomics, so unlike the cpu tier's their last bits vary
+    from run to run.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        means2d: Tensor,
+        conics: Tensor,
+        colors: Tensor,
+        opacities: Tensor,
+        depths: Tensor,
+        radii: Tensor,
+        width: int,
+        height: int,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        inputs = [t.contiguous() for t in (means2d, conics, colors, opacities, depths)]
+        radii = radii.to(torch.int32).contiguous()
+        stream = torch.cuda.current_stream(means2d.device).cuda_stream
+        forward = torch.ops.lift3d_cuda.gaussian_rasterize_forward
+        rgb, alpha, depth, final_t, n_contrib, tile_offsets, tile_ids = forward(
+            *inputs, radii, width, height, stream
+        )
+        ctx.save_for_backward(*inputs, final_t, n_contrib, tile_offsets, tile_ids)
+        ctx.width, ctx.height = width, height
+        return rgb, alpha, depth
+
+    @staticmethod
+    @once_differentiable
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, grad_rgb: Tensor, grad_alpha: Tensor, grad_depth: Tensor
+    ) -> tuple[Tensor | None, ...]:
+        saved = ctx.saved_tensors
+        grads = torch.ops.lift3d_cuda.gaussian_rasterize_backward(
+            *saved,
+            grad_rgb.contiguous().float(),
+            grad_alpha.contiguous().float(),
+            grad_depth.contiguous().float(),
+            ctx.width,
+            ctx.height,
+            torch.cuda.current_stream(saved[0].device).cuda_stream,
+        )
+        return (*grads, None, None, None)
+
+
+def _rasterize_cuda(
+    means2d: Tensor,
+    conics: Tensor,
+    colors: Tensor,
+    opacities: Tensor,
+    depths: Tensor,
+    radii: Tensor,
+    width: int,
+    height: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    _check_native_inputs(
+        {"means2d": means2d, "conics": conics, "colors": colors, "opacities": opacities, "depths": depths}
+    )
+    return _RasterizeCuda.apply(means2d, conics, colors, opacities, depths, radii, width, height)
+
+
 _Rasterizer = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, int, int], tuple[Tensor, Tensor, Tensor]]
 
 _TIERS: dict[str, _Rasterizer] = {
     "reference": _rasterize_reference,
     "cpu": _rasterize_cpu,
+    "cuda": _rasterize_cuda,
 }
-"""Tier name -> implementation; the cuda tier registers here when it lands."""
+"""Tier name -> implementation."""

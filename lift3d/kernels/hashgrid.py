@@ -24,9 +24,10 @@ The one semantics every tier implements (DESIGN §3), following tiny-cuda-nn's `
 * Only the first ``active_levels`` levels are evaluated (coarse-to-fine training); the others
   output zeros and receive no gradient.
 
-Tiers: ``reference`` (torch, autograd to any order; the definition) and ``cpu`` (C++/OpenMP in
+Tiers: ``reference`` (torch, autograd to any order; the definition), ``cpu`` (C++/OpenMP in
 ``cuda/hashgrid_cpu.cpp``, float32, hand-written backward for the table and the positions,
-bit-for-bit deterministic; not twice differentiable). A ``cuda`` tier plugs into ``_TIERS``.
+bit-for-bit deterministic; not twice differentiable) and ``cuda`` (one thread per point and level; the
+table gradient uses float atomics, so it is not bit-reproducible; not twice differentiable).
 """
 
 from __future__ import annotations
@@ -163,7 +164,7 @@ def hashgrid_encode(
         table: [n_params, F] feature table (``config.n_params`` rows, ``F = n_features_per_level``),
             the same floating dtype as positions.
         config: The grid's shape.
-        tier: ``reference``, ``cpu`` (or later ``cuda``); None picks the fastest live tier.
+        tier: ``reference``, ``cpu`` or ``cuda``; None picks the fastest live tier.
         active_levels: Evaluate only the first this many levels (None: all); the others output
             zeros and get no gradient.
 
@@ -304,13 +305,85 @@ def _encode_cpu(positions: Tensor, table: Tensor, config: HashGridConfig, active
     return _HashGridCpu.apply(positions, table, config, active_levels)
 
 
+# --------------------------------------------------------------------------------------------
+# cuda tier: cuda/hashgrid.cu (+ hashgrid_cuda.cpp), hand-written backward
+# --------------------------------------------------------------------------------------------
+
+
+class _HashGridCuda(torch.autograd.Function):
+    """Autograd wrapper of ``torch.ops.lift3d_cuda.hashgrid_{forward,backward}``.
+
+    The table gradient is scattered with float atomics, so unlike the cpu tier's its last bits
+    vary from run to run; the position gradient is deterministic.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        positions: Tensor,
+        table: Tensor,
+        config: HashGridConfig,
+        active_levels: int,
+    ) -> Tensor:
+        positions, table = positions.contiguous(), table.contiguous()
+        levels = _levels(config)
+        features = torch.ops.lift3d_cuda.hashgrid_forward(
+            positions,
+            table,
+            levels.scales,
+            levels.resolutions,
+            levels.offsets,
+            levels.hashed,
+            active_levels,
+            torch.cuda.current_stream(positions.device).cuda_stream,
+        )
+        ctx.save_for_backward(positions, table)
+        ctx.levels, ctx.active_levels = levels, active_levels
+        return features
+
+    @staticmethod
+    @once_differentiable
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, grad_features: Tensor
+    ) -> tuple[Tensor | None, ...]:
+        positions, table = ctx.saved_tensors
+        levels = ctx.levels
+        need_positions, need_table = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_table, grad_positions = torch.ops.lift3d_cuda.hashgrid_backward(
+            grad_features.contiguous().float(),
+            positions,
+            table,
+            levels.scales,
+            levels.resolutions,
+            levels.offsets,
+            levels.hashed,
+            ctx.active_levels,
+            need_table,
+            need_positions,
+            torch.cuda.current_stream(positions.device).cuda_stream,
+        )
+        return (
+            grad_positions if need_positions else None,
+            grad_table if need_table else None,
+            None,
+            None,
+        )
+
+
+def _encode_cuda(positions: Tensor, table: Tensor, config: HashGridConfig, active_levels: int) -> Tensor:
+    if positions.dtype != torch.float32:
+        raise TypeError(f"the native hash grid needs float32 positions and table, got {positions.dtype}")
+    return _HashGridCuda.apply(positions, table, config, active_levels)
+
+
 _Encoder = Callable[[Tensor, Tensor, HashGridConfig, int], Tensor]
 
 _TIERS: dict[str, _Encoder] = {
     "reference": _encode_reference,
     "cpu": _encode_cpu,
+    "cuda": _encode_cuda,
 }
-"""Tier name -> implementation; the cuda tier registers here when it lands."""
+"""Tier name -> implementation."""
 
 
 # --------------------------------------------------------------------------------------------

@@ -35,7 +35,8 @@ Expected normals (or any other per-sample feature) are just another ``values`` t
 
 Tiers: ``reference`` (pure torch, autograd; the definition), ``cpu`` (``cuda/raymarch_cpu.cpp``,
 C++/OpenMP, hand-written O(S) backward with per-ray suffix sums as in Instant-NGP/nerfacc,
-bit-for-bit deterministic). A ``cuda`` tier plugs into ``_MARCH_TIERS`` / ``_COMPOSITE_TIERS``.
+bit-for-bit deterministic) and ``cuda`` (one thread per ray, the same float32 sample arithmetic, also
+deterministic).
 """
 
 from __future__ import annotations
@@ -320,7 +321,7 @@ def march_rays(
         far: Samples end no later than this ``t``.
         jitter: [R] offsets in [0, 1) (fractions of a step) for stratified sampling, or None.
         max_samples_per_ray: At most this many kept samples per ray (the first ones).
-        tier: ``reference``, ``cpu`` (or later ``cuda``); None picks the fastest live tier.
+        tier: ``reference``, ``cpu`` or ``cuda``; None picks the fastest live tier.
 
     Returns:
         The packed samples (no gradient flows through them).
@@ -426,13 +427,42 @@ def _march_cpu(
     return RaySamples(ray_indices, t_starts, t_ends)
 
 
+def _march_cuda(
+    origins: Tensor,
+    dirs: Tensor,
+    t_min: Tensor,
+    t_max: Tensor,
+    aabb: Tensor,
+    occupancy: Tensor,
+    resolution: int,
+    step_size: float,
+    jitter: Tensor | None,
+    max_samples: int,
+) -> RaySamples:
+    ray_indices, t_starts, t_ends = torch.ops.lift3d_cuda.march_rays(
+        origins,
+        dirs,
+        t_min,
+        t_max,
+        aabb,
+        occupancy,
+        resolution,
+        step_size,
+        jitter,
+        max_samples,
+        torch.cuda.current_stream(origins.device).cuda_stream,
+    )
+    return RaySamples(ray_indices, t_starts, t_ends)
+
+
 _Marcher = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, int, float, Tensor | None, int], RaySamples]
 
 _MARCH_TIERS: dict[str, _Marcher] = {
     "reference": _march_reference,
     "cpu": _march_cpu,
+    "cuda": _march_cuda,
 }
-"""Tier name -> marcher; the cuda tier registers here when it lands."""
+"""Tier name -> marcher."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -477,7 +507,7 @@ def composite(
         num_rays: R.
         transmittance_threshold: Samples whose transmittance before them is below this get zero
             weight (early ray termination).
-        tier: ``reference``, ``cpu`` (or later ``cuda``); None picks the fastest live tier (the
+        tier: ``reference``, ``cpu`` or ``cuda``; None picks the fastest live tier (the
             reference for dtypes other than float32, which the native tiers do not take).
 
     Returns:
@@ -607,13 +637,79 @@ def _composite_cpu(
     return Composite(weights=weights, accumulated=accumulated, opacity=opacity, depth=depth)
 
 
+class _CompositeCuda(torch.autograd.Function):
+    """Autograd wrapper of ``torch.ops.lift3d_cuda.composite_{forward,backward}`` (one thread per ray)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        sigmas: Tensor,
+        values: Tensor,
+        t_starts: Tensor,
+        t_ends: Tensor,
+        ray_indices: Tensor,
+        num_rays: int,
+        threshold: float,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        inputs = [t.contiguous() for t in (sigmas, values, t_starts, t_ends)]
+        weights, accumulated, opacity, depth, offsets = torch.ops.lift3d_cuda.composite_forward(
+            *inputs, ray_indices.contiguous(), num_rays, threshold, torch.cuda.current_stream(sigmas.device).cuda_stream
+        )
+        ctx.save_for_backward(*inputs, offsets)
+        ctx.threshold = threshold
+        return weights, accumulated, opacity, depth
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        grad_weights: Tensor,
+        grad_accumulated: Tensor,
+        grad_opacity: Tensor,
+        grad_depth: Tensor,
+    ) -> tuple[Tensor | None, ...]:
+        sigmas, values, t_starts, t_ends, offsets = ctx.saved_tensors
+        grad_sigmas, grad_values = torch.ops.lift3d_cuda.composite_backward(
+            sigmas,
+            values,
+            t_starts,
+            t_ends,
+            offsets,
+            grad_weights.contiguous().float(),
+            grad_accumulated.contiguous().float(),
+            grad_opacity.contiguous().float(),
+            grad_depth.contiguous().float(),
+            ctx.threshold,
+            torch.cuda.current_stream(sigmas.device).cuda_stream,
+        )
+        return grad_sigmas, grad_values, None, None, None, None, None
+
+
+def _composite_cuda(
+    sigmas: Tensor,
+    values: Tensor,
+    t_starts: Tensor,
+    t_ends: Tensor,
+    ray_indices: Tensor,
+    num_rays: int,
+    threshold: float,
+) -> Composite:
+    for name, tensor in (("sigmas", sigmas), ("values", values)):
+        if tensor.dtype != torch.float32:
+            raise TypeError(f"the native compositor needs float32 {name}, got {tensor.dtype}")
+    weights, accumulated, opacity, depth = _CompositeCuda.apply(
+        sigmas, values, t_starts.detach().float(), t_ends.detach().float(), ray_indices, num_rays, threshold
+    )
+    return Composite(weights=weights, accumulated=accumulated, opacity=opacity, depth=depth)
+
+
 _Compositor = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, int, float], Composite]
 
 _COMPOSITE_TIERS: dict[str, _Compositor] = {
     "reference": _composite_reference,
     "cpu": _composite_cpu,
+    "cuda": _composite_cuda,
 }
-"""Tier name -> compositor; the cuda tier registers here when it lands."""
+"""Tier name -> compositor."""
 
 
 # --------------------------------------------------------------------------------------------
