@@ -148,6 +148,16 @@ def select_tier(op: str, device: torch.device, requested: str | None = None) -> 
     return "reference"
 
 
+def native_op(tier: str, name: str, device: torch.device):
+    """``torch.ops.lift3d_<tier>.<name>``; for cuda, bound to the current stream of ``device``
+    (the .cu launchers take the stream as their last argument, DESIGN §3)."""
+    op = getattr(getattr(torch.ops, f"lift3d_{tier}"), name)
+    if tier != "cuda":
+        return op
+    stream = torch.cuda.current_stream(device).cuda_stream
+    return lambda *args: op(*args, stream)
+
+
 def live_tiers(op: str) -> dict[str, bool]:
     """Which tiers are live for ``op`` on this machine (for ``lift3d info``)."""
     return {tier: tier_available(tier, op, quiet=True) for tier in TIERS}

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from lift3d.kernels._backend import select_tier
+from lift3d.kernels._backend import native_op, select_tier
 
 logger = logging.getLogger(__name__)
 
@@ -286,77 +286,17 @@ def _check_native_inputs(tensors: dict[str, Tensor]) -> None:
             )
 
 
-class _RasterizeCpu(torch.autograd.Function):
-    """Autograd wrapper of ``torch.ops.lift3d_cpu.gaussian_rasterize_{forward,backward}``."""
+class _RasterizeNative(torch.autograd.Function):
+    """Autograd wrapper of ``torch.ops.lift3d_{cpu,cuda}.gaussian_rasterize_{forward,backward}``.
 
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx,
-        means2d: Tensor,
-        conics: Tensor,
-        colors: Tensor,
-        opacities: Tensor,
-        depths: Tensor,
-        radii: Tensor,
-        width: int,
-        height: int,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        inputs = [t.contiguous() for t in (means2d, conics, colors, opacities, depths)]
-        radii = radii.to(torch.int32).contiguous()
-        forward = torch.ops.lift3d_cpu.gaussian_rasterize_forward
-        rgb, alpha, depth, final_t, n_contrib, tile_offsets, tile_ids = forward(*inputs, radii, width, height)
-        ctx.save_for_backward(*inputs, final_t, n_contrib, tile_offsets, tile_ids)
-        ctx.width, ctx.height = width, height
-        return rgb, alpha, depth
-
-    @staticmethod
-    @once_differentiable
-    def backward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx, grad_rgb: Tensor, grad_alpha: Tensor, grad_depth: Tensor
-    ) -> tuple[Tensor | None, ...]:
-        saved = ctx.saved_tensors
-        grads = torch.ops.lift3d_cpu.gaussian_rasterize_backward(
-            *saved,
-            grad_rgb.contiguous().float(),
-            grad_alpha.contiguous().float(),
-            grad_depth.contiguous().float(),
-            ctx.width,
-            ctx.height,
-        )
-        return (*grads, None, None, None)
-
-
-def _rasterize_cpu(
-    means2d: Tensor,
-    conics: Tensor,
-    colors: Tensor,
-    opacities: Tensor,
-    depths: Tensor,
-    radii: Tensor,
-    width: int,
-    height: int,
-) -> tuple[Tensor, Tensor, Tensor]:
-    _check_native_inputs(
-        {"means2d": means2d, "conics": conics, "colors": colors, "opacities": opacities, "depths": depths}
-    )
-    return _RasterizeCpu.apply(means2d, conics, colors, opacities, depths, radii, width, height)
-
-
-# --------------------------------------------------------------------------------------------
-# cuda tier: cuda/gaussian_raster.cu (+ gaussian_raster_cuda.cpp), tile-sorted, atomic backward
-# --------------------------------------------------------------------------------------------
-
-
-class _RasterizeCuda(torch.autograd.Function):
-    """Autograd wrapper of ``torch.ops.lift3d_cuda.gaussian_rasterize_{forward,backward}``.
-
-    The gradients are summed with float atomics, so unlike the cpu tier's their last bits vary
+    The cuda tier sums gradients with float atomics, so unlike the cpu tier's their last bits vary
     from run to run.
     """
 
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx,
+        tier: str,
         means2d: Tensor,
         conics: Tensor,
         colors: Tensor,
@@ -368,13 +308,10 @@ class _RasterizeCuda(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor, Tensor]:
         inputs = [t.contiguous() for t in (means2d, conics, colors, opacities, depths)]
         radii = radii.to(torch.int32).contiguous()
-        stream = torch.cuda.current_stream(means2d.device).cuda_stream
-        forward = torch.ops.lift3d_cuda.gaussian_rasterize_forward
-        rgb, alpha, depth, final_t, n_contrib, tile_offsets, tile_ids = forward(
-            *inputs, radii, width, height, stream
-        )
+        forward = native_op(tier, "gaussian_rasterize_forward", means2d.device)
+        rgb, alpha, depth, final_t, n_contrib, tile_offsets, tile_ids = forward(*inputs, radii, width, height)
         ctx.save_for_backward(*inputs, final_t, n_contrib, tile_offsets, tile_ids)
-        ctx.width, ctx.height = width, height
+        ctx.tier, ctx.width, ctx.height = tier, width, height
         return rgb, alpha, depth
 
     @staticmethod
@@ -383,39 +320,44 @@ class _RasterizeCuda(torch.autograd.Function):
         ctx: torch.autograd.function.FunctionCtx, grad_rgb: Tensor, grad_alpha: Tensor, grad_depth: Tensor
     ) -> tuple[Tensor | None, ...]:
         saved = ctx.saved_tensors
-        grads = torch.ops.lift3d_cuda.gaussian_rasterize_backward(
+        backward = native_op(ctx.tier, "gaussian_rasterize_backward", saved[0].device)
+        grads = backward(
             *saved,
             grad_rgb.contiguous().float(),
             grad_alpha.contiguous().float(),
             grad_depth.contiguous().float(),
             ctx.width,
             ctx.height,
-            torch.cuda.current_stream(saved[0].device).cuda_stream,
         )
-        return (*grads, None, None, None)
+        return (None, *grads, None, None, None)
 
 
-def _rasterize_cuda(
-    means2d: Tensor,
-    conics: Tensor,
-    colors: Tensor,
-    opacities: Tensor,
-    depths: Tensor,
-    radii: Tensor,
-    width: int,
-    height: int,
-) -> tuple[Tensor, Tensor, Tensor]:
-    _check_native_inputs(
-        {"means2d": means2d, "conics": conics, "colors": colors, "opacities": opacities, "depths": depths}
-    )
-    return _RasterizeCuda.apply(means2d, conics, colors, opacities, depths, radii, width, height)
+def _native_rasterizer(tier: str) -> "_Rasterizer":
+    """The cpu (``cuda/gaussian_raster_cpu.cpp``) or cuda (``cuda/gaussian_raster.cu``) tier."""
+
+    def rasterize(
+        means2d: Tensor,
+        conics: Tensor,
+        colors: Tensor,
+        opacities: Tensor,
+        depths: Tensor,
+        radii: Tensor,
+        width: int,
+        height: int,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        _check_native_inputs(
+            {"means2d": means2d, "conics": conics, "colors": colors, "opacities": opacities, "depths": depths}
+        )
+        return _RasterizeNative.apply(tier, means2d, conics, colors, opacities, depths, radii, width, height)
+
+    return rasterize
 
 
 _Rasterizer = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, int, int], tuple[Tensor, Tensor, Tensor]]
 
 _TIERS: dict[str, _Rasterizer] = {
     "reference": _rasterize_reference,
-    "cpu": _rasterize_cpu,
-    "cuda": _rasterize_cuda,
+    "cpu": _native_rasterizer("cpu"),
+    "cuda": _native_rasterizer("cuda"),
 }
 """Tier name -> implementation."""
