@@ -126,7 +126,21 @@ def main(argv: list[str] | None = None) -> int:
         variants.append(("janus", ["teacher.camera_aware=false", "trainer.view_dependent_prompts=false"], True))
         variants.append(("janus-vd", ["teacher.camera_aware=false", "trainer.view_dependent_prompts=true"], True))
 
-    results = []
+    results: list[dict] = []
+    summary = {
+        "date": date.today().isoformat(),
+        "command": " ".join(["python", "benchmarks/guidance.py", *(argv if argv is not None else sys.argv[1:])]),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "prompts": prompts,
+        "results": results,
+    }
+    json_path = Path(args.json)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:
+        # Written after every run, so an interrupted benchmark keeps what it measured.
+        json_path.write_text(json.dumps(summary, indent=2) + "\n")
+
     sys.stdout.write(f"{'objective':10s} {'repr':9s} {'suite':9s} {'prompt':28s} {'psnr':>6s} {'chamfer':>8s} "
                      f"{'janus':>6s} {'sec':>7s}\n")
     with tempfile.TemporaryDirectory() as scratch:
@@ -141,7 +155,9 @@ def main(argv: list[str] | None = None) -> int:
                     # A mesh is exported (and scored) only where it is the point of the suite.
                     formats = "[obj]" if suite == "quality" else "[]"
                     overrides += [f"export.formats={formats}", "export.texture_size=64", *args.overrides]
-                    rows = []
+                    rows: list[dict] = []
+                    results.append({"objective": name, "representation": representation, "suite": suite,
+                                    "overrides": overrides, "rows": rows})
                     for prompt in prompts:
                         row = run_one(BASE_CONFIGS[representation], overrides, prompt, Path(scratch), janus)
                         rows.append(row)
@@ -151,11 +167,11 @@ def main(argv: list[str] | None = None) -> int:
                             f"{row.get('janus_rate', float('nan')):6.2f} {row['seconds']:7.1f}\n"
                         )
                         sys.stdout.flush()
-                    results.append({
-                        "objective": name, "representation": representation, "suite": suite, "overrides": overrides,
-                        "mean_psnr": _mean(rows, "eval/psnr"), "mean_chamfer": _mean(rows, "eval/chamfer"),
-                        "janus_rate": _mean(rows, "janus_rate"), "mean_seconds": _mean(rows, "seconds"), "rows": rows,
-                    })
+                        results[-1].update({
+                            "mean_psnr": _mean(rows, "eval/psnr"), "mean_chamfer": _mean(rows, "eval/chamfer"),
+                            "janus_rate": _mean(rows, "janus_rate"), "mean_seconds": _mean(rows, "seconds"),
+                        })
+                        save()
 
     sys.stdout.write("\nsummary (means over prompts)\n")
     sys.stdout.write(
@@ -177,15 +193,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{fmt(quality.get('mean_chamfer'), 8, 4)} {fmt(plain.get('janus_rate'), 6, 2)} "
                 f"{fmt(vd.get('janus_rate'), 8, 2)} {fmt(seconds, 7, 1)}\n"
             )
-    summary = {
-        "date": date.today().isoformat(),
-        "command": " ".join(["python", "benchmarks/guidance.py", *(argv if argv is not None else sys.argv[1:])]),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
-        "prompts": prompts,
-        "results": results,
-    }
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
+    save()
     return 0
 
 
