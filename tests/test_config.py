@@ -58,3 +58,11 @@ def test_resolved_config_round_trips(tmp_path):
     dump_config(config, tmp_path / "config.yaml")
     again = load_config(tmp_path / "config.yaml")
     assert again == config
+
+
+def test_float_overrides_accept_exponent_spellings_yaml_reads_as_strings():
+    # PyYAML (YAML 1.1) reads "1e-5" as a string; a float field must still take it.
+    config = load_config(QUICKSTART, ["guidance.type=vsd", "guidance.student_lr=1e-5"])
+    assert config.guidance.student_lr == 1e-5
+    with pytest.raises(ConfigError, match="student_lr: expected a number, got 'fast'"):
+        load_config(QUICKSTART, ["guidance.type=vsd", "guidance.student_lr=fast"])

@@ -50,8 +50,10 @@ AUTO_WEIGHT_DIVISOR = 50.0
 class BSDConfig(GuidanceBaseConfig):
     """Balanced score distillation (PlacidDreamer). ``guidance_scale`` is not used: kappa plays its part."""
 
-    variant: Literal["standard", "auto"] = "standard"
-    """``standard`` (train_step_BSD) or ``auto`` (train_step_BSD_auto, the README's --auto_BSD)."""
+    variant: Literal["standard", "auto"] = "auto"
+    """``auto`` (train_step_BSD_auto, the README's --auto_BSD) or ``standard`` (train_step_BSD). auto is the
+    default: standard's smoothing term eps(x_t; 0) has no "- eps" and a nonzero mean, which leaves a bias
+    (20 dB on the quickstart against 38 dB for auto, docs/benchmarks.md)."""
     classifier_scale: float = 15.0
     """kappa on the classifier term of the standard variant (hard-coded 15 in PlacidDreamer; sets saturation)."""
     weighting: ExtendedWeighting = "sqrt_abar"

@@ -48,8 +48,9 @@ NORMALIZE_EPSILON = 1e-8
 class CSDConfig(GuidanceBaseConfig):
     """Classifier score distillation. ``guidance_scale`` is not used: the coefficients say it all."""
 
-    weighting: ExtendedWeighting = "sds"
-    """w(t): sds = 1 - abar_t (csd-sd-refine.yaml); csd-if.yaml uses uniform."""
+    weighting: ExtendedWeighting = "uniform"
+    """w(t): uniform as csd-if.yaml, CSD's main preset (measured on the quickstart: 28 dB where sds = 1 - abar_t,
+    csd-sd-refine.yaml's choice, gives 25 dB); configs/csd.yaml (SD refinement) sets sds."""
     cond_coefficient: Schedule = field(default_factory=lambda: Schedule(1.0))
     """a_c on eps(x_t; y) (a number or a schedule)."""
     uncond_coefficient: Schedule = field(default_factory=lambda: Schedule(-1.0))

@@ -130,13 +130,15 @@ class MixturePayload:
     """[B, K] log mixture weights; ``-inf`` for components excluded for that sample."""
     component_names: tuple[str, ...]
     """K names, e.g. ``red-sphere`` or ``red-sphere@az180`` (same layout for every sample)."""
+    sigma: float
+    """Standard deviation of every component, in x0 units."""
 
     @property
     def num_components(self) -> int:
         return self.means.shape[1]
 
     def to(self, device: torch.device | str) -> "MixturePayload":
-        return MixturePayload(self.means.to(device), self.log_weights.to(device), self.component_names)
+        return MixturePayload(self.means.to(device), self.log_weights.to(device), self.component_names, self.sigma)
 
 
 # -------------------------------------------------------------------------------- config
@@ -169,6 +171,11 @@ class AnalyticTeacherConfig:
         "a gray cone on a white cylinder",
     )
     """Scenes of the unconditional branch, an equal-weight mixture (covers every shape and colour)."""
+    unconditional_sigma: float = 1.0
+    """Standard deviation of each unconditional component (1: broad over the whole [0, 1] image range).
+    Broader than ``sigma_data``, as p(x) of a real
+    text-to-image model is broader than any p(x | y): the implicit classifier eps(y) - eps(0) then pulls
+    towards the prompt's scene instead of pushing without bound away from the others (CSD, CSM, BSD)."""
     front_threshold_deg: float = 45.0
     """Views with |azimuth| below this are labelled front."""
     back_threshold_deg: float = 45.0
@@ -194,6 +201,8 @@ class AnalyticTeacherConfig:
             )
         if self.sigma_data <= 0:
             raise ValueError(f"teacher.sigma_data must be positive, got {self.sigma_data}")
+        if self.unconditional_sigma <= 0:
+            raise ValueError(f"teacher.unconditional_sigma must be positive, got {self.unconditional_sigma}")
         if self.supersample < 1:
             raise ValueError(f"teacher.supersample must be >= 1, got {self.supersample}")
         if not self.canonical_azimuths_deg:
@@ -346,29 +355,32 @@ class AnalyticTeacher(Teacher):
         labels = cameras.view_labels(cfg.front_threshold_deg, cfg.back_threshold_deg, cfg.overhead_threshold_deg)
         reference = cameras.with_resolution(cfg.resolution, cfg.resolution)
         narrow_to = labels if view_dependent else None
-        cond = self._mixture((prompt_state.scene,), reference, narrow_to)
+        cond = self._mixture((prompt_state.scene,), reference, narrow_to, cfg.sigma_data)
         negative = prompt_state.negative_scene
-        uncond_scenes = (negative,) if negative is not None else self.unconditional_scenes
+        # A negative prompt is a text condition like the prompt (sigma_data); the empty prompt is broad.
+        if negative is not None:
+            uncond_scenes, uncond_sigma = (negative,), cfg.sigma_data
+        else:
+            uncond_scenes, uncond_sigma = self.unconditional_scenes, cfg.unconditional_sigma
         # The unconditional mixture is most of the cost; skip it when CFG will not use it.
-        uncond = self._mixture(uncond_scenes, reference, None) if with_unconditional else None
+        uncond = self._mixture(uncond_scenes, reference, None, uncond_sigma) if with_unconditional else None
         return Conditioning(cond=cond, uncond=uncond, view_labels=labels)
 
     def predict_noise(self, x_t: Tensor, t: Tensor, conditioning: Conditioning) -> NoisePrediction:
         """The exact eps of both branches, each [B, C, h, w]."""
         alpha, sigma = self._alpha_sigma(t, x_t)
-        cfg = self.config
         cond, uncond = conditioning.cond, conditioning.uncond
         return NoisePrediction(
-            cond=mixture_eps(x_t, alpha, sigma, cond.means, cond.log_weights, cfg.sigma_data),
+            cond=mixture_eps(x_t, alpha, sigma, cond.means, cond.log_weights, cond.sigma),
             uncond=None
             if uncond is None
-            else mixture_eps(x_t, alpha, sigma, uncond.means, uncond.log_weights, cfg.sigma_data),
+            else mixture_eps(x_t, alpha, sigma, uncond.means, uncond.log_weights, uncond.sigma),
         )
 
     def posterior_mean(self, x_t: Tensor, t: Tensor, payload: MixturePayload) -> Tensor:
         """Exact E[x0 | x_t] [B, C, h, w] under one branch's mixture."""
         alpha, sigma = self._alpha_sigma(t, x_t)
-        return mixture_posterior_mean(x_t, alpha, sigma, payload.means, payload.log_weights, self.config.sigma_data)
+        return mixture_posterior_mean(x_t, alpha, sigma, payload.means, payload.log_weights, payload.sigma)
 
     # ------------------------------------------------------------------ ground truth
 
@@ -426,13 +438,15 @@ class AnalyticTeacher(Teacher):
             rows.append(keep)
         return torch.stack(rows).to(device)
 
-    def _mixture(self, scenes: tuple[Scene, ...], cameras: Cameras, narrow_to: list[str] | None) -> MixturePayload:
+    def _mixture(
+        self, scenes: tuple[Scene, ...], cameras: Cameras, narrow_to: list[str] | None, sigma: float
+    ) -> MixturePayload:
         """Equal-weight mixture over ``scenes``, each at the true camera or at the canonical azimuths."""
         B, device = len(cameras), self.background.device
         if self.config.camera_aware:
             means = torch.stack([self.reference_images(scene, cameras) for scene in scenes], dim=1)
             log_weights = torch.full((B, len(scenes)), -math.log(len(scenes)), device=device)
-            return MixturePayload(means, log_weights, tuple(scene.slug for scene in scenes))
+            return MixturePayload(means, log_weights, tuple(scene.slug for scene in scenes), sigma)
 
         azimuths = self.config.canonical_azimuths_deg
         A = len(azimuths)
@@ -454,7 +468,7 @@ class AnalyticTeacher(Teacher):
         per_sample = torch.log(allowed.sum(dim=1, keepdim=True).double() * len(scenes)).float()
         log_weights = torch.where(allowed, -per_sample, -math.inf).repeat(1, len(scenes))
         names = tuple(f"{scene.slug}@az{azimuth:g}" for scene in scenes for azimuth in azimuths)
-        return MixturePayload(means, log_weights, names)
+        return MixturePayload(means, log_weights, names, sigma)
 
 
 # ------------------------------------------------------------------------------- student
@@ -472,8 +486,12 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tens
 class AnalyticStudent(nn.Module):
     """The teacher's conditional eps plus a small conv residual, zero at initialisation.
 
-    The residual sees x_t, the timestep and (optionally) a camera embedding [B, D]; a missing
-    camera is the zero embedding (threestudio's "cam = 0" branch), so camera dropout works.
+    The residual sees x_t, the teacher's own posterior mean E[x0 | x_t] (its "features", which a
+    LoRA adapts inside a real UNet), the timestep and (optionally) a camera embedding [B, D]; a
+    missing camera is the zero embedding (threestudio's "cam = 0" branch), so camera dropout works.
+    Without the posterior mean the residual could not place anything in the image at high noise
+    (x_t is then nearly pure noise and a 3x3 conv stack has no notion of position), so VSD's
+    gradient, teacher minus student, stayed near zero (11.9 dB on the quickstart).
     """
 
     def __init__(
@@ -484,7 +502,7 @@ class AnalyticStudent(nn.Module):
         self.sigma_data = sigma_data
         self.camera_dim = camera_dim
         self.time_embedding_dim = hidden_channels
-        self.conv_in = nn.Conv2d(channels, hidden_channels, 3, padding=1)
+        self.conv_in = nn.Conv2d(2 * channels, hidden_channels, 3, padding=1)  # [x_t, E[x0 | x_t]]
         self.time_projection = nn.Sequential(
             nn.Linear(hidden_channels, hidden_channels), nn.SiLU(), nn.Linear(hidden_channels, hidden_channels)
         )
@@ -500,7 +518,7 @@ class AnalyticStudent(nn.Module):
         """The teacher's conditional eps [B, C, h, w] (no trainable part)."""
         abar = self.alphas_cumprod.to(x_t.device)[t.long()].to(torch.float64)
         payload = conditioning.cond
-        return mixture_eps(x_t, abar.sqrt(), (1.0 - abar).sqrt(), payload.means, payload.log_weights, self.sigma_data)
+        return mixture_eps(x_t, abar.sqrt(), (1.0 - abar).sqrt(), payload.means, payload.log_weights, payload.sigma)
 
     def forward(self, x_t: Tensor, t: Tensor, conditioning: Conditioning, camera: Tensor | None = None) -> Tensor:
         """eps [B, C, h, w] for noisy x_t [B, C, h, w], integer timesteps t [B], camera embedding [B, D] or None."""
@@ -509,6 +527,11 @@ class AnalyticStudent(nn.Module):
             if camera.shape != (x_t.shape[0], self.camera_dim):
                 raise ValueError(f"camera embedding must be [B, {self.camera_dim}], got {tuple(camera.shape)}")
             embedding = embedding + self.camera_projection(camera.to(x_t.dtype))
-        hidden = F.silu(self.conv_in(x_t) + embedding[:, :, None, None])
+        abar = self.alphas_cumprod.to(x_t.device)[t.long()].to(torch.float64)
+        payload = conditioning.cond
+        x0_teacher = mixture_posterior_mean(
+            x_t, abar.sqrt(), (1.0 - abar).sqrt(), payload.means, payload.log_weights, payload.sigma
+        ).to(x_t.dtype)
+        hidden = F.silu(self.conv_in(torch.cat([x_t, x0_teacher], dim=1)) + embedding[:, :, None, None])
         hidden = F.silu(self.conv_mid(hidden))
         return self.analytic_eps(x_t, t, conditioning) + self.conv_out(hidden)

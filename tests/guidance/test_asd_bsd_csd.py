@@ -86,7 +86,7 @@ def test_asd_expected_gradient_points_to_the_conditional_mean():
 
 def test_bsd_standard_gradient_matches_hand_computation():
     teacher = make_teacher()
-    guidance = BSDGuidance(BSDConfig(classifier_scale=15.0), teacher)
+    guidance = BSDGuidance(BSDConfig(variant="standard", classifier_scale=15.0), teacher)
     assert guidance.needs_unconditional
     rgb, out = _grad(guidance, teacher)
     torch.manual_seed(1)
@@ -146,7 +146,7 @@ def test_equal_terms_do_not_give_nan():
     # and through the objective: a teacher whose conditional equals its unconditional, kappa = 0
     teacher = make_teacher()
     teacher.mu_uncond = teacher.mu_cond.clone()
-    rgb, out = _grad(BSDGuidance(BSDConfig(classifier_scale=0.0), teacher), teacher)
+    rgb, out = _grad(BSDGuidance(BSDConfig(variant="standard", classifier_scale=0.0), teacher), teacher)
     assert torch.isfinite(rgb.grad).all() and out.logs["guidance/nonfinite"] == 0.0
 
 
@@ -155,7 +155,7 @@ def test_equal_terms_do_not_give_nan():
 
 def test_csd_gradient_matches_hand_computation():
     teacher = make_teacher()
-    config = CSDConfig(cond_coefficient=Schedule(2.0), uncond_coefficient=Schedule(-1.5),
+    config = CSDConfig(weighting="sds", cond_coefficient=Schedule(2.0), uncond_coefficient=Schedule(-1.5),
                        noise_coefficient=Schedule(0.25))
     guidance = CSDGuidance(config, teacher)
     rgb, _ = _grad(guidance, teacher)
@@ -173,7 +173,7 @@ def test_csd_gradient_matches_hand_computation():
 def test_csd_coefficients_s_one_minus_s_minus_one_reproduce_sds(scale):
     """guidance.md §14.10."""
     teacher = make_teacher()
-    config = CSDConfig(cond_coefficient=Schedule(scale), uncond_coefficient=Schedule(1.0 - scale),
+    config = CSDConfig(weighting="sds", cond_coefficient=Schedule(scale), uncond_coefficient=Schedule(1.0 - scale),
                        noise_coefficient=Schedule(-1.0))
     rgb_csd, _ = _grad(CSDGuidance(config, teacher), teacher)
     rgb_sds, _ = _grad(SDSGuidance(SDSConfig(guidance_scale=scale), teacher), teacher)

@@ -133,6 +133,7 @@ def test_sds_gaussian_prior_oracle():
         conditioning.cond.means.repeat(2 * samples, 1, 1, 1, 1),
         conditioning.cond.log_weights.repeat(2 * samples, 1),
         conditioning.cond.component_names,
+        conditioning.cond.sigma,
     )
     eps_hat = mixture_eps(x_t, *_alpha_sigma(teacher, t.repeat(2 * samples)), repeated.means, repeated.log_weights, 0.1)
     mean_residual = (eps_hat - noise.flatten(0, 1)).view(2 * samples, *x0.shape).mean(0)
@@ -237,6 +238,46 @@ def test_negative_prompt_replaces_the_unconditional_set():
         teacher.encode_prompt(PROMPT, negative_prompt="ugly")
     with pytest.raises(ValueError, match="'photo'"):
         teacher.encode_prompt("a photo of a red sphere")
+    # A negative prompt is a text condition (sigma_data); the empty prompt's mixture is broad.
+    assert conditioning.uncond.sigma == teacher.config.sigma_data
+    plain = teacher.condition(teacher.encode_prompt(PROMPT), cameras)
+    assert plain.cond.sigma == teacher.config.sigma_data
+    assert plain.uncond.sigma == teacher.config.unconditional_sigma > teacher.config.sigma_data
+
+
+def test_broad_unconditional_gives_the_classifier_a_restoring_pull():
+    """With sigma_u > sigma_data the implicit classifier eps(y) - eps(0), averaged over the noise,
+    points back at the prompt's scene from either side of it; with sigma_u = sigma_data it pushes
+    the same way on both sides (away from the other scenes), so it has no fixed point at the scene."""
+    cameras = _cameras([10.0], size=8)
+    t = torch.full((1,), 100)
+    noise = torch.randn(1024, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    noise = torch.cat([noise, -noise])
+
+    def mean_classifier(teacher: AnalyticTeacher, x0: torch.Tensor) -> torch.Tensor:
+        state = teacher.encode_prompt("a red sphere")
+        conditioning = teacher.condition(state, cameras)
+        x_t = teacher.add_noise(x0.expand_as(noise), noise, t.expand(len(noise)))
+        big = type(conditioning)(
+            cond=conditioning.cond.__class__(conditioning.cond.means.expand(len(noise), -1, -1, -1, -1),
+                                             conditioning.cond.log_weights.expand(len(noise), -1),
+                                             conditioning.cond.component_names, conditioning.cond.sigma),
+            uncond=conditioning.uncond.__class__(conditioning.uncond.means.expand(len(noise), -1, -1, -1, -1),
+                                                 conditioning.uncond.log_weights.expand(len(noise), -1),
+                                                 conditioning.uncond.component_names, conditioning.uncond.sigma),
+            view_labels=None,
+        )
+        prediction = teacher.predict_noise(x_t, t.expand(len(noise)), big)
+        return (prediction.cond - prediction.uncond).mean(0)
+
+    for sigma_u, restoring in ((1.0, True), (0.1, False)):
+        teacher = _teacher(unconditional_sigma=sigma_u)
+        scene = teacher.condition(teacher.encode_prompt("a red sphere"), cameras).cond.means[:, 0]
+        # eps points away from the data: a descent step x -= grad moves x against it.
+        above = mean_classifier(teacher, scene + 0.05)
+        below = mean_classifier(teacher, scene - 0.05)
+        towards_scene = (above.mean() > 0) and (below.mean() < 0)
+        assert bool(towards_scene) == restoring, sigma_u
 
 
 def test_encode_images_resizes_by_area_exactly_like_the_supersampled_reference():
@@ -271,6 +312,8 @@ def test_config_validation():
         AnalyticTeacher(AnalyticTeacherConfig(resolution=36, latent=True))
     with pytest.raises(ValueError, match="sigma_data"):
         AnalyticTeacher(AnalyticTeacherConfig(sigma_data=0.0))
+    with pytest.raises(ValueError, match="unconditional_sigma"):
+        AnalyticTeacher(AnalyticTeacherConfig(unconditional_sigma=-1.0))
     with pytest.raises(ValueError, match="'unicorn'"):
         AnalyticTeacher(AnalyticTeacherConfig(unconditional_prompts=("a pink unicorn",)))
 
@@ -354,3 +397,38 @@ def test_student_starts_at_the_teacher_and_trains():
     assert not torch.equal(student(x_t, t, conditioning, camera=camera), expected)
     with pytest.raises(ValueError, match="camera embedding"):
         student(x_t, t, conditioning, camera=torch.zeros(2, 3))
+
+
+def test_student_learns_a_render_unlike_the_teacher_at_high_noise():
+    """VSD needs the student to model renders that differ from the teacher's scene where x_t is
+    almost pure noise; the residual sees the teacher's posterior mean, so it can place structure."""
+    torch.manual_seed(0)
+    teacher = _teacher()
+    cameras = _cameras([30.0], size=16)
+    conditioning = teacher.condition(teacher.encode_prompt(PROMPT), cameras, with_unconditional=False)
+    render = conditioning.cond.means[:, 0].flip(-1)  # a mirrored scene: "the current particle"
+    student = teacher.make_student()
+    optimizer = torch.optim.Adam(student.parameters(), lr=3e-3)
+    t = torch.full((64,), 900)
+    cond = type(conditioning)(
+        cond=conditioning.cond.__class__(conditioning.cond.means.expand(64, -1, -1, -1, -1),
+                                         conditioning.cond.log_weights.expand(64, -1),
+                                         conditioning.cond.component_names, conditioning.cond.sigma),
+        uncond=None, view_labels=None,
+    )
+
+    def denoising_loss() -> torch.Tensor:
+        noise = torch.randn(64, *render.shape[1:])
+        x_t = teacher.add_noise(render.expand(64, -1, -1, -1), noise, t)
+        return (student(x_t, t, cond) - noise).square().mean()
+
+    with torch.no_grad():
+        before = torch.stack([denoising_loss() for _ in range(8)]).mean()
+    for _ in range(150):
+        optimizer.zero_grad()
+        denoising_loss().backward()
+        optimizer.step()
+    with torch.no_grad():
+        after = torch.stack([denoising_loss() for _ in range(8)]).mean()
+    # The teacher's own eps is biased towards the unmirrored scene; the student removes most of that bias.
+    assert after < before - 0.5 * (before - 1.0), (float(before), float(after))
