@@ -16,6 +16,7 @@ Two suites, both on the analytic teacher:
     python benchmarks/guidance.py --objectives asd --representations nerf --steps 400 -- guidance.plus_ratio=0.2
 
 Prints a table and writes JSON (default ``benchmarks/results/guidance.json``).
+``--report A.json [B.json ...]`` renders saved results as Markdown tables (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -93,7 +94,40 @@ def _mean(rows: list[dict], key: str) -> float | None:
     return round(statistics.mean(values), 4) if values else None
 
 
+def _cell(value: float | None, digits: int) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def markdown_report(paths: list[Path]) -> str:
+    """Markdown tables of saved benchmark JSON files: one row per (objective, representation, suite)."""
+    blocks = []
+    for path in paths:
+        data = json.loads(path.read_text())
+        lines = [
+            f"**{path.name}** — {data['date']}, `{data['command']}`, {data['machine']}; "
+            f"prompts: {'; '.join(data['prompts'])}",
+            "",
+            "| objective | representation | suite | mean PSNR (dB) | min PSNR | mean Chamfer | Janus rate | mean s/run |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for entry in data["results"]:
+            psnrs = [row["eval/psnr"] for row in entry["rows"] if "eval/psnr" in row]
+            lines.append(
+                f"| {entry['objective']} | {entry['representation']} | {entry['suite']} "
+                f"| {_cell(entry.get('mean_psnr'), 2)} | {_cell(min(psnrs) if psnrs else None, 2)} "
+                f"| {_cell(entry.get('mean_chamfer'), 4)} | {_cell(entry.get('janus_rate'), 2)} "
+                f"| {_cell(entry.get('mean_seconds'), 0)} |"
+            )
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv and argv[0] == "--report":
+        sys.stdout.write(markdown_report([Path(p) for p in argv[1:]]))
+        return 0
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--objectives", default="", help="comma list (default: every registered guidance)")
     parser.add_argument("--representations", default="gaussians,nerf", help="comma list of gaussians, nerf")
@@ -129,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     results: list[dict] = []
     summary = {
         "date": date.today().isoformat(),
-        "command": " ".join(["python", "benchmarks/guidance.py", *(argv if argv is not None else sys.argv[1:])]),
+        "command": " ".join(["python", "benchmarks/guidance.py", *argv]),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
         "prompts": prompts,
         "results": results,

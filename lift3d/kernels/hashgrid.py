@@ -42,7 +42,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from lift3d.kernels._backend import select_tier
+from lift3d.kernels._backend import native_op, select_tier
 
 logger = logging.getLogger(__name__)
 
@@ -247,74 +247,16 @@ def _encode_reference(positions: Tensor, table: Tensor, config: HashGridConfig, 
 
 
 # --------------------------------------------------------------------------------------------
-# cpu tier: C++/OpenMP (cuda/hashgrid_cpu.cpp), hand-written backward, deterministic
+# native tiers: cpu (cuda/hashgrid_cpu.cpp, C++/OpenMP) and cuda (cuda/hashgrid.cu), one wrapper
 # --------------------------------------------------------------------------------------------
 
 
-class _HashGridCpu(torch.autograd.Function):
-    """Autograd wrapper of ``torch.ops.lift3d_cpu.hashgrid_{forward,backward}``."""
+class _HashGridNative(torch.autograd.Function):
+    """Autograd wrapper of ``torch.ops.lift3d_<tier>.hashgrid_{forward,backward}`` (hand-written backward).
 
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx,
-        positions: Tensor,
-        table: Tensor,
-        config: HashGridConfig,
-        active_levels: int,
-    ) -> Tensor:
-        positions, table = positions.contiguous(), table.contiguous()
-        levels = _levels(config)
-        features = torch.ops.lift3d_cpu.hashgrid_forward(
-            positions, table, levels.scales, levels.resolutions, levels.offsets, levels.hashed, active_levels
-        )
-        ctx.save_for_backward(positions, table)
-        ctx.levels, ctx.active_levels = levels, active_levels
-        return features
-
-    @staticmethod
-    @once_differentiable
-    def backward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx, grad_features: Tensor
-    ) -> tuple[Tensor | None, ...]:
-        positions, table = ctx.saved_tensors
-        levels = ctx.levels
-        need_positions, need_table = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_table, grad_positions = torch.ops.lift3d_cpu.hashgrid_backward(
-            grad_features.contiguous().float(),
-            positions,
-            table,
-            levels.scales,
-            levels.resolutions,
-            levels.offsets,
-            levels.hashed,
-            ctx.active_levels,
-            need_table,
-            need_positions,
-        )
-        return (
-            grad_positions if need_positions else None,
-            grad_table if need_table else None,
-            None,
-            None,
-        )
-
-
-def _encode_cpu(positions: Tensor, table: Tensor, config: HashGridConfig, active_levels: int) -> Tensor:
-    if positions.dtype != torch.float32:
-        raise TypeError(f"the native hash grid needs float32 positions and table, got {positions.dtype}")
-    return _HashGridCpu.apply(positions, table, config, active_levels)
-
-
-# --------------------------------------------------------------------------------------------
-# cuda tier: cuda/hashgrid.cu (+ hashgrid_cuda.cpp), hand-written backward
-# --------------------------------------------------------------------------------------------
-
-
-class _HashGridCuda(torch.autograd.Function):
-    """Autograd wrapper of ``torch.ops.lift3d_cuda.hashgrid_{forward,backward}``.
-
-    The table gradient is scattered with float atomics, so unlike the cpu tier's its last bits
-    vary from run to run; the position gradient is deterministic.
+    The cpu tier's table gradient is summed in a fixed order (bit-identical for any thread count);
+    the cuda tier scatters it with float atomics, so its last bits vary from run to run. The
+    position gradient is deterministic in both.
     """
 
     @staticmethod
@@ -324,21 +266,16 @@ class _HashGridCuda(torch.autograd.Function):
         table: Tensor,
         config: HashGridConfig,
         active_levels: int,
+        tier: str,
     ) -> Tensor:
         positions, table = positions.contiguous(), table.contiguous()
         levels = _levels(config)
-        features = torch.ops.lift3d_cuda.hashgrid_forward(
-            positions,
-            table,
-            levels.scales,
-            levels.resolutions,
-            levels.offsets,
-            levels.hashed,
-            active_levels,
-            torch.cuda.current_stream(positions.device).cuda_stream,
+        forward_op = native_op(tier, "hashgrid_forward", positions.device)
+        features = forward_op(
+            positions, table, levels.scales, levels.resolutions, levels.offsets, levels.hashed, active_levels
         )
         ctx.save_for_backward(positions, table)
-        ctx.levels, ctx.active_levels = levels, active_levels
+        ctx.levels, ctx.active_levels, ctx.tier = levels, active_levels, tier
         return features
 
     @staticmethod
@@ -349,7 +286,8 @@ class _HashGridCuda(torch.autograd.Function):
         positions, table = ctx.saved_tensors
         levels = ctx.levels
         need_positions, need_table = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_table, grad_positions = torch.ops.lift3d_cuda.hashgrid_backward(
+        backward_op = native_op(ctx.tier, "hashgrid_backward", positions.device)
+        grad_table, grad_positions = backward_op(
             grad_features.contiguous().float(),
             positions,
             table,
@@ -360,28 +298,31 @@ class _HashGridCuda(torch.autograd.Function):
             ctx.active_levels,
             need_table,
             need_positions,
-            torch.cuda.current_stream(positions.device).cuda_stream,
         )
         return (
             grad_positions if need_positions else None,
             grad_table if need_table else None,
             None,
             None,
+            None,
         )
 
 
-def _encode_cuda(positions: Tensor, table: Tensor, config: HashGridConfig, active_levels: int) -> Tensor:
-    if positions.dtype != torch.float32:
-        raise TypeError(f"the native hash grid needs float32 positions and table, got {positions.dtype}")
-    return _HashGridCuda.apply(positions, table, config, active_levels)
+def _native_encoder(tier: str) -> "_Encoder":
+    def encode(positions: Tensor, table: Tensor, config: HashGridConfig, active_levels: int) -> Tensor:
+        if positions.dtype != torch.float32:
+            raise TypeError(f"the native hash grid needs float32 positions and table, got {positions.dtype}")
+        return _HashGridNative.apply(positions, table, config, active_levels, tier)
+
+    return encode
 
 
 _Encoder = Callable[[Tensor, Tensor, HashGridConfig, int], Tensor]
 
 _TIERS: dict[str, _Encoder] = {
     "reference": _encode_reference,
-    "cpu": _encode_cpu,
-    "cuda": _encode_cuda,
+    "cpu": _native_encoder("cpu"),
+    "cuda": _native_encoder("cuda"),
 }
 """Tier name -> implementation."""
 

@@ -49,7 +49,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from lift3d.kernels._backend import forced_tier, select_tier
+from lift3d.kernels._backend import forced_tier, native_op, select_tier
 
 logger = logging.getLogger(__name__)
 
@@ -409,58 +409,24 @@ def _march_reference(
     return RaySamples(torch.cat(ray_indices), torch.cat(t_starts), torch.cat(t_ends))
 
 
-def _march_cpu(
-    origins: Tensor,
-    dirs: Tensor,
-    t_min: Tensor,
-    t_max: Tensor,
-    aabb: Tensor,
-    occupancy: Tensor,
-    resolution: int,
-    step_size: float,
-    jitter: Tensor | None,
-    max_samples: int,
-) -> RaySamples:
-    ray_indices, t_starts, t_ends = torch.ops.lift3d_cpu.march_rays(
-        origins, dirs, t_min, t_max, aabb, occupancy, resolution, step_size, jitter, max_samples
-    )
-    return RaySamples(ray_indices, t_starts, t_ends)
+def _native_marcher(tier: str) -> "_Marcher":
+    def march(origins: Tensor, dirs: Tensor, t_min: Tensor, t_max: Tensor, aabb: Tensor, occupancy: Tensor,
+              resolution: int, step_size: float, jitter: Tensor | None, max_samples: int) -> RaySamples:
+        march_op = native_op(tier, "march_rays", origins.device)
+        ray_indices, t_starts, t_ends = march_op(
+            origins, dirs, t_min, t_max, aabb, occupancy, resolution, step_size, jitter, max_samples
+        )
+        return RaySamples(ray_indices, t_starts, t_ends)
 
-
-def _march_cuda(
-    origins: Tensor,
-    dirs: Tensor,
-    t_min: Tensor,
-    t_max: Tensor,
-    aabb: Tensor,
-    occupancy: Tensor,
-    resolution: int,
-    step_size: float,
-    jitter: Tensor | None,
-    max_samples: int,
-) -> RaySamples:
-    ray_indices, t_starts, t_ends = torch.ops.lift3d_cuda.march_rays(
-        origins,
-        dirs,
-        t_min,
-        t_max,
-        aabb,
-        occupancy,
-        resolution,
-        step_size,
-        jitter,
-        max_samples,
-        torch.cuda.current_stream(origins.device).cuda_stream,
-    )
-    return RaySamples(ray_indices, t_starts, t_ends)
+    return march
 
 
 _Marcher = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, int, float, Tensor | None, int], RaySamples]
 
 _MARCH_TIERS: dict[str, _Marcher] = {
     "reference": _march_reference,
-    "cpu": _march_cpu,
-    "cuda": _march_cuda,
+    "cpu": _native_marcher("cpu"),
+    "cuda": _native_marcher("cuda"),
 }
 """Tier name -> marcher."""
 
@@ -573,8 +539,8 @@ def _composite_reference(
     )
 
 
-class _CompositeCpu(torch.autograd.Function):
-    """Autograd wrapper of ``torch.ops.lift3d_cpu.composite_{forward,backward}``."""
+class _CompositeNative(torch.autograd.Function):
+    """Autograd wrapper of ``torch.ops.lift3d_<tier>.composite_{forward,backward}`` (cuda: one thread per ray)."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -586,13 +552,15 @@ class _CompositeCpu(torch.autograd.Function):
         ray_indices: Tensor,
         num_rays: int,
         threshold: float,
+        tier: str,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         inputs = [t.contiguous() for t in (sigmas, values, t_starts, t_ends)]
-        weights, accumulated, opacity, depth, offsets = torch.ops.lift3d_cpu.composite_forward(
+        forward_op = native_op(tier, "composite_forward", sigmas.device)
+        weights, accumulated, opacity, depth, offsets = forward_op(
             *inputs, ray_indices.contiguous(), num_rays, threshold
         )
         ctx.save_for_backward(*inputs, offsets)
-        ctx.threshold = threshold
+        ctx.threshold, ctx.tier = threshold, tier
         return weights, accumulated, opacity, depth
 
     @staticmethod
@@ -604,7 +572,8 @@ class _CompositeCpu(torch.autograd.Function):
         grad_depth: Tensor,
     ) -> tuple[Tensor | None, ...]:
         sigmas, values, t_starts, t_ends, offsets = ctx.saved_tensors
-        grad_sigmas, grad_values = torch.ops.lift3d_cpu.composite_backward(
+        backward_op = native_op(ctx.tier, "composite_backward", sigmas.device)
+        grad_sigmas, grad_values = backward_op(
             sigmas,
             values,
             t_starts,
@@ -616,98 +585,29 @@ class _CompositeCpu(torch.autograd.Function):
             grad_depth.contiguous().float(),
             ctx.threshold,
         )
-        return grad_sigmas, grad_values, None, None, None, None, None
+        return grad_sigmas, grad_values, None, None, None, None, None, None
 
 
-def _composite_cpu(
-    sigmas: Tensor,
-    values: Tensor,
-    t_starts: Tensor,
-    t_ends: Tensor,
-    ray_indices: Tensor,
-    num_rays: int,
-    threshold: float,
-) -> Composite:
-    for name, tensor in (("sigmas", sigmas), ("values", values)):
-        if tensor.dtype != torch.float32:
-            raise TypeError(f"the native compositor needs float32 {name}, got {tensor.dtype}")
-    weights, accumulated, opacity, depth = _CompositeCpu.apply(
-        sigmas, values, t_starts.detach().float(), t_ends.detach().float(), ray_indices, num_rays, threshold
-    )
-    return Composite(weights=weights, accumulated=accumulated, opacity=opacity, depth=depth)
-
-
-class _CompositeCuda(torch.autograd.Function):
-    """Autograd wrapper of ``torch.ops.lift3d_cuda.composite_{forward,backward}`` (one thread per ray)."""
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx,
-        sigmas: Tensor,
-        values: Tensor,
-        t_starts: Tensor,
-        t_ends: Tensor,
-        ray_indices: Tensor,
-        num_rays: int,
-        threshold: float,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        inputs = [t.contiguous() for t in (sigmas, values, t_starts, t_ends)]
-        weights, accumulated, opacity, depth, offsets = torch.ops.lift3d_cuda.composite_forward(
-            *inputs, ray_indices.contiguous(), num_rays, threshold, torch.cuda.current_stream(sigmas.device).cuda_stream
+def _native_compositor(tier: str) -> "_Compositor":
+    def composite(sigmas: Tensor, values: Tensor, t_starts: Tensor, t_ends: Tensor, ray_indices: Tensor,
+                  num_rays: int, threshold: float) -> Composite:
+        for name, tensor in (("sigmas", sigmas), ("values", values)):
+            if tensor.dtype != torch.float32:
+                raise TypeError(f"the native compositor needs float32 {name}, got {tensor.dtype}")
+        weights, accumulated, opacity, depth = _CompositeNative.apply(
+            sigmas, values, t_starts.detach().float(), t_ends.detach().float(), ray_indices, num_rays, threshold, tier
         )
-        ctx.save_for_backward(*inputs, offsets)
-        ctx.threshold = threshold
-        return weights, accumulated, opacity, depth
+        return Composite(weights=weights, accumulated=accumulated, opacity=opacity, depth=depth)
 
-    @staticmethod
-    def backward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx,
-        grad_weights: Tensor,
-        grad_accumulated: Tensor,
-        grad_opacity: Tensor,
-        grad_depth: Tensor,
-    ) -> tuple[Tensor | None, ...]:
-        sigmas, values, t_starts, t_ends, offsets = ctx.saved_tensors
-        grad_sigmas, grad_values = torch.ops.lift3d_cuda.composite_backward(
-            sigmas,
-            values,
-            t_starts,
-            t_ends,
-            offsets,
-            grad_weights.contiguous().float(),
-            grad_accumulated.contiguous().float(),
-            grad_opacity.contiguous().float(),
-            grad_depth.contiguous().float(),
-            ctx.threshold,
-            torch.cuda.current_stream(sigmas.device).cuda_stream,
-        )
-        return grad_sigmas, grad_values, None, None, None, None, None
-
-
-def _composite_cuda(
-    sigmas: Tensor,
-    values: Tensor,
-    t_starts: Tensor,
-    t_ends: Tensor,
-    ray_indices: Tensor,
-    num_rays: int,
-    threshold: float,
-) -> Composite:
-    for name, tensor in (("sigmas", sigmas), ("values", values)):
-        if tensor.dtype != torch.float32:
-            raise TypeError(f"the native compositor needs float32 {name}, got {tensor.dtype}")
-    weights, accumulated, opacity, depth = _CompositeCuda.apply(
-        sigmas, values, t_starts.detach().float(), t_ends.detach().float(), ray_indices, num_rays, threshold
-    )
-    return Composite(weights=weights, accumulated=accumulated, opacity=opacity, depth=depth)
+    return composite
 
 
 _Compositor = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, int, float], Composite]
 
 _COMPOSITE_TIERS: dict[str, _Compositor] = {
     "reference": _composite_reference,
-    "cpu": _composite_cpu,
-    "cuda": _composite_cuda,
+    "cpu": _native_compositor("cpu"),
+    "cuda": _native_compositor("cuda"),
 }
 """Tier name -> compositor."""
 

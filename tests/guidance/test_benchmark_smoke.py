@@ -26,3 +26,6 @@ def test_benchmark_writes_both_suites(tmp_path, monkeypatch, capsys):
     assert suites["quality"]["mean_psnr"] is not None and suites["quality"]["mean_chamfer"] is not None
     assert 0.0 <= suites["janus"]["janus_rate"] <= 1.0
     assert "summary" in capsys.readouterr().out
+    report = guidance_benchmark.markdown_report([out])
+    rows = [line for line in report.splitlines() if line.startswith("| sds | gaussians |")]
+    assert len(rows) == 3 and f"{suites['quality']['mean_psnr']:.2f}" in rows[0]
