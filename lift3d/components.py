@@ -8,6 +8,7 @@ import lift3d.guidance.ism  # noqa: F401  (ism and tsm)
 import lift3d.guidance.sds  # noqa: F401
 import lift3d.guidance.vsd  # noqa: F401  (vsd and esd)
 import lift3d.representations.gaussians  # noqa: F401
+import lift3d.representations.latent_nerf  # noqa: F401
 import lift3d.representations.nerf  # noqa: F401
 import lift3d.teachers.analytic  # noqa: F401
 import lift3d.teachers.deepfloyd  # noqa: F401  (diffusers itself is imported only when built)

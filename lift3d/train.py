@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from lift3d import registry
@@ -256,11 +257,17 @@ class Trainer:
 
     @torch.no_grad()
     def render_views(self, cameras: Cameras, chunk: int = 8) -> Tensor:
+        """RGB [N, H, W, 3] in [0, 1] of ``cameras``; latent renders are decoded by the teacher."""
         self.representation.eval()
-        images = [
-            self.representation.render(cameras[i : i + chunk].to(self.device), self.background).rgb[..., :3].cpu()
-            for i in range(0, len(cameras), chunk)
-        ]
+        images = []
+        for i in range(0, len(cameras), chunk):
+            rgb = self.representation.render(cameras[i : i + chunk].to(self.device), self.background).rgb
+            if rgb.shape[-1] != 3:  # latents (Latent-NeRF): the teacher's decoder, back to the camera size
+                decoded = self.teacher.decode(rgb.permute(0, 3, 1, 2).float())
+                rgb = F.interpolate(decoded.permute(0, 3, 1, 2), size=(cameras.height, cameras.width),
+                                    mode="area" if decoded.shape[1] >= cameras.height else "bilinear")
+                rgb = rgb.permute(0, 2, 3, 1)
+            images.append(rgb.cpu())
         return torch.cat(images)
 
     def save_validation(self, name: str) -> None:

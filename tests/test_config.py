@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from lift3d.config import ConfigError, Schedule, dump_config, load_config
@@ -66,3 +68,12 @@ def test_float_overrides_accept_exponent_spellings_yaml_reads_as_strings():
     assert config.guidance.student_lr == 1e-5
     with pytest.raises(ConfigError, match="student_lr: expected a number, got 'fast'"):
         load_config(QUICKSTART, ["guidance.type=vsd", "guidance.student_lr=fast"])
+
+
+PRESETS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize("preset", sorted(p.name for p in PRESETS.glob("*.yaml")))
+def test_every_preset_loads_and_validates(preset):
+    config = load_config(PRESETS / preset)
+    assert config.trainer.steps > 0 and config.prompt

@@ -122,6 +122,9 @@ def _mlp(in_dim: int, out_dim: int, hidden: int, layers: int) -> nn.Sequential:
 class NeRF(Representation):
     """Density + albedo field on a hash grid, volume-rendered with an occupancy grid."""
 
+    field_channels = 3
+    """Channels of the colour field and the background network (Latent-NeRF: 4 latent channels)."""
+
     def __init__(self, config: NeRFConfig, generator: torch.Generator | None = None):
         super().__init__()
         self.config = config
@@ -129,9 +132,9 @@ class NeRF(Representation):
             torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=generator)))
         tier = config.kernel_tier or None
         self.encoding = HashGridEncoding(config.encoding, tier=tier)
-        self.network = _mlp(self.encoding.output_dim, 4, config.hidden_dim, config.hidden_layers)
+        self.network = _mlp(self.encoding.output_dim, 1 + self.field_channels, config.hidden_dim, config.hidden_layers)
         self.background_network = (
-            _mlp(3, 3, 32, 1) if config.background == "neural" else None
+            _mlp(3, self.field_channels, 32, 1) if config.background == "neural" else None
         )
         occupancy = OccupancyGridConfig(**{**config.occupancy.__dict__, "radius": config.radius, "aabb": None})
         self.grid = OccupancyGrid(occupancy)
@@ -162,9 +165,17 @@ class NeRF(Representation):
         """sigma [N] at world points [N, 3]."""
         return self._activate_density(self._raw(points)[0])
 
+    def activate_field(self, raw: Tensor) -> Tensor:
+        """Raw colour-field outputs [N, field_channels] -> what is composited (albedo in [0, 1] here)."""
+        return torch.sigmoid(raw)
+
+    def to_rgb(self, composited: Tensor) -> Tensor:
+        """Composited field values [N, field_channels] -> the rendered channels (identity here)."""
+        return composited
+
     def albedo(self, points: Tensor) -> Tensor:
-        """Albedo [N, 3] in [0, 1] at world points [N, 3]."""
-        return torch.sigmoid(self._raw(points)[1])
+        """Albedo [N, 3] in [0, 1] at world points [N, 3] (the colours a baked texture gets)."""
+        return self.activate_field(self._raw(points)[1])
 
     def normals_at(self, points: Tensor) -> Tensor:
         """Unit normals -grad(sigma)/|grad(sigma)| [N, 3] by central differences (differentiable)."""
@@ -197,7 +208,7 @@ class NeRF(Representation):
 
         def field_fn(points: Tensor, ray_dirs: Tensor) -> tuple[Tensor, Tensor]:
             raw_density, raw_albedo = self._raw(points)
-            values = [torch.sigmoid(raw_albedo)]
+            values = [self.activate_field(raw_albedo)]
             if with_normals:
                 values.append(self.normals_at(points))
             return self._activate_density(raw_density), torch.cat(values, dim=-1)
@@ -206,17 +217,18 @@ class NeRF(Representation):
             origins, dirs, field_fn, self.grid, self.step_size,
             stratified=self.training, max_samples_per_ray=cfg.max_samples_per_ray, tier=cfg.kernel_tier or None,
         )
-        albedo = rays.rgb[:, :3]
-        normal = F.normalize(rays.rgb[:, 3:6], dim=-1, eps=1e-8) if with_normals else None
+        C = self.field_channels
+        albedo = rays.rgb[:, :C]
+        normal = F.normalize(rays.rgb[:, C : C + 3], dim=-1, eps=1e-8) if with_normals else None
         color = self._shade(cameras, origins, dirs, rays, albedo, normal)
-        rgb = color + (1.0 - rays.opacity) * self._background(dirs, background, B, H, W)
+        rgb = self.to_rgb(color + (1.0 - rays.opacity) * self._background(dirs, background, B, H, W))
         aux: dict[str, Tensor] = {"weights": rays.weights}
         if normal is not None and self.training:
             # Ref-NeRF orientation loss on composited normals: visible surfaces must face the camera.
             facing = (normal * dirs).sum(-1).clamp_min(0.0)
             aux["orientation"] = (rays.opacity[:, 0].detach() * facing.square()).mean()
         return RenderOutput(
-            rgb=rgb.view(B, H, W, 3),
+            rgb=rgb.view(B, H, W, -1),
             alpha=rays.opacity.view(B, H, W, 1),
             depth=rays.depth.view(B, H, W, 1),
             normal=None if normal is None else normal.view(B, H, W, 3),
@@ -241,11 +253,18 @@ class NeRF(Representation):
         return albedo * (cfg.ambient + cfg.diffuse * lambert)
 
     def _background(self, dirs: Tensor, background: Tensor, B: int, H: int, W: int) -> Tensor:
+        """[rays or 1, field_channels] background behind each ray, in the colour field's space."""
         if self.background_network is not None:
-            return torch.sigmoid(self.background_network(dirs))
+            return self.activate_field(self.background_network(dirs))
         if self.config.background == "random" and self.training:
-            return torch.rand(B, 1, 3, device=dirs.device).expand(B, H * W, 3).reshape(-1, 3)
-        return background.to(dirs).view(1, 3)
+            colour = torch.rand(B, 1, 3, device=dirs.device).expand(B, H * W, 3).reshape(-1, 3)
+        else:
+            colour = background.to(dirs).view(1, 3)
+        return self.rgb_to_field(colour)
+
+    def rgb_to_field(self, rgb: Tensor) -> Tensor:
+        """An RGB colour [N, 3] in [0, 1] as a colour-field value [N, field_channels] (identity here)."""
+        return rgb
 
     # ---------------------------------------------------------------------------- training
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import socket
 from pathlib import Path
@@ -459,3 +460,34 @@ def test_cli_runs_dreamfusion_sd_on_the_tiny_model(sd_folder, tmp_path):
     assert not any("eval/psnr" in m for m in metrics)  # no ground truth for a real teacher
     resolved = load_config(out / "config.yaml")  # the resolved teacher section loads back
     assert resolved.teacher.model == str(sd_folder) and resolved.teacher.prompting.front_threshold_deg == 45.0
+
+
+def test_cli_runs_latent_nerf_sketch_shape_and_refinement_on_the_tiny_model(sd_folder, tmp_path):
+    """Latent-NeRF renders the latents (no VAE encode), Sketch-Shape adds its loss, and the RGB
+    refinement starts from the latent run's checkpoint and goes back through the VAE."""
+    from lift3d.cli import main
+
+    common = [
+        f"teacher.model={sd_folder}", f"teacher.image_size={IMAGE}", f"teacher.prompting.cache_dir={tmp_path / 'cache'}",
+        "teacher.dtype=float32", "trainer.steps=2", "trainer.eval.width=8", "trainer.eval.height=8",
+        "trainer.eval.num_views=2", "trainer.log_every=1", "trainer.progress_bar=false",
+        "representation.encoding.n_levels=4", "representation.encoding.log2_hashmap_size=12",
+        "representation.hidden_dim=16", "representation.num_samples_per_ray=32", "representation.mesh_resolution=32",
+        "export.formats=[glb]", "export.texture_size=32",
+    ]
+    latent_size = ["trainer.cameras.width=8", "trainer.cameras.height=8"]  # the tiny VAE's 8x8 latents
+    sketch = ["representation.sketch_shape.grid_resolution=16", "representation.sketch_shape.surface_samples=2000",
+              f"representation.sketch_shape.mesh={ROOT / 'configs' / 'sketches' / 'sphere-on-box.obj'}"]
+    latent_run, sketch_run, refine_run = tmp_path / "latent", tmp_path / "sketch", tmp_path / "refine"
+    assert main(["run", str(ROOT / "configs" / "latent-nerf.yaml"), "--out", str(latent_run), *common, *latent_size]) == 0
+    assert main(["run", str(ROOT / "configs" / "sketch-shape.yaml"), "--out", str(sketch_run),
+                 *common, *latent_size, *sketch]) == 0
+    assert main(["run", str(ROOT / "configs" / "latent-nerf-refine.yaml"), "--out", str(refine_run),
+                 f"representation.init_from={latent_run}", *common,
+                 "trainer.cameras.width=16", "trainer.cameras.height=16"]) == 0
+    for run in (latent_run, sketch_run, refine_run):
+        metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert [m["step"] for m in metrics] == [1, 2] and all(math.isfinite(m["loss"]) for m in metrics)
+        assert (run / "export" / "model.glb").is_file()
+    assert "reg/sketch_shape" in (sketch_run / "metrics.jsonl").read_text()
+    assert "reg/sketch_shape" not in (latent_run / "metrics.jsonl").read_text()
