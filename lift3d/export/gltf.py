@@ -54,6 +54,8 @@ def write_glb(
     roughness: float = 1.0,
     normals: np.ndarray | bool = True,
     front_to_plus_z: bool = False,
+    metallic_roughness_texture: np.ndarray | None = None,
+    normal_texture: np.ndarray | None = None,
 ) -> Path:
     """Write one mesh with a PBR metallic-roughness material to a binary glTF file, atomically.
 
@@ -70,6 +72,10 @@ def write_glb(
         normals: True: smooth area-weighted vertex normals from the faces; False: none;
             an array [V,3]: these world-space normals.
         front_to_plus_z: also turn the front (+x) to glTF's +Z.
+        metallic_roughness_texture: uint8 [H,W,3] LINEAR, glTF's packing: G = roughness,
+            B = metallic (R = ambient occlusion, also written as ``occlusionTexture``). The
+            factors then multiply it, so pass ``metallic=roughness=1.0`` to use it as it is.
+        normal_texture: uint8 [H,W,3] tangent-space normals ``(n + 1) / 2`` (+Y up), linear.
 
     Returns:
         ``path`` as a Path.
@@ -82,9 +88,17 @@ def write_glb(
         metallicFactor=float(metallic),  # trimesh writes factors only when they are Python floats
         roughnessFactor=float(roughness),
         baseColorTexture=None if base_color_texture is None else _pil_image(base_color_texture),
+        metallicRoughnessTexture=None if metallic_roughness_texture is None else _pil_image(metallic_roughness_texture),
+        occlusionTexture=None if metallic_roughness_texture is None else _pil_image(metallic_roughness_texture),
+        normalTexture=None if normal_texture is None else _pil_image(normal_texture),
     )
-    if base_color_texture is not None and uvs is None:
-        raise ValueError("a base_color_texture needs uvs")
+    textures = {"base_color_texture": base_color_texture, "metallic_roughness_texture": metallic_roughness_texture,
+                "normal_texture": normal_texture}
+    for name, texture in textures.items():
+        if texture is not None and uvs is None:
+            raise ValueError(f"a {name} needs uvs")
+        if texture is not None and name != "base_color_texture" and (texture.ndim != 3 or texture.shape[2] != 3):
+            raise ValueError(f"{name} must be uint8 [H, W, 3], got shape {texture.shape}")
     uv = None if uvs is None else _check_uvs(uvs, len(mesh.vertices))
     visual = trimesh.visual.TextureVisuals(uv=uv, material=material)
     if vertex_colors is not None:

@@ -448,3 +448,25 @@ def test_glb_files_pass_the_khronos_validator(gltf_validator, textured_sphere, t
     payload = trimesh.exchange.gltf.export_glb(trimesh.Scene(sphere), include_normals=True, unitize_normals=False)
     bad.write_bytes(payload)
     assert validator.issues(bad)["numErrors"] > 0
+
+
+def test_write_glb_pbr_maps_follow_the_gltf_channel_layout(textured_sphere, tmp_path, check_glb):
+    """metallicRoughness: G = roughness, B = metallic (linear), R = occlusion; normal map; no pack()."""
+    t = textured_sphere
+    size = 64
+    orm = np.zeros((size, size, 3), dtype=np.uint8)
+    orm[..., 0], orm[..., 1], orm[..., 2] = 255, 200, 40  # occlusion 1, roughness ~0.78, metallic ~0.16
+    normal = np.zeros((size, size, 3), dtype=np.uint8)
+    normal[...] = (128, 128, 255)  # the unperturbed tangent-space normal
+    path = write_glb(tmp_path / "pbr.glb", t["vertices"], t["faces"], uvs=t["uvs"], base_color_texture=t["texture"],
+                     metallic=1.0, roughness=1.0, metallic_roughness_texture=orm, normal_texture=normal)
+    material = glb_json(path)["materials"][0]
+    pbr = material["pbrMetallicRoughness"]
+    assert {"baseColorTexture", "metallicRoughnessTexture"} <= set(pbr) and "normalTexture" in material
+    assert pbr["metallicFactor"] == 1.0 and pbr["roughnessFactor"] == 1.0
+    loaded = trimesh.load(path, force="mesh").visual.material
+    channels = np.asarray(loaded.metallicRoughnessTexture.convert("RGB"))
+    assert tuple(channels[0, 0]) == (255, 200, 40)  # written as given: G roughness, B metallic
+    check_glb(path)
+    with pytest.raises(ValueError, match="metallic_roughness_texture needs uvs"):
+        write_glb(tmp_path / "x.glb", t["vertices"], t["faces"], metallic_roughness_texture=orm)
