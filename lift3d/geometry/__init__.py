@@ -1,0 +1,1 @@
+"""Geometry utilities shared by representations (tetrahedral grids, marching tetrahedra)."""

@@ -1,0 +1,58 @@
+"""Kuhn tetrahedral grids and differentiable marching tetrahedra."""
+
+import math
+
+import pytest
+import torch
+import trimesh
+
+from lift3d.geometry.tetrahedra import marching_tetrahedra, tetrahedral_grid
+
+
+def _signed_volumes(vertices, tets):
+    a, b, c, d = (vertices[tets[:, i]] for i in range(4))
+    return torch.einsum("ij,ij->i", b - a, torch.cross(c - a, d - a, dim=-1)) / 6.0
+
+
+def test_grid_fills_the_box_with_positive_tetrahedra_that_share_faces():
+    vertices, tets = tetrahedral_grid(3, radius=1.0)
+    assert vertices.shape == (64, 3) and tets.shape == (6 * 27, 4)
+    volumes = _signed_volumes(vertices, tets).abs()
+    assert torch.allclose(volumes.sum(), torch.tensor(8.0)) and (volumes > 0).all()
+    # Conforming: every interior triangle is shared by exactly two tetrahedra, boundary ones by one.
+    faces = torch.cat([tets[:, [0, 1, 2]], tets[:, [0, 1, 3]], tets[:, [0, 2, 3]], tets[:, [1, 2, 3]]]).sort(-1).values
+    _, counts = torch.unique(faces, dim=0, return_counts=True)
+    assert set(counts.tolist()) == {1, 2}
+    assert int((counts == 1).sum()) == 6 * 9 * 2  # 6 box sides, 9 cells each, 2 triangles per cell face
+
+
+@pytest.mark.parametrize("radius", [0.5, 0.71])
+def test_sphere_level_set_is_a_closed_outward_mesh_of_the_right_size(radius):
+    vertices, tets = tetrahedral_grid(24)
+    sdf = vertices.norm(dim=-1) - radius
+    surface, faces = marching_tetrahedra(vertices, tets, sdf)
+    mesh = trimesh.Trimesh(surface.numpy(), faces.numpy(), process=False)  # keep the topology as built
+    assert mesh.is_watertight and mesh.is_winding_consistent
+    assert mesh.volume > 0  # outward orientation
+    assert mesh.volume == pytest.approx(4 / 3 * math.pi * radius**3, rel=0.03)
+    assert torch.allclose(surface.norm(dim=-1), torch.full((len(surface),), radius), atol=0.02)
+
+
+def test_zero_crossing_is_linear_and_differentiable():
+    vertices = torch.tensor([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]], requires_grad=True)
+    tets = torch.tensor([[0, 1, 2, 3]])
+    sdf = torch.tensor([-0.25, 0.75, 0.75, 0.75], requires_grad=True)  # only vertex 0 inside
+    surface, faces = marching_tetrahedra(vertices, tets, sdf)
+    assert faces.shape == (1, 3)
+    assert torch.allclose(surface.sort(dim=0).values, torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.0, 0.0],
+                                                                     [0.25, 0.25, 0.25]]).sort(dim=0).values)
+    p0, p1, p2 = surface[faces[0]]
+    normal = torch.cross(p1 - p0, p2 - p0, dim=-1)
+    assert (normal * torch.ones(3)).sum() > 0  # points away from the inside vertex 0
+    surface.sum().backward()
+    # d p / d s_0 along edge (0, j): p = (v0 s_j - v_j s_0) / (s_j - s_0); x, y, z each move with s_0.
+    assert sdf.grad[0] != 0 and vertices.grad.abs().sum() > 0
+    empty_surface, empty_faces = marching_tetrahedra(vertices, tets, torch.ones(4))
+    assert empty_surface.shape == (0, 3) and empty_faces.shape == (0, 3)
+    with pytest.raises(ValueError, match="sdf must be"):
+        marching_tetrahedra(vertices, tets, torch.ones(3))
