@@ -16,12 +16,9 @@ after one warm-up.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import platform
 import sys
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -33,7 +30,7 @@ try:
 except ImportError:  # run as a script from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kernels import REFERENCE, Case, Result, compare_tiers, format_table, native_tiers  # noqa: E402
+from kernels import REFERENCE, Case, Result, compare_tiers, format_table, native_tiers, write_results  # noqa: E402
 
 from lift3d.kernels._backend import tier_available  # noqa: E402
 from lift3d.kernels.hashgrid import FORWARD_OP, INIT_RANGE, HashGridConfig, hashgrid_encode, level_is_hashed  # noqa: E402
@@ -122,17 +119,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
     for size in args.sizes.split(","):
         results.extend(bench_hashgrid(size, args))
     print(format_table(results))
-    machine = {
-        "platform": platform.platform(),
-        "processor": platform.processor(),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
-    }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"machine": machine, "repeats": args.repeats, "results": [asdict(r) for r in results]}
-    args.json.write_text(json.dumps(payload, indent=2) + "\n")
-    logger.info("wrote %s", args.json)
+    write_results(results, args)
     return results
 
 

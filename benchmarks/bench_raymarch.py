@@ -14,13 +14,10 @@ rule, N samples across the box diagonal). Sizes are ``WxH:N`` (W*H rays).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
-import platform
 import sys
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -32,7 +29,7 @@ except ImportError:  # run as a script from a checkout without `pip install -e .
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # for the shared helpers in kernels.py
 
-from kernels import REFERENCE, Case, Result, compare_tiers, format_table, native_tiers  # noqa: E402
+from kernels import REFERENCE, Case, Result, compare_tiers, format_table, native_tiers, write_results  # noqa: E402
 
 from lift3d.cameras import orbit_cameras  # noqa: E402
 from lift3d.kernels._backend import tier_available  # noqa: E402
@@ -186,17 +183,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
         for size in args.sizes.split(",") if args.sizes else case.default_sizes:
             results.extend(case.run(size, args))
     print(format_table(results))
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    machine = {
-        "platform": platform.platform(),
-        "processor": platform.processor(),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
-    }
-    payload = {"machine": machine, "repeats": args.repeats, "results": [asdict(r) for r in results]}
-    args.json.write_text(json.dumps(payload, indent=2) + "\n")
-    logger.info("wrote %s", args.json)
+    write_results(results, args)
     return results
 
 

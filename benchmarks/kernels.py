@@ -194,9 +194,10 @@ CASES: list[Case] = [
 def all_cases() -> list[Case]:
     """This file's cases plus those of the per-kernel scripts (imported lazily: they import us)."""
     import bench_hashgrid
+    import bench_mesh_raster
     import bench_raymarch
 
-    return [*CASES, *bench_hashgrid.cases(), *bench_raymarch.cases()]
+    return [*CASES, *bench_hashgrid.cases(), *bench_raymarch.cases(), *bench_mesh_raster.cases()]
 
 
 # --------------------------------------------------------------------------------------------
@@ -261,7 +262,12 @@ def main(argv: list[str] | None = None) -> list[Result]:
         for size in sizes:
             results.extend(case.run(size, args))
     print(format_table(results))
-    args.json.parent.mkdir(parents=True, exist_ok=True)
+    write_results(results, args)
+    return results
+
+
+def write_results(results: list[Result], args: argparse.Namespace) -> None:
+    """Save ``results`` with the machine's description to ``args.json`` (every kernel benchmark's format)."""
     machine = {
         "platform": platform.platform(),
         "processor": platform.processor(),
@@ -270,9 +276,9 @@ def main(argv: list[str] | None = None) -> list[Result]:
         "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
     }
     payload = {"machine": machine, "repeats": args.repeats, "results": [asdict(r) for r in results]}
-    args.json.write_text(json.dumps(payload, indent=2))
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(payload, indent=2) + "\n")
     logger.info("wrote %s", args.json)
-    return results
 
 
 if __name__ == "__main__":
