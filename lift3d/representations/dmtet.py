@@ -1,0 +1,275 @@
+"""DMTet (Shen et al., arXiv 2111.04276; Magic3D-refine / Fantasia3D geometry): an SDF and a bounded
+vertex deformation on a tetrahedral grid, turned into a triangle mesh by differentiable marching
+tetrahedra every step, rasterized (``kernels.mesh_raster``) and coloured by a hash-grid colour
+field at the surface points of each pixel (deferred shading).
+
+Gradients reach the SDF and the deformation through the surface vertices: inside the silhouette
+through the interpolated surface points the colour field is queried at, on the silhouette through
+the analytic antialiasing of the composited image (as nvdiffrast's ``antialias`` provides them).
+
+Initialisation: a sphere SDF (``init_radius``), or a NeRF run's density field
+(``init_from=RUN_DIR``, Magic3D's coarse-to-fine and Fantasia3D's shape init): the grid's SDF is
+``level - density`` at each vertex, with the level from the same automatic rule as mesh export
+(Otsu on log(1 + density)), scaled to one grid cell at the steepest vertex.
+
+Projection: OpenCV cameras (``lift3d.cameras``) map to clip space with ``ndc_y`` growing *down*
+the image, so the rasterizer's row 0 is the image's top row and nothing is flipped.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lift3d.cameras import Cameras
+from lift3d.config import Schedule
+from lift3d.geometry.tetrahedra import marching_tetrahedra, tetrahedral_grid
+from lift3d.kernels import mesh_raster
+from lift3d.kernels.hashgrid import HashGridConfig, HashGridEncoding
+from lift3d.registry import register
+from lift3d.representations.base import RenderOutput, Representation
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DMTetLearningRates:
+    """Adam learning rates."""
+
+    sdf: float = 0.002
+    """SDF values at the grid vertices."""
+    deformation: float = 0.002
+    """Vertex deformations (before the tanh bound)."""
+    encoding: float = 0.01
+    """Hash table of the colour field."""
+    network: float = 0.001
+    """MLP of the colour field."""
+
+
+@dataclass
+class DMTetConfig:
+    """A deformable tetrahedral grid with an SDF, and a colour field on its surface."""
+
+    radius: float = 1.0
+    """The grid fills the cube [-radius, radius]^3."""
+    grid_resolution: int = 64
+    """Cells per side of the tetrahedral grid (6 tetrahedra per cell; 32-256)."""
+    init_radius: float = 0.6
+    """Radius of the initial sphere SDF (unless ``init_from`` is given)."""
+    init_from: str = ""
+    """A NeRF run folder (or its checkpoint): the SDF starts from that run's density field."""
+    deformation_scale: float = 0.5
+    """Largest vertex displacement, in grid cells (tanh-bounded, so tetrahedra never invert)."""
+    encoding: HashGridConfig = field(default_factory=lambda: HashGridConfig(n_levels=12, log2_hashmap_size=16))
+    """Hash-grid encoding of the colour field."""
+    hidden_dim: int = 32
+    """Width of the colour MLP."""
+    lambda_normal_consistency: Schedule = field(default_factory=Schedule)
+    """Weight of 1 - cos between the normals of faces sharing an edge (smooth surfaces)."""
+    lambda_laplacian: Schedule = field(default_factory=Schedule)
+    """Weight of the uniform Laplacian |v - mean(neighbours)|^2 of the surface vertices."""
+    near: float = 0.1
+    """Near plane of the rasterizer's projection."""
+    far: float = 100.0
+    """Far plane of the rasterizer's projection."""
+    antialias: bool = True
+    """Analytic silhouette antialiasing (the gradient path to the silhouette)."""
+    lr: DMTetLearningRates = field(default_factory=DMTetLearningRates)
+    """Learning rates."""
+    kernel_tier: str = ""
+    """Force a kernel tier for hash grid and rasterizer (reference, cpu); empty = fastest."""
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.grid_resolution <= 512:
+            raise ValueError(f"representation.grid_resolution must be in [2, 512], got {self.grid_resolution}")
+        if not 0 < self.init_radius < self.radius:
+            raise ValueError(f"representation.init_radius must be in (0, radius={self.radius}), got {self.init_radius}")
+        if not 0 < self.near < self.far:
+            raise ValueError("representation.near and far must satisfy 0 < near < far")
+
+
+def clip_positions(vertices: Tensor, cameras: Cameras, near: float, far: float) -> Tensor:
+    """[B, V, 4] homogeneous clip coordinates of world vertices [V, 3] for OpenCV pinhole cameras."""
+    w2c = cameras.world_to_camera().to(vertices)
+    homogeneous = torch.cat([vertices, torch.ones_like(vertices[:, :1])], dim=-1)
+    camera = torch.einsum("bij,vj->bvi", w2c, homogeneous)[..., :3]  # x right, y down, z forward
+    focal = cameras.focal().to(vertices).view(-1, 1)
+    x = camera[..., 0] * (2.0 * focal / cameras.width)
+    y = camera[..., 1] * (2.0 * focal / cameras.height)
+    z = camera[..., 2] * ((far + near) / (far - near)) - 2.0 * far * near / (far - near)
+    return torch.stack([x, y, z, camera[..., 2]], dim=-1)
+
+
+def adjacent_face_pairs(faces: Tensor) -> Tensor:
+    """[P, 2] indices of face pairs sharing an edge (edges with exactly two faces)."""
+    if len(faces) == 0:
+        return faces.new_zeros(0, 2)
+    edges = torch.cat([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]]).sort(dim=-1).values
+    owner = torch.arange(len(faces), device=faces.device).repeat(3)
+    key = edges[:, 0] * (int(faces.max()) + 1) + edges[:, 1]
+    key, order = key.sort(stable=True)
+    owner = owner[order]
+    same = key[1:] == key[:-1]
+    return torch.stack([owner[:-1][same], owner[1:][same]], dim=-1)
+
+
+def face_normals(vertices: Tensor, faces: Tensor) -> Tensor:
+    """Unit normals [F, 3] (counter-clockwise = outward)."""
+    p0, p1, p2 = vertices[faces[:, 0]], vertices[faces[:, 1]], vertices[faces[:, 2]]
+    return F.normalize(torch.cross(p1 - p0, p2 - p0, dim=-1), dim=-1, eps=1e-12)
+
+
+@register("representation", "dmtet", DMTetConfig)
+class DMTet(Representation):
+    """SDF + deformation on a Kuhn tetrahedral grid, with a hash-grid colour field."""
+
+    def __init__(self, config: DMTetConfig, generator: torch.Generator | None = None):
+        super().__init__()
+        self.config = config
+        if generator is not None:  # the MLP init draws from torch's global RNG; seed it from the run
+            torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=generator)))
+        vertices, tets = tetrahedral_grid(config.grid_resolution, config.radius)
+        self.register_buffer("grid_vertices", vertices, persistent=False)
+        self.register_buffer("tets", tets, persistent=False)
+        self.cell = 2.0 * config.radius / config.grid_resolution
+        sdf = vertices.norm(dim=-1) - config.init_radius
+        if config.init_from:
+            sdf = self._sdf_from_nerf(config.init_from)
+        self.sdf = nn.Parameter(sdf)
+        self.deformation = nn.Parameter(torch.zeros_like(vertices))
+        self.encoding = HashGridEncoding(config.encoding, tier=config.kernel_tier or None)
+        self.network = nn.Sequential(
+            nn.Linear(self.encoding.output_dim, config.hidden_dim), nn.ReLU(inplace=True),
+            nn.Linear(config.hidden_dim, 3),
+        )
+
+    # ------------------------------------------------------------------------------ geometry
+
+    def _sdf_from_nerf(self, source: str) -> Tensor:
+        from lift3d.checkpoint import load_checkpoint
+        from lift3d.config import load_config
+        from lift3d.export.mesh import _auto_density_level
+        from lift3d.train import build_representation
+
+        path = Path(source).expanduser()
+        run_dir = path if path.is_dir() else path.parent.parent
+        checkpoint = path / "ckpt" / "last.pt" if path.is_dir() else path
+        if not checkpoint.is_file() or not (run_dir / "config.yaml").is_file():
+            raise FileNotFoundError(f"representation.init_from: no run (config.yaml + ckpt/last.pt) at {path}")
+        run_config = load_config(run_dir / "config.yaml")
+        nerf = build_representation(run_config, torch.device("cpu"))
+        nerf.load_state_dict(load_checkpoint(checkpoint)["representation"])
+        if not hasattr(nerf, "density"):
+            raise ValueError(f"representation.init_from={source}: a {type(nerf).__name__} has no density field")
+        nerf.eval()
+        with torch.no_grad():
+            density = torch.cat([nerf.density(chunk) for chunk in self.grid_vertices.split(65536)])
+        level = _auto_density_level(density.numpy())
+        sdf = level - density
+        # SDF units: one cell at the steepest vertex keeps the zero crossings where the NeRF puts them.
+        sdf = sdf / sdf.abs().max().clamp_min(1e-12) * self.cell * self.config.grid_resolution / 2
+        logger.info("DMTet initialised from %s (density level %.3g)", source, level)
+        return sdf.float()
+
+    def deformed_vertices(self) -> Tensor:
+        """[V, 3] grid vertices moved by at most ``deformation_scale`` cells."""
+        return self.grid_vertices + torch.tanh(self.deformation) * self.config.deformation_scale * self.cell
+
+    def mesh(self) -> tuple[Tensor, Tensor]:
+        """The current surface: vertices [S, 3] (differentiable) and faces [F, 3]."""
+        return marching_tetrahedra(self.deformed_vertices(), self.tets, self.sdf)
+
+    def color(self, points: Tensor) -> Tensor:
+        """RGB [N, 3] in [0, 1] of the colour field at world points [N, 3]."""
+        unit = (points / self.config.radius + 1.0) * 0.5
+        return torch.sigmoid(self.network(self.encoding(unit)))
+
+    # -------------------------------------------------------------------------------- render
+
+    def render(self, cameras: Cameras, background: Tensor) -> RenderOutput:
+        cfg = self.config
+        B, H, W = len(cameras), cameras.height, cameras.width
+        vertices, faces = self.mesh()
+        tier = cfg.kernel_tier or None
+        bg = background.to(self.sdf).view(1, 1, 1, 3).expand(B, H, W, 3)
+        if len(faces) == 0:  # the level set left the grid: nothing to draw (and no gradient to give)
+            empty = self.sdf.sum() * 0.0
+            return RenderOutput(rgb=bg + empty, alpha=torch.zeros(B, H, W, 1, device=bg.device) + empty,
+                                aux={"vertices": vertices, "faces": faces})
+        clip = clip_positions(vertices, cameras, cfg.near, cfg.far)
+        raster = mesh_raster.rasterize(clip, faces, (H, W), tier=tier)
+        points = mesh_raster.interpolate(vertices, raster, faces, tier=tier)  # [B, H, W, 3] world points
+        mask = raster.coverage()
+        covered = raster.triangle_id >= 0
+        colour = torch.zeros(B, H, W, 3, dtype=points.dtype, device=points.device)
+        colour = colour.index_put((covered,), self.color(points[covered])) if bool(covered.any()) else colour
+        image = torch.cat([colour * mask + bg * (1.0 - mask), mask], dim=-1)
+        if cfg.antialias:
+            image = mesh_raster.antialias(image, raster, clip, faces, tier=tier)
+        normals = face_normals(vertices, faces)
+        pixel_normals = torch.zeros_like(points)
+        if bool(covered.any()):
+            pixel_normals = pixel_normals.index_put((covered,), normals[raster.triangle_id[covered].long()])
+        return RenderOutput(
+            rgb=image[..., :3], alpha=image[..., 3:], depth=None, normal=pixel_normals,
+            aux={"vertices": vertices, "faces": faces},
+        )
+
+    # ------------------------------------------------------------------------------ training
+
+    def param_groups(self) -> list[dict]:
+        lr = self.config.lr
+        return [
+            {"name": "sdf", "params": [self.sdf], "lr": lr.sdf},
+            {"name": "deformation", "params": [self.deformation], "lr": lr.deformation},
+            {"name": "encoding", "params": list(self.encoding.parameters()), "lr": lr.encoding},
+            {"name": "network", "params": list(self.network.parameters()), "lr": lr.network},
+        ]
+
+    def regularization(self, render: RenderOutput, step: int) -> dict[str, Tensor]:
+        cfg = self.config
+        losses: dict[str, Tensor] = {}
+        vertices, faces = render.aux.get("vertices"), render.aux.get("faces")
+        if vertices is None or faces is None or len(faces) == 0:
+            return losses
+        weight = cfg.lambda_normal_consistency(step)
+        if weight > 0:
+            pairs = adjacent_face_pairs(faces)
+            normals = face_normals(vertices, faces)
+            losses["normal_consistency"] = weight * (1.0 - (normals[pairs[:, 0]] * normals[pairs[:, 1]]).sum(-1)).mean()
+        weight = cfg.lambda_laplacian(step)
+        if weight > 0:
+            edges = torch.cat([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]])
+            edges = torch.cat([edges, edges.flip(-1)])
+            total = torch.zeros_like(vertices).index_add(0, edges[:, 0], vertices[edges[:, 1]])
+            degree = torch.zeros(len(vertices), device=vertices.device).index_add(
+                0, edges[:, 0], torch.ones(len(edges), device=vertices.device))
+            laplacian = vertices - total / degree.clamp_min(1.0).unsqueeze(-1)
+            losses["laplacian"] = weight * laplacian.square().sum(-1).mean()
+        return losses
+
+    def on_step(self, step: int, render: RenderOutput, optimizer: torch.optim.Optimizer) -> None:
+        pass
+
+    # ------------------------------------------------------------------------------ export
+
+    @torch.no_grad()
+    def surface(self) -> tuple["trimesh.Trimesh", object]:  # noqa: F821
+        """The current marching-tetrahedra mesh (cleaned) and the colour field for baking."""
+        import trimesh
+
+        from lift3d.export.mesh import clean_mesh
+
+        vertices, faces = self.mesh()
+        if len(faces) == 0:
+            raise ValueError("the DMTet surface is empty (the SDF has no zero crossing in the grid)")
+        mesh = trimesh.Trimesh(vertices.cpu().numpy(), faces.cpu().numpy(), process=True)
+        return clean_mesh(mesh, target_faces=20_000), self.color
+
+    def export(self, directory: Path, formats: list[str]) -> list[Path]:
+        raise ValueError(f"DMTet exports meshes (glb, obj) through the trainer, not {formats}")

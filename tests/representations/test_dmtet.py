@@ -1,0 +1,81 @@
+"""DMTet: projection, rendering with gradients to the SDF and deformation, regularisers, export, NeRF init."""
+
+import pytest
+import torch
+
+from lift3d.cameras import orbit_cameras
+from lift3d.config import Schedule
+from lift3d.kernels.hashgrid import HashGridConfig
+from lift3d.representations.dmtet import DMTet, DMTetConfig, adjacent_face_pairs, clip_positions
+
+TINY = {"grid_resolution": 16, "kernel_tier": "reference", "encoding": HashGridConfig(n_levels=4, log2_hashmap_size=12),
+        "hidden_dim": 16}
+
+
+def _cams(batch=2, size=24):
+    return orbit_cameras(torch.full((batch,), 15.0), torch.linspace(0, 90, batch), torch.full((batch,), 3.0),
+                         torch.full((batch,), 40.0), size, size)
+
+
+def test_clip_positions_agree_with_the_cameras_rays():
+    """A point on the ray through pixel (i, j) lands in that pixel of the raster (row 0 = top)."""
+    cameras = _cams(1, size=32)
+    origins, dirs = cameras.rays()
+    i, j = 21, 6  # column, row (top-down)
+    point = origins[0, j, i] + 2.7 * dirs[0, j, i]
+    clip = clip_positions(point.view(1, 3), cameras, 0.1, 100.0)[0, 0]
+    ndc = clip[:2] / clip[3]
+    column = (ndc[0] + 1) / 2 * cameras.width - 0.5
+    row = (ndc[1] + 1) / 2 * cameras.height - 0.5
+    assert torch.allclose(torch.stack([column, row]), torch.tensor([float(i), float(j)]), atol=1e-4)
+    assert -1 < float(clip[2] / clip[3]) < 1
+
+
+def test_render_gives_a_sphere_and_gradients_to_sdf_deformation_and_colour():
+    model = DMTet(DMTetConfig(init_radius=0.6, **TINY), generator=torch.Generator().manual_seed(0))
+    out = model.render(_cams(), torch.tensor([0.0, 1.0, 0.0]))
+    assert out.rgb.shape == (2, 24, 24, 3) and out.alpha.shape == (2, 24, 24, 1)
+    assert out.alpha[:, 12, 12, 0].min() == 1.0 and out.alpha[:, 0, 0, 0].max() == 0.0
+    assert torch.allclose(out.rgb[:, 0, 0], torch.tensor([0.0, 1.0, 0.0]).expand(2, 3))
+    # A loss on the image edge's colour only reaches the geometry through the antialiased silhouette.
+    target = torch.zeros_like(out.alpha)
+    ((out.alpha - target) ** 2).sum().backward()
+    assert model.sdf.grad.abs().sum() > 0 and model.deformation.grad.abs().sum() > 0
+    model.zero_grad()
+    out = model.render(_cams(), torch.ones(3))
+    out.rgb.sum().backward()
+    assert model.encoding.table.grad.abs().sum() > 0
+
+
+def test_regularisers_and_face_pairs():
+    faces = torch.tensor([[0, 1, 2], [2, 1, 3], [3, 4, 5]])
+    assert adjacent_face_pairs(faces).sort(dim=-1).values.tolist() == [[0, 1]]
+    model = DMTet(DMTetConfig(lambda_normal_consistency=Schedule(1.0), lambda_laplacian=Schedule(1.0), **TINY))
+    out = model.render(_cams(1), torch.ones(3))
+    losses = model.regularization(out, step=0)
+    assert set(losses) == {"normal_consistency", "laplacian"}
+    assert 0 < float(losses["normal_consistency"].detach()) < 0.5  # a sphere: neighbouring faces nearly agree
+    sum(losses.values()).backward()
+    assert model.sdf.grad.abs().sum() > 0
+
+
+def test_surface_export_and_empty_surface():
+    model = DMTet(DMTetConfig(init_radius=0.5, **TINY))
+    mesh, colour_fn = model.surface()
+    assert mesh.is_watertight and abs(mesh.bounding_sphere.primitive.radius - 0.5) < 0.05
+    assert colour_fn(torch.zeros(4, 3)).shape == (4, 3)
+    with torch.no_grad():
+        model.sdf.fill_(1.0)  # nothing inside
+    assert model.render(_cams(1), torch.ones(3)).alpha.sum() == 0
+    with pytest.raises(ValueError, match="surface is empty"):
+        model.surface()
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="init_radius"):
+        DMTetConfig(init_radius=1.5)
+    with pytest.raises(ValueError, match="grid_resolution"):
+        DMTetConfig(grid_resolution=1)
+    with pytest.raises(FileNotFoundError, match="init_from"):
+        DMTet(DMTetConfig(init_from="/nonexistent/run", **TINY))
+
