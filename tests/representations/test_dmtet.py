@@ -79,3 +79,24 @@ def test_config_validation():
     with pytest.raises(FileNotFoundError, match="init_from"):
         DMTet(DMTetConfig(init_from="/nonexistent/run", **TINY))
 
+
+
+def test_init_from_a_nerf_run_starts_at_its_density_surface(tmp_path):
+    from lift3d.config import load_config
+    from lift3d.train import Trainer
+
+    config = load_config("configs/quickstart-nerf.yaml", [
+        "representation.encoding.n_levels=4", "representation.encoding.log2_hashmap_size=12",
+        "representation.hidden_dim=16", "representation.num_samples_per_ray=32", "trainer.steps=1",
+        "trainer.cameras.width=8", "trainer.cameras.height=8", "trainer.resolution_milestones=[]",
+        "trainer.eval.num_views=1", "trainer.eval.width=8", "trainer.eval.height=8", "teacher.resolution=16",
+        "trainer.progress_bar=false", "export.formats=[]",
+    ])
+    Trainer(config, run_dir=tmp_path / "nerf").fit()
+    model = DMTet(DMTetConfig(init_from=str(tmp_path / "nerf"), **TINY))
+    mesh, _ = model.surface()
+    assert mesh.is_watertight and 0.2 < float(abs(mesh.vertices).max()) < 0.9
+    # The grid starts from the NeRF's density field, not from the default sphere.
+    sphere = DMTet(DMTetConfig(**TINY))
+    assert not torch.allclose(model.sdf, sphere.sdf)
+    assert (model.sdf < 0).any() and (model.sdf > 0).any()
