@@ -12,8 +12,7 @@ Initialisation: a sphere SDF (``init_radius``), or a NeRF run's density field
 ``level - density`` at each vertex, with the level from the same automatic rule as mesh export
 (Otsu on log(1 + density)), scaled to one grid cell at the steepest vertex.
 
-Projection: OpenCV cameras (``lift3d.cameras``) map to clip space with ``ndc_y`` growing *down*
-the image, so the rasterizer's row 0 is the image's top row and nothing is flipped.
+Rendering: ``lift3d.render.mesh.render_mesh`` (projection, deferred shading, antialiasing).
 """
 
 from __future__ import annotations
@@ -23,15 +22,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lift3d.cameras import Cameras
 from lift3d.config import Schedule
 from lift3d.geometry.tetrahedra import marching_tetrahedra, tetrahedral_grid
-from lift3d.kernels import mesh_raster
 from lift3d.kernels.hashgrid import HashGridConfig, HashGridEncoding
 from lift3d.registry import register
+from lift3d.render.mesh import face_normals, render_mesh
 from lift3d.representations.base import RenderOutput, Representation
 
 logger = logging.getLogger(__name__)
@@ -93,18 +91,6 @@ class DMTetConfig:
             raise ValueError("representation.near and far must satisfy 0 < near < far")
 
 
-def clip_positions(vertices: Tensor, cameras: Cameras, near: float, far: float) -> Tensor:
-    """[B, V, 4] homogeneous clip coordinates of world vertices [V, 3] for OpenCV pinhole cameras."""
-    w2c = cameras.world_to_camera().to(vertices)
-    homogeneous = torch.cat([vertices, torch.ones_like(vertices[:, :1])], dim=-1)
-    camera = torch.einsum("bij,vj->bvi", w2c, homogeneous)[..., :3]  # x right, y down, z forward
-    focal = cameras.focal().to(vertices).view(-1, 1)
-    x = camera[..., 0] * (2.0 * focal / cameras.width)
-    y = camera[..., 1] * (2.0 * focal / cameras.height)
-    z = camera[..., 2] * ((far + near) / (far - near)) - 2.0 * far * near / (far - near)
-    return torch.stack([x, y, z, camera[..., 2]], dim=-1)
-
-
 def adjacent_face_pairs(faces: Tensor) -> Tensor:
     """[P, 2] indices of face pairs sharing an edge (edges with exactly two faces)."""
     if len(faces) == 0:
@@ -116,12 +102,6 @@ def adjacent_face_pairs(faces: Tensor) -> Tensor:
     owner = owner[order]
     same = key[1:] == key[:-1]
     return torch.stack([owner[:-1][same], owner[1:][same]], dim=-1)
-
-
-def face_normals(vertices: Tensor, faces: Tensor) -> Tensor:
-    """Unit normals [F, 3] (counter-clockwise = outward)."""
-    p0, p1, p2 = vertices[faces[:, 0]], vertices[faces[:, 1]], vertices[faces[:, 2]]
-    return F.normalize(torch.cross(p1 - p0, p2 - p0, dim=-1), dim=-1, eps=1e-12)
 
 
 @register("representation", "dmtet", DMTetConfig)
@@ -193,32 +173,13 @@ class DMTet(Representation):
 
     def render(self, cameras: Cameras, background: Tensor) -> RenderOutput:
         cfg = self.config
-        B, H, W = len(cameras), cameras.height, cameras.width
         vertices, faces = self.mesh()
-        tier = cfg.kernel_tier or None
-        bg = background.to(self.sdf).view(1, 1, 1, 3).expand(B, H, W, 3)
-        if len(faces) == 0:  # the level set left the grid: nothing to draw (and no gradient to give)
-            empty = self.sdf.sum() * 0.0
-            return RenderOutput(rgb=bg + empty, alpha=torch.zeros(B, H, W, 1, device=bg.device) + empty,
-                                aux={"vertices": vertices, "faces": faces})
-        clip = clip_positions(vertices, cameras, cfg.near, cfg.far)
-        raster = mesh_raster.rasterize(clip, faces, (H, W), tier=tier)
-        points = mesh_raster.interpolate(vertices, raster, faces, tier=tier)  # [B, H, W, 3] world points
-        mask = raster.coverage()
-        covered = raster.triangle_id >= 0
-        colour = torch.zeros(B, H, W, 3, dtype=points.dtype, device=points.device)
-        colour = colour.index_put((covered,), self.color(points[covered])) if bool(covered.any()) else colour
-        image = torch.cat([colour * mask + bg * (1.0 - mask), mask], dim=-1)
-        if cfg.antialias:
-            image = mesh_raster.antialias(image, raster, clip, faces, tier=tier)
-        normals = face_normals(vertices, faces)
-        pixel_normals = torch.zeros_like(points)
-        if bool(covered.any()):
-            pixel_normals = pixel_normals.index_put((covered,), normals[raster.triangle_id[covered].long()])
-        return RenderOutput(
-            rgb=image[..., :3], alpha=image[..., 3:], depth=None, normal=pixel_normals,
-            aux={"vertices": vertices, "faces": faces},
+        out = render_mesh(
+            vertices, faces, cameras, background.to(self.sdf), attributes=vertices, shade=self.color,
+            near=cfg.near, far=cfg.far, antialias=cfg.antialias, tier=cfg.kernel_tier or None,
         )
+        out.aux.update(vertices=vertices, faces=faces)
+        return out
 
     # ------------------------------------------------------------------------------ training
 

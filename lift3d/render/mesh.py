@@ -1,0 +1,95 @@
+"""Rendering a triangle mesh through the rasterizer kernel (``kernels.mesh_raster``): projection of
+OpenCV cameras to clip space, deferred shading of interpolated vertex attributes, compositing over
+the background and analytic silhouette antialiasing. Shared by every mesh representation.
+
+Projection: OpenCV cameras (``lift3d.cameras``: x right, y down, z forward) map to clip space
+with ``ndc_y`` growing *down* the image, so the rasterizer's row 0 is the image's top row and
+nothing is flipped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lift3d.cameras import Cameras
+from lift3d.kernels import mesh_raster
+from lift3d.representations.base import RenderOutput
+
+ShadeFn = Callable[[Tensor], Tensor]
+"""Interpolated attributes of the covered pixels [N, A] -> their colours [N, C]."""
+
+
+def clip_positions(vertices: Tensor, cameras: Cameras, near: float, far: float) -> Tensor:
+    """[B, V, 4] homogeneous clip coordinates of world vertices [V, 3] for OpenCV pinhole cameras."""
+    w2c = cameras.world_to_camera().to(vertices)
+    homogeneous = torch.cat([vertices, torch.ones_like(vertices[:, :1])], dim=-1)
+    camera = torch.einsum("bij,vj->bvi", w2c, homogeneous)[..., :3]  # x right, y down, z forward
+    focal = cameras.focal().to(vertices).view(-1, 1)
+    x = camera[..., 0] * (2.0 * focal / cameras.width)
+    y = camera[..., 1] * (2.0 * focal / cameras.height)
+    z = camera[..., 2] * ((far + near) / (far - near)) - 2.0 * far * near / (far - near)
+    return torch.stack([x, y, z, camera[..., 2]], dim=-1)
+
+
+def face_normals(vertices: Tensor, faces: Tensor) -> Tensor:
+    """Unit normals [F, 3] (counter-clockwise = outward)."""
+    p0, p1, p2 = vertices[faces[:, 0]], vertices[faces[:, 1]], vertices[faces[:, 2]]
+    return F.normalize(torch.cross(p1 - p0, p2 - p0, dim=-1), dim=-1, eps=1e-12)
+
+
+def render_mesh(
+    vertices: Tensor,
+    faces: Tensor,
+    cameras: Cameras,
+    background: Tensor,
+    attributes: Tensor,
+    shade: ShadeFn,
+    near: float = 0.1,
+    far: float = 100.0,
+    antialias: bool = True,
+    topology: Tensor | None = None,
+    tier: str | None = None,
+) -> RenderOutput:
+    """Render B images of a mesh.
+
+    Args:
+        vertices: [V, 3] world positions (differentiable).
+        faces: [F, 3] vertex indices.
+        cameras: B cameras; the images are cameras.height x cameras.width.
+        background: [C] colour behind the mesh, in the shade function's space.
+        attributes: [V, A] per-vertex attributes interpolated for the shade function
+            (world positions for a colour field, UVs for a texture).
+        shade: interpolated attributes of the covered pixels [N, A] -> colours [N, C].
+        near, far: clip planes.
+        antialias: analytic silhouette antialiasing (the gradient path to the silhouette).
+        topology: ``mesh_raster.edge_topology(faces)`` if precomputed (fixed meshes).
+        tier: kernel tier (None = fastest live).
+
+    Returns:
+        rgb [B, H, W, C] (C from ``shade``), alpha [B, H, W, 1], world-space face normals per pixel.
+    """
+    B, H, W = len(cameras), cameras.height, cameras.width
+    channels = background.numel()
+    bg = background.to(vertices).view(1, 1, 1, channels).expand(B, H, W, channels)
+    if len(faces) == 0:  # nothing to draw (and no gradient to give)
+        empty = vertices.sum() * 0.0
+        return RenderOutput(rgb=bg + empty, alpha=torch.zeros(B, H, W, 1, device=bg.device) + empty)
+    clip = clip_positions(vertices, cameras, near, far)
+    raster = mesh_raster.rasterize(clip, faces, (H, W), tier=tier)
+    covered = raster.triangle_id >= 0
+    interpolated = mesh_raster.interpolate(attributes, raster, faces, tier=tier)
+    colour = torch.zeros(B, H, W, channels, dtype=vertices.dtype, device=vertices.device)
+    pixel_normals = torch.zeros(B, H, W, 3, dtype=vertices.dtype, device=vertices.device)
+    if bool(covered.any()):
+        colour = colour.index_put((covered,), shade(interpolated[covered]).to(colour.dtype))
+        normals = face_normals(vertices, faces)
+        pixel_normals = pixel_normals.index_put((covered,), normals[raster.triangle_id[covered].long()])
+    mask = raster.coverage()
+    image = torch.cat([colour * mask + bg * (1.0 - mask), mask], dim=-1)
+    if antialias:
+        image = mesh_raster.antialias(image, raster, clip, faces, topology=topology, tier=tier)
+    return RenderOutput(rgb=image[..., :channels], alpha=image[..., channels:], normal=pixel_normals)
