@@ -10,6 +10,7 @@ import lift3d.guidance.vsd  # noqa: F401  (vsd and esd)
 import lift3d.representations.dmtet  # noqa: F401
 import lift3d.representations.gaussians  # noqa: F401
 import lift3d.representations.latent_nerf  # noqa: F401
+import lift3d.representations.mesh  # noqa: F401
 import lift3d.representations.nerf  # noqa: F401
 import lift3d.teachers.analytic  # noqa: F401
 import lift3d.teachers.deepfloyd  # noqa: F401  (diffusers itself is imported only when built)

@@ -301,6 +301,13 @@ MEDIA_FORMATS = ("png", "mp4")
 MESH_FORMATS = ("glb", "obj")
 
 
+def trimesh_of(vertices, faces) -> "trimesh.Trimesh":  # noqa: F821
+    """A welded trimesh of UV-split arrays (for Chamfer scoring)."""
+    import trimesh
+
+    return trimesh.Trimesh(vertices, faces, process=True)
+
+
 def export_run(trainer: Trainer, formats: list[str]) -> tuple[list[Path], "trimesh.Trimesh | None"]:  # noqa: F821
     """Write the requested formats into ``<run>/export``: the representation's own files
     (e.g. ply), a textured mesh (glb/obj) and rendered media (png/mp4). Returns the files and
@@ -317,10 +324,17 @@ def export_run(trainer: Trainer, formats: list[str]) -> tuple[list[Path], "trime
     if mesh_formats:
         if not hasattr(trainer.representation, "surface"):
             raise ValueError(f"{type(trainer.representation).__name__} cannot export {mesh_formats}")
-        from lift3d.export.gltf import export_textured_mesh
+        from lift3d.export.gltf import export_textured_mesh, write_textured_mesh
 
-        mesh, color_fn = trainer.representation.surface()
-        written += export_textured_mesh(directory, mesh, color_fn, formats=mesh_formats, texture_size=cfg.texture_size)
+        textured = getattr(trainer.representation, "textured_surface", lambda: None)()
+        if textured is not None:  # the representation has its own UVs and texture
+            vertices, faces, uvs, texture = textured
+            written += write_textured_mesh(directory, vertices, faces, uvs, texture, formats=mesh_formats)
+            mesh = trimesh_of(vertices, faces)
+        else:
+            mesh, color_fn = trainer.representation.surface()
+            written += export_textured_mesh(directory, mesh, color_fn, formats=mesh_formats,
+                                            texture_size=cfg.texture_size)
     size = cfg.video_resolution
     eval_cfg = trainer.config.trainer.eval
     if "png" in formats:

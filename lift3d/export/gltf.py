@@ -228,6 +228,29 @@ def export_textured_mesh(
     texture = bake_texture(vertices, faces, uvs, color_fn, size=texture_size, device=device)
     # Normals of the unwrapped copy come from the original (welded) mesh, so seams stay smooth.
     normals = np.asarray(mesh.vertex_normals, dtype=np.float64)[vmapping]
+    return write_textured_mesh(directory, vertices, faces, uvs, texture, formats, name=name, metallic=metallic,
+                               roughness=roughness, normals=normals, front_to_plus_z=front_to_plus_z)
+
+
+def write_textured_mesh(
+    directory: Path | str,
+    vertices: np.ndarray,
+    faces: np.ndarray,
+    uvs: np.ndarray,
+    texture: np.ndarray,
+    formats: Sequence[str] = ("glb", "obj"),
+    name: str = "model",
+    metallic: float = 0.0,
+    roughness: float = 1.0,
+    normals: np.ndarray | bool = True,
+    front_to_plus_z: bool = False,
+) -> list[Path]:
+    """Write an already UV-mapped mesh with its uint8 sRGB base-colour texture as ``<name>.glb`` / ``.obj``."""
+    unknown = sorted(set(formats) - {"glb", "obj"})
+    if unknown:
+        raise ValueError(f"unknown mesh formats {unknown}; valid: ['glb', 'obj']")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
     common = dict(uvs=uvs, base_color_texture=texture, metallic=metallic, roughness=roughness,
                   normals=normals, front_to_plus_z=front_to_plus_z)
     written: list[Path] = []

@@ -491,3 +491,23 @@ def test_cli_runs_latent_nerf_sketch_shape_and_refinement_on_the_tiny_model(sd_f
         assert (run / "export" / "model.glb").is_file()
     assert "reg/sketch_shape" in (sketch_run / "metrics.jsonl").read_text()
     assert "reg/sketch_shape" not in (latent_run / "metrics.jsonl").read_text()
+
+
+def test_cli_runs_latent_paint_on_the_tiny_model(sd_folder, tmp_path):
+    """Latent-Paint: a latent UV texture on the given mesh, judged as latents, exported as a GLB."""
+    from lift3d.cli import main
+
+    out = tmp_path / "paint"
+    assert main([
+        "run", str(ROOT / "configs" / "latent-paint.yaml"), "--out", str(out),
+        f"representation.path={ROOT / 'configs' / 'sketches' / 'sphere-on-box.obj'}",
+        "representation.texture_resolution=16", f"teacher.model={sd_folder}", f"teacher.image_size={IMAGE}",
+        f"teacher.prompting.cache_dir={tmp_path / 'cache'}", "teacher.dtype=float32", "trainer.steps=2",
+        "trainer.cameras.width=8", "trainer.cameras.height=8", "trainer.eval.width=8", "trainer.eval.height=8",
+        "trainer.eval.num_views=2", "trainer.log_every=1", "trainer.progress_bar=false", "export.formats=[glb]",
+    ]) == 0
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2] and all(math.isfinite(m["loss"]) for m in metrics)
+    state = torch.load(out / "ckpt" / "last.pt", weights_only=True)["representation"]
+    assert state["texture"].shape == (1, 16, 16, 4) and state["texture"].abs().sum() > 0  # painted
+    assert (out / "export" / "model.glb").is_file()
