@@ -91,7 +91,7 @@ def extract_mesh(
     if coarse_to_fine and resolution > coarse_resolution >= 2:
         coarse = _sample_grid(field_fn, lo, hi, coarse_resolution, chunk, device)
         if level is None:
-            level = _auto_density_level(coarse)
+            level = auto_density_level(coarse)
         inside = _inside(coarse, level, level_kind)
         if inside.any():
             spacing = (hi - lo) / (np.array(coarse.shape) - 1)
@@ -106,7 +106,7 @@ def extract_mesh(
 
     grid = _sample_grid(field_fn, box_lo, box_hi, resolution, chunk, device)
     if level is None:
-        level = _auto_density_level(grid)
+        level = auto_density_level(grid)
     occupancy = grid - level if level_kind == "density" else level - grid  # > 0 inside
     occupancy = np.nan_to_num(occupancy, nan=-1.0, posinf=1.0, neginf=-1.0)
     if not (occupancy.max() > 0.0 and occupancy.min() < 0.0):
@@ -260,7 +260,7 @@ def _inside(grid: np.ndarray, level: float, level_kind: str) -> np.ndarray:
         return grid > level if level_kind == "density" else grid < level
 
 
-def _auto_density_level(grid: np.ndarray) -> float:
+def auto_density_level(grid: np.ndarray) -> float:
     """Otsu's level on log(1 + max(density, 0)), mapped back to density units."""
     values = np.log1p(np.clip(grid[np.isfinite(grid)], 0.0, None))
     if values.size == 0 or values.max() <= values.min():

@@ -12,10 +12,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from lift3d.cameras import Cameras
+from lift3d.geometry.meshes import face_normals
 from lift3d.kernels import mesh_raster
 from lift3d.representations.base import RenderOutput
 
@@ -33,12 +33,6 @@ def clip_positions(vertices: Tensor, cameras: Cameras, near: float, far: float) 
     y = camera[..., 1] * (2.0 * focal / cameras.height)
     z = camera[..., 2] * ((far + near) / (far - near)) - 2.0 * far * near / (far - near)
     return torch.stack([x, y, z, camera[..., 2]], dim=-1)
-
-
-def face_normals(vertices: Tensor, faces: Tensor) -> Tensor:
-    """Unit normals [F, 3] (counter-clockwise = outward)."""
-    p0, p1, p2 = vertices[faces[:, 0]], vertices[faces[:, 1]], vertices[faces[:, 2]]
-    return F.normalize(torch.cross(p1 - p0, p2 - p0, dim=-1), dim=-1, eps=1e-12)
 
 
 def render_mesh(

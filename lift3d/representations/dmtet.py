@@ -26,10 +26,11 @@ from torch import Tensor, nn
 
 from lift3d.cameras import Cameras
 from lift3d.config import Schedule
+from lift3d.geometry.meshes import smoothness_losses
 from lift3d.geometry.tetrahedra import marching_tetrahedra, tetrahedral_grid
 from lift3d.kernels.hashgrid import HashGridConfig, HashGridEncoding
 from lift3d.registry import register
-from lift3d.render.mesh import face_normals, render_mesh
+from lift3d.render.mesh import render_mesh
 from lift3d.representations.base import RenderOutput, Representation
 
 logger = logging.getLogger(__name__)
@@ -91,19 +92,6 @@ class DMTetConfig:
             raise ValueError("representation.near and far must satisfy 0 < near < far")
 
 
-def adjacent_face_pairs(faces: Tensor) -> Tensor:
-    """[P, 2] indices of face pairs sharing an edge (edges with exactly two faces)."""
-    if len(faces) == 0:
-        return faces.new_zeros(0, 2)
-    edges = torch.cat([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]]).sort(dim=-1).values
-    owner = torch.arange(len(faces), device=faces.device).repeat(3)
-    key = edges[:, 0] * (int(faces.max()) + 1) + edges[:, 1]
-    key, order = key.sort(stable=True)
-    owner = owner[order]
-    same = key[1:] == key[:-1]
-    return torch.stack([owner[:-1][same], owner[1:][same]], dim=-1)
-
-
 @register("representation", "dmtet", DMTetConfig)
 class DMTet(Representation):
     """SDF + deformation on a Kuhn tetrahedral grid, with a hash-grid colour field."""
@@ -133,7 +121,7 @@ class DMTet(Representation):
     def _sdf_from_nerf(self, source: str) -> Tensor:
         from lift3d.checkpoint import load_checkpoint
         from lift3d.config import load_config
-        from lift3d.export.mesh import _auto_density_level
+        from lift3d.export.mesh import auto_density_level
         from lift3d.train import build_representation
 
         path = Path(source).expanduser()
@@ -149,7 +137,7 @@ class DMTet(Representation):
         nerf.eval()
         with torch.no_grad():
             density = torch.cat([nerf.density(chunk) for chunk in self.grid_vertices.split(65536)])
-        level = _auto_density_level(density.numpy())
+        level = auto_density_level(density.numpy())
         sdf = level - density
         # SDF units: one cell at the steepest vertex keeps the zero crossings where the NeRF puts them.
         sdf = sdf / sdf.abs().max().clamp_min(1e-12) * self.cell * self.config.grid_resolution / 2
@@ -194,25 +182,10 @@ class DMTet(Representation):
 
     def regularization(self, render: RenderOutput, step: int) -> dict[str, Tensor]:
         cfg = self.config
-        losses: dict[str, Tensor] = {}
         vertices, faces = render.aux.get("vertices"), render.aux.get("faces")
         if vertices is None or faces is None or len(faces) == 0:
-            return losses
-        weight = cfg.lambda_normal_consistency(step)
-        if weight > 0:
-            pairs = adjacent_face_pairs(faces)
-            normals = face_normals(vertices, faces)
-            losses["normal_consistency"] = weight * (1.0 - (normals[pairs[:, 0]] * normals[pairs[:, 1]]).sum(-1)).mean()
-        weight = cfg.lambda_laplacian(step)
-        if weight > 0:
-            edges = torch.cat([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]])
-            edges = torch.cat([edges, edges.flip(-1)])
-            total = torch.zeros_like(vertices).index_add(0, edges[:, 0], vertices[edges[:, 1]])
-            degree = torch.zeros(len(vertices), device=vertices.device).index_add(
-                0, edges[:, 0], torch.ones(len(edges), device=vertices.device))
-            laplacian = vertices - total / degree.clamp_min(1.0).unsqueeze(-1)
-            losses["laplacian"] = weight * laplacian.square().sum(-1).mean()
-        return losses
+            return {}
+        return smoothness_losses(vertices, faces, cfg.lambda_normal_consistency(step), cfg.lambda_laplacian(step))
 
     def on_step(self, step: int, render: RenderOutput, optimizer: torch.optim.Optimizer) -> None:
         pass

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lift3d.config import Schedule
+from lift3d.geometry.meshes import load_normalized_mesh
 from lift3d.registry import register
 from lift3d.representations.base import RenderOutput
 from lift3d.representations.nerf import NeRF, NeRFConfig
@@ -49,6 +50,16 @@ LATENT_TO_RGB = (
     (-0.184, -0.271, -0.473),
 )
 """SD's linear latent -> RGB approximation [4, 3] (Latent-NeRF ``init_decoder_layer``); rgb = (z @ A + 1) / 2."""
+
+
+def latent_to_rgb(latent: Tensor, adapter: Tensor) -> Tensor:
+    """Latents [..., 4] -> RGB [..., 3] through an adapter matrix [4, 3]: (z @ A + 1) / 2 (not clamped)."""
+    return (latent @ adapter.to(latent) + 1.0) * 0.5
+
+
+def rgb_to_latent(rgb: Tensor, adapter: Tensor) -> Tensor:
+    """The least-squares latent [..., 4] whose adapter image is ``rgb`` [..., 3] (exact: A has rank 3)."""
+    return (2.0 * rgb - 1.0) @ torch.linalg.pinv(adapter.detach().double()).to(rgb)
 
 
 @dataclass
@@ -134,20 +145,10 @@ class SketchShape(nn.Module):
 
         config.validate()
         self.config, self.radius = config, radius
-        path = Path(config.mesh).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"representation.sketch_shape.mesh: no file {path}")
-        mesh = trimesh.load(path, force="mesh", process=True)
-        if len(mesh.faces) == 0:
-            raise ValueError(f"representation.sketch_shape.mesh: {path} has no faces")
+        mesh = load_normalized_mesh(config.mesh, config.scale, radius, "representation.sketch_shape.mesh")
         vertices = torch.as_tensor(mesh.vertices, dtype=torch.float64)
-        low, high = vertices.min(0).values, vertices.max(0).values
-        centred = vertices - (low + high) / 2
-        scale = config.scale * radius / centred.norm(dim=1).max().clamp_min(1e-12)
-        vertices = centred * scale
         faces = torch.as_tensor(mesh.faces, dtype=torch.long)
         triangles = vertices[faces].float()
-        mesh = trimesh.Trimesh(vertices.numpy(), mesh.faces, process=False)
         samples, _ = trimesh.sample.sample_surface(mesh, config.surface_samples, seed=0)
         samples = torch.as_tensor(samples, dtype=torch.float32)
 
@@ -162,7 +163,7 @@ class SketchShape(nn.Module):
         self.register_buffer("volume", volume.unsqueeze(0).contiguous(), persistent=False)
         self.register_buffer("vertices", vertices.float(), persistent=False)
         self.register_buffer("faces", faces, persistent=False)
-        logger.info("sketch shape %s: %d faces, %.1f%% of the box inside", path.name, len(faces), 100 * float(inside.mean()))
+        logger.info("sketch shape %s: %d faces, %.1f%% of the box inside", config.mesh, len(faces), 100 * float(inside.mean()))
 
     def lookup(self, points: Tensor) -> tuple[Tensor, Tensor]:
         """(alpha_GT, w) [P] at world points [P, 3], trilinear on the grids."""
@@ -231,17 +232,15 @@ class LatentNeRF(NeRF):
     def to_rgb(self, composited: Tensor) -> Tensor:
         if not self.config.refinement:
             return composited
-        return (self.adapter(composited) + 1.0) * 0.5
+        return latent_to_rgb(composited, self.adapter.weight.T)
 
     def rgb_to_field(self, rgb: Tensor) -> Tensor:
-        # The least-squares latent whose adapter image is rgb (a solid or random background in latent space).
-        pseudo_inverse = torch.linalg.pinv(self.adapter.weight.detach().T.double()).to(rgb)  # [3, 4]
-        return (2.0 * rgb - 1.0) @ pseudo_inverse
+        # A solid or random background in latent space, as the current adapter sees it.
+        return rgb_to_latent(rgb, self.adapter.weight.T)
 
     def albedo(self, points: Tensor) -> Tensor:
         """RGB [N, 3] in [0, 1] through the adapter (mesh textures of a latent NeRF are this approximation)."""
-        latent = self._raw(points)[1]
-        return ((self.adapter(latent) + 1.0) * 0.5).clamp(0.0, 1.0)
+        return latent_to_rgb(self._raw(points)[1], self.adapter.weight.T).clamp(0.0, 1.0)
 
     def param_groups(self) -> list[dict]:
         groups = super().param_groups()

@@ -28,13 +28,13 @@ from torch import Tensor, nn
 
 from lift3d.cameras import Cameras
 from lift3d.config import Schedule
+from lift3d.geometry.meshes import load_normalized_mesh, normalize_mesh, smoothness_losses
 from lift3d.kernels import mesh_raster
 from lift3d.kernels.hashgrid import HashGridConfig, HashGridEncoding
 from lift3d.registry import register
-from lift3d.render.mesh import face_normals, render_mesh
+from lift3d.render.mesh import render_mesh
 from lift3d.representations.base import RenderOutput, Representation
-from lift3d.representations.dmtet import adjacent_face_pairs
-from lift3d.representations.latent_nerf import LATENT_TO_RGB
+from lift3d.representations.latent_nerf import LATENT_TO_RGB, latent_to_rgb, rgb_to_latent
 
 logger = logging.getLogger(__name__)
 
@@ -106,19 +106,9 @@ def load_mesh(config: TexturedMeshConfig):
     import trimesh
 
     if config.path:
-        path = Path(config.path).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"representation.path: no mesh file {path}")
-        mesh = trimesh.load(path, force="mesh", process=False)
-        if len(mesh.faces) == 0:
-            raise ValueError(f"representation.path: {path} has no faces")
-    else:
-        mesh = trimesh.creation.icosphere(subdivisions=config.icosphere_subdivisions, radius=1.0)
-    if config.scale > 0:
-        low, high = mesh.bounds
-        mesh.vertices = mesh.vertices - (low + high) / 2
-        mesh.vertices = mesh.vertices * (config.scale * config.radius / np.linalg.norm(mesh.vertices, axis=1).max())
-    return mesh
+        return load_normalized_mesh(config.path, config.scale, config.radius, "representation.path")
+    sphere = trimesh.creation.icosphere(subdivisions=config.icosphere_subdivisions, radius=1.0)
+    return normalize_mesh(sphere, config.scale, config.radius)
 
 
 @register("representation", "mesh", TexturedMeshConfig)
@@ -177,8 +167,7 @@ class TexturedMesh(Representation):
     def _background(self, background: Tensor) -> Tensor:
         if not self.config.latent:
             return background
-        # The latent whose adapter image is the background colour (least squares).
-        return (2.0 * background.to(self.adapter) - 1.0) @ torch.linalg.pinv(self.adapter.double()).to(self.adapter)
+        return rgb_to_latent(background.to(self.adapter), self.adapter)
 
     # ---------------------------------------------------------------------------------- render
 
@@ -212,26 +201,11 @@ class TexturedMesh(Representation):
 
     def regularization(self, render: RenderOutput, step: int) -> dict[str, Tensor]:
         cfg = self.config
-        losses: dict[str, Tensor] = {}
         if not cfg.optimize_geometry:
-            return losses
+            return {}
         welded = self.base_vertices + self.offsets
         faces = self.vmapping[self.faces]  # regularise the welded surface: seams are not edges
-        weight = cfg.lambda_normal_consistency(step)
-        if weight > 0:
-            pairs = adjacent_face_pairs(faces)
-            normals = face_normals(welded, faces)
-            losses["normal_consistency"] = weight * (1.0 - (normals[pairs[:, 0]] * normals[pairs[:, 1]]).sum(-1)).mean()
-        weight = cfg.lambda_laplacian(step)
-        if weight > 0:
-            edges = torch.cat([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]])
-            edges = torch.cat([edges, edges.flip(-1)])
-            total = torch.zeros_like(welded).index_add(0, edges[:, 0], welded[edges[:, 1]])
-            degree = torch.zeros(len(welded), device=welded.device).index_add(
-                0, edges[:, 0], torch.ones(len(edges), device=welded.device))
-            laplacian = welded - total / degree.clamp_min(1.0).unsqueeze(-1)
-            losses["laplacian"] = weight * laplacian.square().sum(-1).mean()
-        return losses
+        return smoothness_losses(welded, faces, cfg.lambda_normal_consistency(step), cfg.lambda_laplacian(step))
 
     def on_step(self, step: int, render: RenderOutput, optimizer: torch.optim.Optimizer) -> None:
         pass
@@ -245,7 +219,7 @@ class TexturedMesh(Representation):
         if self.texture is None:
             return None
         texture = self.texture[0]
-        rgb = (texture @ self.adapter + 1.0) * 0.5 if self.config.latent else torch.sigmoid(texture)
+        rgb = latent_to_rgb(texture, self.adapter) if self.config.latent else torch.sigmoid(texture)
         image = (rgb.clamp(0, 1) * 255.0 + 0.5).to(torch.uint8).cpu().numpy()
         uvs = self.uvs * torch.tensor([1.0, -1.0]) + torch.tensor([0.0, 1.0])
         return (self.vertices().cpu().numpy(), self.faces.cpu().numpy(), uvs.cpu().numpy(), image)

@@ -7,7 +7,8 @@ from lift3d.cameras import orbit_cameras
 from lift3d.config import Schedule
 from lift3d.kernels.hashgrid import HashGridConfig
 from lift3d.render.mesh import clip_positions
-from lift3d.representations.dmtet import DMTet, DMTetConfig, adjacent_face_pairs
+from lift3d.geometry.meshes import adjacent_face_pairs
+from lift3d.representations.dmtet import DMTet, DMTetConfig
 
 TINY = {"grid_resolution": 16, "kernel_tier": "reference", "encoding": HashGridConfig(n_levels=4, log2_hashmap_size=12),
         "hidden_dim": 16}
