@@ -30,7 +30,7 @@ try:
 except ImportError:  # run as a script from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kernels import REFERENCE, Case, Result, compare_tiers, format_table, native_tiers, write_results  # noqa: E402
+from kernels import REFERENCE, Case, Result, compare_tiers, native_tiers, run_cli  # noqa: E402
 
 from lift3d.kernels._backend import tier_available  # noqa: E402
 from lift3d.kernels.hashgrid import FORWARD_OP, INIT_RANGE, HashGridConfig, hashgrid_encode, level_is_hashed  # noqa: E402
@@ -100,27 +100,8 @@ def cases() -> list[Case]:
     return [Case("hashgrid", bench_hashgrid, list(DEFAULT_SIZES))]
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", default=",".join(DEFAULT_SIZES), help="comma-separated N:L:F:log2T[:x]")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per tier (after one warm-up)")
-    parser.add_argument("--json", type=Path, default=Path("benchmarks/results/hashgrid.json"), help="where to write results")
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device of the inputs")
-    parser.add_argument("--threads", type=int, default=None, help="torch (and OpenMP) threads; default: torch's")
-    return parser.parse_args(argv)
-
-
 def main(argv: list[str] | None = None) -> list[Result]:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    args = parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    results: list[Result] = []
-    for size in args.sizes.split(","):
-        results.extend(bench_hashgrid(size, args))
-    print(format_table(results))
-    write_results(results, args)
-    return results
+    return run_cli(cases(), argv, __doc__, Path("benchmarks/results/hashgrid.json"), repeats_default=3)
 
 
 if __name__ == "__main__":

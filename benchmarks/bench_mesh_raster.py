@@ -31,7 +31,7 @@ except ImportError:  # run as a script from a checkout without `pip install -e .
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # for the shared helpers in kernels.py
 
-from kernels import REFERENCE, Case, Result, compare_tiers, format_table, native_tiers, write_results  # noqa: E402
+from kernels import REFERENCE, Case, Result, compare_tiers, native_tiers, run_cli  # noqa: E402
 
 from lift3d.cameras import orbit_cameras  # noqa: E402
 from lift3d.kernels._backend import tier_available  # noqa: E402
@@ -148,29 +148,8 @@ def cases() -> list[Case]:
     return [Case("mesh_raster", bench_mesh_raster, list(DEFAULT_SIZES))]
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", default=",".join(DEFAULT_SIZES), help="comma-separated WxH:F")
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs per tier (after one warm-up)")
-    parser.add_argument(
-        "--json", type=Path, default=Path("benchmarks/results/mesh_raster.json"), help="where to write results"
-    )
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device of the inputs")
-    parser.add_argument("--threads", type=int, default=None, help="torch (and OpenMP) threads; default: torch's")
-    return parser.parse_args(argv)
-
-
 def main(argv: list[str] | None = None) -> list[Result]:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    args = parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    results: list[Result] = []
-    for size in args.sizes.split(","):
-        results.extend(bench_mesh_raster(size, args))
-    print(format_table(results))
-    write_results(results, args)
-    return results
+    return run_cli(cases(), argv, __doc__, Path("benchmarks/results/mesh_raster.json"), repeats_default=5)
 
 
 if __name__ == "__main__":

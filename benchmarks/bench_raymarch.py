@@ -29,7 +29,7 @@ except ImportError:  # run as a script from a checkout without `pip install -e .
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # for the shared helpers in kernels.py
 
-from kernels import REFERENCE, Case, Result, compare_tiers, format_table, native_tiers, write_results  # noqa: E402
+from kernels import REFERENCE, Case, Result, compare_tiers, native_tiers, run_cli  # noqa: E402
 
 from lift3d.cameras import orbit_cameras  # noqa: E402
 from lift3d.kernels._backend import tier_available  # noqa: E402
@@ -156,35 +156,8 @@ def cases() -> list[Case]:
     ]
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", default=",".join(c.name for c in cases()), help="comma-separated case names")
-    parser.add_argument("--sizes", default=None, help="comma-separated WxH:N sizes for every selected case")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per tier (after one warm-up)")
-    parser.add_argument(
-        "--json", type=Path, default=Path("benchmarks/results/raymarch.json"), help="where to write results"
-    )
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device of the inputs")
-    return parser.parse_args(argv)
-
-
 def main(argv: list[str] | None = None) -> list[Result]:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    args = parse_args(argv)
-    selected = set(args.cases.split(","))
-    known = cases()
-    unknown = selected - {c.name for c in known}
-    if unknown:
-        raise SystemExit(f"unknown case(s): {', '.join(sorted(unknown))}")
-    results: list[Result] = []
-    for case in known:
-        if case.name not in selected:
-            continue
-        for size in args.sizes.split(",") if args.sizes else case.default_sizes:
-            results.extend(case.run(size, args))
-    print(format_table(results))
-    write_results(results, args)
-    return results
+    return run_cli(cases(), argv, __doc__, Path("benchmarks/results/raymarch.json"), repeats_default=3)
 
 
 if __name__ == "__main__":

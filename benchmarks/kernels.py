@@ -225,16 +225,15 @@ def format_table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", default=",".join(c.name for c in all_cases()), help="comma-separated case names")
+def parse_args(argv: list[str] | None, cases: list[Case], description: str | None, json_default: Path,
+               repeats_default: int) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", default=",".join(c.name for c in cases), help="comma-separated case names")
     parser.add_argument(
         "--sizes", default=None, help="comma-separated sizes for every selected case (gaussian_raster: WxH:N)"
     )
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs per tier (after one warm-up)")
-    parser.add_argument(
-        "--json", type=Path, default=Path("benchmarks/results/kernels.json"), help="where to write results"
-    )
+    parser.add_argument("--repeats", type=int, default=repeats_default, help="timed runs per tier (after one warm-up)")
+    parser.add_argument("--json", type=Path, default=json_default, help="where to write results")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device of the inputs")
     parser.add_argument("--threads", type=int, default=None, help="torch/OpenMP threads (default: torch's choice)")
     parser.add_argument(
@@ -244,13 +243,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> list[Result]:
+def run_cli(cases: list[Case], argv: list[str] | None, description: str | None, json_default: Path,
+            repeats_default: int = 5) -> list[Result]:
+    """The command line of every kernel benchmark script: select cases and sizes, time, print, save."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    args = parse_args(argv)
+    args = parse_args(argv, cases, description, json_default, repeats_default)
     if args.threads is not None:
         torch.set_num_threads(args.threads)  # also the OpenMP thread count of the C++ kernels
     selected = set(args.cases.split(","))
-    cases = all_cases()
     unknown = selected - {c.name for c in cases}
     if unknown:
         raise SystemExit(f"unknown case(s): {', '.join(sorted(unknown))}")
@@ -264,6 +264,10 @@ def main(argv: list[str] | None = None) -> list[Result]:
     print(format_table(results))
     write_results(results, args)
     return results
+
+
+def main(argv: list[str] | None = None) -> list[Result]:
+    return run_cli(all_cases(), argv, __doc__, Path("benchmarks/results/kernels.json"))
 
 
 def write_results(results: list[Result], args: argparse.Namespace) -> None:
