@@ -22,6 +22,8 @@
 
 #include <torch/extension.h>
 
+#include "raymarch_inputs.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -39,15 +41,10 @@
 
 namespace {
 
-void check_tensor(const at::Tensor& t, const char* op, const char* name, at::ScalarType dtype,
-                  std::vector<int64_t> shape) {
-  TORCH_CHECK(t.device().is_cpu(), op, " (cpu tier): ", name, " must be on the CPU");
-  TORCH_CHECK(t.scalar_type() == dtype, op, " (cpu tier): ", name, " must be ", dtype, ", got ",
-              t.scalar_type());
-  TORCH_CHECK(t.is_contiguous(), op, " (cpu tier): ", name, " must be contiguous");
-  TORCH_CHECK(t.sizes() == at::IntArrayRef(shape), op, " (cpu tier): ", name, " has shape ", t.sizes(),
-              ", expected ", at::IntArrayRef(shape));
-}
+using lift3d_raymarch::check_composite_backward_inputs;
+using lift3d_raymarch::check_composite_forward_inputs;
+using lift3d_raymarch::check_march_inputs;
+using lift3d_raymarch::Tier;
 
 // ------------------------------------------------------------------------------------------------
 // march_rays
@@ -111,18 +108,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> march_rays(const at::Tensor& orig
                                                           int64_t resolution, double step_size,
                                                           const c10::optional<at::Tensor>& jitter,
                                                           int64_t max_samples) {
-  const char* op = "march_rays";
+  check_march_inputs(Tier::kCpu, origins, dirs, t_min, t_max, aabb, occupancy, resolution, step_size, jitter,
+                     max_samples);
   const int64_t R = origins.size(0);
-  check_tensor(origins, op, "origins", at::kFloat, {R, 3});
-  check_tensor(dirs, op, "dirs", at::kFloat, {R, 3});
-  check_tensor(t_min, op, "t_min", at::kFloat, {R});
-  check_tensor(t_max, op, "t_max", at::kFloat, {R});
-  check_tensor(aabb, op, "aabb", at::kFloat, {6});
-  TORCH_CHECK(resolution > 0, "march_rays: resolution must be positive");
-  check_tensor(occupancy, op, "occupancy", at::kBool, {resolution * resolution * resolution});
-  TORCH_CHECK(step_size > 0.0, "march_rays: step_size must be positive");
-  TORCH_CHECK(max_samples >= 0, "march_rays: max_samples must be >= 0");
-  if (jitter.has_value()) check_tensor(*jitter, op, "jitter", at::kFloat, {R});
 
   Marcher m;
   m.origins = origins.data_ptr<float>();
@@ -227,18 +215,8 @@ std::vector<int64_t> ray_offsets(const at::Tensor& ray_indices, int64_t R) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> composite_forward(
     const at::Tensor& sigmas, const at::Tensor& values, const at::Tensor& t_starts, const at::Tensor& t_ends,
     const at::Tensor& ray_indices, int64_t num_rays, double transmittance_threshold) {
-  const char* op = "composite_forward";
-  const int64_t S = sigmas.size(0);
-  TORCH_CHECK(values.dim() == 2, "composite_forward: values must be [S, C]");
-  const int64_t C = values.size(1);
-  const int64_t R = num_rays;
-  TORCH_CHECK(R >= 0, "composite_forward: num_rays must be >= 0");
-  check_tensor(sigmas, op, "sigmas", at::kFloat, {S});
-  check_tensor(values, op, "values", at::kFloat, {S, C});
-  check_tensor(t_starts, op, "t_starts", at::kFloat, {S});
-  check_tensor(t_ends, op, "t_ends", at::kFloat, {S});
-  check_tensor(ray_indices, op, "ray_indices", at::kLong, {S});
-  TORCH_CHECK(transmittance_threshold > 0.0, "composite_forward: transmittance_threshold must be positive");
+  const auto [S, C, R] = check_composite_forward_inputs(Tier::kCpu, sigmas, values, t_starts, t_ends, ray_indices,
+                                                        num_rays, transmittance_threshold);
 
   const std::vector<int64_t> offsets = ray_offsets(ray_indices, R);
   const CompositeInputs in{sigmas.data_ptr<float>(), values.data_ptr<float>(), t_starts.data_ptr<float>(),
@@ -291,20 +269,8 @@ std::tuple<at::Tensor, at::Tensor> composite_backward(const at::Tensor& sigmas, 
                                                       const at::Tensor& grad_accumulated,
                                                       const at::Tensor& grad_opacity, const at::Tensor& grad_depth,
                                                       double transmittance_threshold) {
-  const char* op = "composite_backward";
-  const int64_t S = sigmas.size(0);
-  TORCH_CHECK(values.dim() == 2, "composite_backward: values must be [S, C]");
-  const int64_t C = values.size(1);
-  const int64_t R = ray_offsets_tensor.size(0) - 1;
-  check_tensor(sigmas, op, "sigmas", at::kFloat, {S});
-  check_tensor(values, op, "values", at::kFloat, {S, C});
-  check_tensor(t_starts, op, "t_starts", at::kFloat, {S});
-  check_tensor(t_ends, op, "t_ends", at::kFloat, {S});
-  check_tensor(ray_offsets_tensor, op, "ray_offsets", at::kLong, {R + 1});
-  check_tensor(grad_weights, op, "grad_weights", at::kFloat, {S});
-  check_tensor(grad_accumulated, op, "grad_accumulated", at::kFloat, {R, C});
-  check_tensor(grad_opacity, op, "grad_opacity", at::kFloat, {R, 1});
-  check_tensor(grad_depth, op, "grad_depth", at::kFloat, {R, 1});
+  const auto [S, C, R] = check_composite_backward_inputs(Tier::kCpu, sigmas, values, t_starts, t_ends, ray_offsets_tensor,
+                                                         grad_weights, grad_accumulated, grad_opacity, grad_depth);
 
   const int64_t* offsets = ray_offsets_tensor.data_ptr<int64_t>();
   const CompositeInputs in{sigmas.data_ptr<float>(), values.data_ptr<float>(), t_starts.data_ptr<float>(),

@@ -3,6 +3,8 @@
 
 #include <torch/extension.h>
 
+#include "raymarch_inputs.h"
+
 #include <cmath>
 #include <cstdint>
 #include <tuple>
@@ -33,16 +35,12 @@ const char* lift3d_composite_backward(const float* sigmas, const float* values, 
 
 namespace {
 
-CUstream_st* as_stream(int64_t stream) { return reinterpret_cast<CUstream_st*>(static_cast<intptr_t>(stream)); }
+using lift3d_raymarch::check_composite_backward_inputs;
+using lift3d_raymarch::check_composite_forward_inputs;
+using lift3d_raymarch::check_march_inputs;
+using lift3d_raymarch::Tier;
 
-void check_tensor(const at::Tensor& t, const char* op, const char* name, at::ScalarType dtype,
-                  std::vector<int64_t> shape) {
-  TORCH_CHECK(t.is_cuda(), op, " (cuda tier): ", name, " must be a CUDA tensor");
-  TORCH_CHECK(t.scalar_type() == dtype, op, " (cuda tier): ", name, " must be ", dtype, ", got ", t.scalar_type());
-  TORCH_CHECK(t.is_contiguous(), op, " (cuda tier): ", name, " must be contiguous");
-  TORCH_CHECK(t.sizes() == at::IntArrayRef(shape), op, " (cuda tier): ", name, " has shape ", t.sizes(),
-              ", expected ", at::IntArrayRef(shape));
-}
+CUstream_st* as_stream(int64_t stream) { return reinterpret_cast<CUstream_st*>(static_cast<intptr_t>(stream)); }
 
 void check_launch(const char* error, const char* op) {
   TORCH_CHECK(error == nullptr, op, " (cuda tier) failed: ", error);
@@ -54,18 +52,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> march_rays(const at::Tensor& orig
                                                           int64_t resolution, double step_size,
                                                           const c10::optional<at::Tensor>& jitter,
                                                           int64_t max_samples, int64_t stream_handle) {
-  const char* op = "march_rays";
+  check_march_inputs(Tier::kCuda, origins, dirs, t_min, t_max, aabb, occupancy, resolution, step_size, jitter,
+                     max_samples);
   const int64_t R = origins.size(0);
-  check_tensor(origins, op, "origins", at::kFloat, {R, 3});
-  check_tensor(dirs, op, "dirs", at::kFloat, {R, 3});
-  check_tensor(t_min, op, "t_min", at::kFloat, {R});
-  check_tensor(t_max, op, "t_max", at::kFloat, {R});
-  check_tensor(aabb, op, "aabb", at::kFloat, {6});
-  TORCH_CHECK(resolution > 0, "march_rays: resolution must be positive");
-  check_tensor(occupancy, op, "occupancy", at::kBool, {resolution * resolution * resolution});
-  TORCH_CHECK(step_size > 0.0, "march_rays: step_size must be positive");
-  TORCH_CHECK(max_samples >= 0, "march_rays: max_samples must be >= 0");
-  if (jitter.has_value()) check_tensor(*jitter, op, "jitter", at::kFloat, {R});
   const c10::DeviceGuard guard(origins.device());
   CUstream_st* stream = as_stream(stream_handle);
   const float step = static_cast<float>(step_size);
@@ -77,7 +66,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> march_rays(const at::Tensor& orig
   check_launch(lift3d_march_count(origins.data_ptr<float>(), dirs.data_ptr<float>(), t_min.data_ptr<float>(),
                                   t_max.data_ptr<float>(), aabb.data_ptr<float>(), occ, resolution, step, jitter_ptr,
                                   max_samples, R, counts.data_ptr<int64_t>(), stream),
-               op);
+               "march_rays");
   const at::Tensor inclusive = counts.cumsum(0);
   const int64_t S = R > 0 ? inclusive[R - 1].item<int64_t>() : 0;
   at::Tensor ray_indices = at::empty({S}, origins.options().dtype(at::kLong));
@@ -89,7 +78,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> march_rays(const at::Tensor& orig
                                    jitter_ptr, max_samples, R, inclusive.data_ptr<int64_t>(),
                                    ray_indices.data_ptr<int64_t>(), t_starts.data_ptr<float>(),
                                    t_ends.data_ptr<float>(), stream),
-                 op);
+                 "march_rays");
   }
   return {ray_indices, t_starts, t_ends};
 }
@@ -101,18 +90,8 @@ float max_optical_depth(double transmittance_threshold) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> composite_forward(
     const at::Tensor& sigmas, const at::Tensor& values, const at::Tensor& t_starts, const at::Tensor& t_ends,
     const at::Tensor& ray_indices, int64_t num_rays, double transmittance_threshold, int64_t stream) {
-  const char* op = "composite_forward";
-  const int64_t S = sigmas.size(0);
-  TORCH_CHECK(values.dim() == 2, "composite_forward: values must be [S, C]");
-  const int64_t C = values.size(1);
-  const int64_t R = num_rays;
-  TORCH_CHECK(R >= 0, "composite_forward: num_rays must be >= 0");
-  check_tensor(sigmas, op, "sigmas", at::kFloat, {S});
-  check_tensor(values, op, "values", at::kFloat, {S, C});
-  check_tensor(t_starts, op, "t_starts", at::kFloat, {S});
-  check_tensor(t_ends, op, "t_ends", at::kFloat, {S});
-  check_tensor(ray_indices, op, "ray_indices", at::kLong, {S});
-  TORCH_CHECK(transmittance_threshold > 0.0, "composite_forward: transmittance_threshold must be positive");
+  const auto [S, C, R] = check_composite_forward_inputs(Tier::kCuda, sigmas, values, t_starts, t_ends, ray_indices,
+                                                        num_rays, transmittance_threshold);
   const c10::DeviceGuard guard(sigmas.device());
   if (S > 0) {
     const bool sorted = S == 1 || (ray_indices.slice(0, 1) >= ray_indices.slice(0, 0, S - 1)).all().item<bool>();
@@ -133,7 +112,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> composite
                                         max_optical_depth(transmittance_threshold), weights.data_ptr<float>(),
                                         accumulated.data_ptr<float>(), opacity.data_ptr<float>(),
                                         depth.data_ptr<float>(), as_stream(stream)),
-               op);
+               "composite_forward");
   return {weights, accumulated, opacity, depth, offsets};
 }
 
@@ -143,21 +122,8 @@ std::tuple<at::Tensor, at::Tensor> composite_backward(const at::Tensor& sigmas, 
                                                       const at::Tensor& grad_accumulated,
                                                       const at::Tensor& grad_opacity, const at::Tensor& grad_depth,
                                                       double transmittance_threshold, int64_t stream) {
-  const char* op = "composite_backward";
-  const int64_t S = sigmas.size(0);
-  TORCH_CHECK(values.dim() == 2, "composite_backward: values must be [S, C]");
-  const int64_t C = values.size(1);
-  const int64_t R = ray_offsets.size(0) - 1;
-  TORCH_CHECK(R >= 0, "composite_backward: bad ray_offsets");
-  check_tensor(sigmas, op, "sigmas", at::kFloat, {S});
-  check_tensor(values, op, "values", at::kFloat, {S, C});
-  check_tensor(t_starts, op, "t_starts", at::kFloat, {S});
-  check_tensor(t_ends, op, "t_ends", at::kFloat, {S});
-  check_tensor(ray_offsets, op, "ray_offsets", at::kLong, {R + 1});
-  check_tensor(grad_weights, op, "grad_weights", at::kFloat, {S});
-  check_tensor(grad_accumulated, op, "grad_accumulated", at::kFloat, {R, C});
-  check_tensor(grad_opacity, op, "grad_opacity", at::kFloat, {R, 1});
-  check_tensor(grad_depth, op, "grad_depth", at::kFloat, {R, 1});
+  const auto [S, C, R] = check_composite_backward_inputs(Tier::kCuda, sigmas, values, t_starts, t_ends, ray_offsets,
+                                                         grad_weights, grad_accumulated, grad_opacity, grad_depth);
   const c10::DeviceGuard guard(sigmas.device());
   // Every entry is written (the offsets from composite_forward cover [0, S) exactly).
   at::Tensor grad_sigmas = at::empty({S}, sigmas.options());
@@ -169,7 +135,7 @@ std::tuple<at::Tensor, at::Tensor> composite_backward(const at::Tensor& sigmas, 
                                          grad_accumulated.data_ptr<float>(), grad_opacity.data_ptr<float>(),
                                          grad_depth.data_ptr<float>(), grad_sigmas.data_ptr<float>(),
                                          grad_values.data_ptr<float>(), as_stream(stream)),
-               op);
+               "composite_backward");
   return {grad_sigmas, grad_values};
 }
 
