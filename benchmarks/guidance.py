@@ -125,9 +125,6 @@ def markdown_report(paths: list[Path]) -> str:
 def main(argv: list[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
-    if argv and argv[0] == "--report":
-        sys.stdout.write(markdown_report([Path(p) for p in argv[1:]]))
-        return 0
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--objectives", default="", help="comma list (default: every registered guidance)")
     parser.add_argument("--representations", default="gaussians,nerf", help="comma list of gaussians, nerf")
@@ -137,8 +134,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=0, help="override trainer.steps (0 = the preset's)")
     parser.add_argument("--quick", action="store_true", help="300 steps at 32 px on two prompts")
     parser.add_argument("--json", default="benchmarks/results/guidance.json")
+    parser.add_argument("--report", nargs="+", type=Path, metavar="JSON", help="render saved results as Markdown and exit")
     parser.add_argument("overrides", nargs="*", help="key=value overrides for every run (after --)")
     args = parser.parse_args(argv)
+    if args.report:
+        sys.stdout.write(markdown_report(args.report))
+        return 0
     logging.basicConfig(level=logging.WARNING)
 
     objectives = [o for o in args.objectives.split(",") if o] or registry.choices("guidance")
