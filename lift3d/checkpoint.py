@@ -58,6 +58,14 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return state
 
 
+def resolve_init_from(source: str | Path, key: str = "representation.init_from") -> Path:
+    """The checkpoint an ``init_from`` option names (a file or a run folder), as ``FileNotFoundError`` naming ``key``."""
+    try:
+        return resolve_checkpoint_path(Path(source).expanduser())
+    except CheckpointError as error:
+        raise FileNotFoundError(f"{key}: {error}") from None
+
+
 def run_dir_of_checkpoint(path: Path) -> Path:
     """The run folder holding ``<run>/ckpt/<file>.pt``."""
     return Path(path).resolve().parent.parent

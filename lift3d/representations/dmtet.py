@@ -119,16 +119,15 @@ class DMTet(Representation):
     # ------------------------------------------------------------------------------ geometry
 
     def _sdf_from_nerf(self, source: str) -> Tensor:
-        from lift3d.checkpoint import load_checkpoint
+        from lift3d.checkpoint import load_checkpoint, resolve_init_from, run_dir_of_checkpoint
         from lift3d.config import load_config
         from lift3d.export.mesh import auto_density_level
         from lift3d.train import build_representation
 
-        path = Path(source).expanduser()
-        run_dir = path if path.is_dir() else path.parent.parent
-        checkpoint = path / "ckpt" / "last.pt" if path.is_dir() else path
-        if not checkpoint.is_file() or not (run_dir / "config.yaml").is_file():
-            raise FileNotFoundError(f"representation.init_from: no run (config.yaml + ckpt/last.pt) at {path}")
+        checkpoint = resolve_init_from(source)
+        run_dir = run_dir_of_checkpoint(checkpoint)
+        if not (run_dir / "config.yaml").is_file():
+            raise FileNotFoundError(f"representation.init_from: no config.yaml in the run folder {run_dir}")
         run_config = load_config(run_dir / "config.yaml")
         nerf = build_representation(run_config, torch.device("cpu"))
         nerf.load_state_dict(load_checkpoint(checkpoint)["representation"])

@@ -28,13 +28,13 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lift3d.checkpoint import load_checkpoint, resolve_init_from
 from lift3d.config import Schedule
 from lift3d.geometry.meshes import load_normalized_mesh
 from lift3d.registry import register
@@ -186,18 +186,6 @@ class SketchShape(nn.Module):
 # ------------------------------------------------------------------------------ representation
 
 
-def load_representation_state(source: str) -> dict[str, Tensor]:
-    """The representation state dict of a checkpoint file or run folder (``ckpt/last.pt``)."""
-    from lift3d.checkpoint import load_checkpoint
-
-    path = Path(source).expanduser()
-    if path.is_dir():
-        path = path / "ckpt" / "last.pt"
-    if not path.is_file():
-        raise FileNotFoundError(f"representation.init_from: no checkpoint at {path}")
-    return load_checkpoint(path)["representation"]
-
-
 @register("representation", "latent-nerf", LatentNeRFConfig)
 class LatentNeRF(NeRF):
     """Hash-grid NeRF whose field is 4 SD latent channels (or RGB through the adapter when refining)."""
@@ -215,7 +203,7 @@ class LatentNeRF(NeRF):
         self.adapter.requires_grad_(config.refinement)
         self.sketch = SketchShape(config.sketch_shape, config.radius) if config.sketch_shape.mesh else None
         if config.init_from:
-            state = load_representation_state(config.init_from)
+            state = load_checkpoint(resolve_init_from(config.init_from))["representation"]
             missing, unexpected = self.load_state_dict(state, strict=False)
             # A NeRF checkpoint may lack the adapter (kept at its init); anything else must match.
             missing = [k for k in missing if not k.startswith("adapter.")]
