@@ -11,7 +11,7 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-from tiny_diffusers import IF_MAX_TOKENS, save_tiny_if  # noqa: E402  (tests/teachers is on sys.path)
+from tiny_diffusers import IF_MAX_TOKENS, one_thread, save_tiny_if  # noqa: E402, F401  (tests/teachers is on sys.path)
 
 from lift3d import registry  # noqa: E402
 from lift3d.cameras import orbit_cameras  # noqa: E402
@@ -23,13 +23,7 @@ from lift3d.teachers.prompting import PromptConfig  # noqa: E402
 RESOLUTION = 16
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny models are all overhead: extra threads only add contention on a shared box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # shared fixture from tiny_diffusers
 
 
 @pytest.fixture(scope="module")

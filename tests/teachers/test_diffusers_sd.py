@@ -14,7 +14,7 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-from tiny_diffusers import save_tiny_sd  # noqa: E402  (tests/teachers is on sys.path)
+from tiny_diffusers import one_thread, save_tiny_sd  # noqa: E402, F401  (tests/teachers is on sys.path)
 
 from lift3d import registry  # noqa: E402
 from lift3d.cameras import orbit_cameras  # noqa: E402
@@ -39,13 +39,7 @@ IMAGE = 16
 """Teacher image size of the tiny models (the tiny VAE halves it: 8x8 latents)."""
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny models are all overhead: extra threads only add contention on a shared box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # shared fixture from tiny_diffusers
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz,"
@@ -149,3 +150,13 @@ def save_tiny_if(folder: Path, seed: int = 0) -> Path:
         "safety_checker": None, "feature_extractor": None, "watermarker": None,
     })
     return folder
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """The tiny models are all overhead: extra threads only add contention on a shared box.
+    Test modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")`` after importing it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
