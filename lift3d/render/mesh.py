@@ -10,6 +10,7 @@ nothing is flipped.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -19,8 +20,22 @@ from lift3d.geometry.meshes import face_normals
 from lift3d.kernels import mesh_raster
 from lift3d.representations.base import RenderOutput
 
-ShadeFn = Callable[[Tensor], Tensor]
-"""Interpolated attributes of the covered pixels [N, A] -> their colours [N, C]."""
+
+
+@dataclass
+class SurfacePixels:
+    """What a shade function knows about the N covered pixels besides their interpolated attributes."""
+
+    normals: Tensor
+    """[N, 3] unit world-space normals of the faces seen (differentiable in the vertices)."""
+    view_dirs: Tensor
+    """[N, 3] unit world-space directions from the surface towards the camera."""
+    batch_index: Tensor
+    """[N] which camera of the batch each pixel belongs to."""
+
+
+ShadeFn = Callable[[Tensor, SurfacePixels], Tensor]
+"""(interpolated attributes of the covered pixels [N, A], their surface context) -> colours [N, C]."""
 
 
 def clip_positions(vertices: Tensor, cameras: Cameras, near: float, far: float) -> Tensor:
@@ -57,7 +72,7 @@ def render_mesh(
         background: [C] colour behind the mesh, in the shade function's space.
         attributes: [V, A] per-vertex attributes interpolated for the shade function
             (world positions for a colour field, UVs for a texture).
-        shade: interpolated attributes of the covered pixels [N, A] -> colours [N, C].
+        shade: (interpolated attributes of the covered pixels [N, A], ``SurfacePixels``) -> colours [N, C].
         near, far: clip planes.
         antialias: analytic silhouette antialiasing (the gradient path to the silhouette).
         topology: ``mesh_raster.edge_topology(faces)`` if precomputed (fixed meshes).
@@ -79,9 +94,15 @@ def render_mesh(
     colour = torch.zeros(B, H, W, channels, dtype=vertices.dtype, device=vertices.device)
     pixel_normals = torch.zeros(B, H, W, 3, dtype=vertices.dtype, device=vertices.device)
     if bool(covered.any()):
-        colour = colour.index_put((covered,), shade(interpolated[covered]).to(colour.dtype))
-        normals = face_normals(vertices, faces)
-        pixel_normals = pixel_normals.index_put((covered,), normals[raster.triangle_id[covered].long()])
+        normals = face_normals(vertices, faces)[raster.triangle_id[covered].long()]
+        _, directions = cameras.rays()
+        pixels = SurfacePixels(
+            normals=normals,
+            view_dirs=-torch.nn.functional.normalize(directions.to(vertices)[covered], dim=-1),
+            batch_index=covered.nonzero()[:, 0],
+        )
+        colour = colour.index_put((covered,), shade(interpolated[covered], pixels).to(colour.dtype))
+        pixel_normals = pixel_normals.index_put((covered,), normals)
     mask = raster.coverage()
     image = torch.cat([colour * mask + bg * (1.0 - mask), mask], dim=-1)
     if antialias:

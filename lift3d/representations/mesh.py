@@ -175,9 +175,9 @@ class TexturedMesh(Representation):
         cfg = self.config
         vertices = self.vertices()
         if cfg.appearance == "uv":
-            attributes, shade = self.uvs, self._texel_values
+            attributes, shade = self.uvs, lambda uv, _: self._texel_values(uv)
         else:
-            attributes, shade = vertices, self.color
+            attributes, shade = vertices, lambda points, _: self.color(points)
         out = render_mesh(
             vertices, self.faces, cameras, self._background(background), attributes=attributes, shade=shade,
             near=cfg.near, far=cfg.far, antialias=cfg.antialias, topology=self.topology, tier=cfg.kernel_tier or None,
