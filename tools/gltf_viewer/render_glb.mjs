@@ -42,12 +42,19 @@ import {RoomEnvironment} from 'three/addons/environments/RoomEnvironment.js';
 
 const TONE = {neutral: THREE.NeutralToneMapping, aces: THREE.ACESFilmicToneMapping, none: THREE.NoToneMapping};
 
+// One renderer and one prefiltered environment for all jobs: PMREM and shader compilation are
+// the slow part on SwiftShader (seconds), the draw itself is not.
+let renderer = null, pmrem = null, room = null;
+
 window.renderGlb = async (job, width, height) => {
   const canvas = document.getElementById('view');
-  const renderer = new THREE.WebGLRenderer({canvas, antialias: true, alpha: true, preserveDrawingBuffer: true});
-  renderer.setPixelRatio(1);
-  renderer.setSize(width, height, false);
-  renderer.outputColorSpace = THREE.SRGBColorSpace;
+  if (!renderer) {
+    renderer = new THREE.WebGLRenderer({canvas, antialias: true, alpha: true, preserveDrawingBuffer: true});
+    renderer.setPixelRatio(1);
+    renderer.setSize(width, height, false);
+    renderer.outputColorSpace = THREE.SRGBColorSpace;
+    pmrem = new THREE.PMREMGenerator(renderer);
+  }
   const tone = job.toneMapping ?? 'neutral';
   if (!(tone in TONE)) throw new Error('unknown toneMapping ' + tone);
   renderer.toneMapping = TONE[tone];
@@ -56,9 +63,11 @@ window.renderGlb = async (job, width, height) => {
   const scene = new THREE.Scene();
   if (job.background) scene.background = new THREE.Color().setRGB(...job.background, THREE.SRGBColorSpace);
   renderer.setClearColor(0x000000, job.background ? 1 : 0);
-  const pmrem = new THREE.PMREMGenerator(renderer);
   const environment = job.environment ?? 'room';
-  if (environment === 'room') scene.environment = pmrem.fromScene(new RoomEnvironment(), 0.04).texture;
+  if (environment === 'room') {
+    room ??= pmrem.fromScene(new RoomEnvironment(), 0.04).texture;
+    scene.environment = room;
+  }
   else if (environment !== 'none') throw new Error('unknown environment ' + environment);
   for (const light of job.lights ?? []) {
     const sun = new THREE.DirectionalLight(new THREE.Color(...(light.color ?? [1, 1, 1])), light.intensity ?? 2.0);
@@ -103,8 +112,12 @@ window.renderGlb = async (job, width, height) => {
       attributes: Object.keys(object.geometry.attributes),
     });
   });
-  pmrem.dispose();
-  renderer.dispose();
+  gltf.scene.traverse((object) => {
+    if (!object.isMesh) return;
+    object.geometry.dispose();
+    for (const value of Object.values(object.material)) if (value && value.isTexture) value.dispose();
+    object.material.dispose();
+  });
   return {png, materials, bounds: {min: box.min.toArray(), max: box.max.toArray()},
           camera: {eye: eye.toArray(), target: target.toArray(), fov: camera.fov}};
 };
