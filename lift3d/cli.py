@@ -44,11 +44,13 @@ def _split_resume(overrides: list[str]) -> tuple[list[str], str | None]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from lift3d.pipeline import is_pipeline, run_pipeline
     from lift3d.train import elapsed, run
 
     overrides, resume = _split_resume(args.overrides)
     start = time.perf_counter()
-    result = run(args.config, overrides, prompt=args.prompt, out=args.out, resume=resume)
+    runner = run_pipeline if is_pipeline(args.config) else run
+    result = runner(args.config, overrides, prompt=args.prompt, out=args.out, resume=resume)
     summary = ", ".join(f"{k}={v:.3f}" for k, v in result.metrics.items())
     logger.info("finished %d steps in %s%s -> %s", result.step, elapsed(start), f" ({summary})" if summary else "", result.run_dir)
     return 0
@@ -112,12 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run_parser = sub.add_parser("run", help="optimise one prompt")
-    run_parser.add_argument("config", help="YAML preset, e.g. configs/quickstart.yaml")
+    run_parser = sub.add_parser("run", help="optimise one prompt (one run, or every stage of a pipeline preset)")
+    run_parser.add_argument("config", help="YAML preset, e.g. configs/quickstart.yaml, or a pipeline (a 'stages' list)")
     run_parser.add_argument("--prompt", help="the text prompt (overrides the preset's)")
     run_parser.add_argument("--out", help="put the run exactly in this folder")
     run_parser.add_argument(
-        "overrides", nargs="*", help="key.sub=value overrides, e.g. trainer.steps=500; resume=PATH continues a run"
+        "overrides", nargs="*", help="key.sub=value overrides, e.g. trainer.steps=500 (a pipeline: STAGE.key=value for one stage); "
+        "resume=PATH continues a run"
     )
     run_parser.set_defaults(func=cmd_run)
 

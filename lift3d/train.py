@@ -359,8 +359,11 @@ def run(config_path: str | None, overrides: list[str], prompt: str | None = None
 
 
 def open_run(run_dir: str | Path) -> Trainer:
-    """A trainer restored from a run folder's config and last checkpoint (for export)."""
-    run_dir = Path(run_dir)
+    """A trainer restored from a run folder's config and last checkpoint (for export); the last
+    stage's for a pipeline run folder."""
+    from lift3d.pipeline import last_stage_dir
+
+    run_dir = last_stage_dir(Path(run_dir)) or Path(run_dir)
     config_path = run_dir / "config.yaml"
     if not config_path.is_file():
         raise FileNotFoundError(f"{str(run_dir)!r} is not a run folder (no config.yaml)")
