@@ -13,6 +13,12 @@ Initialisation: a sphere SDF (``init_radius``), or a NeRF run's density field
 (Otsu on log(1 + density)), scaled to one grid cell at the steepest vertex.
 
 Rendering: ``lift3d.render.mesh.render_mesh`` (projection, deferred shading, antialiasing).
+
+Shading: ``color`` (the colour field) or ``normal`` (Fantasia3D's geometry stage, guidance.md /
+4d-pbr-amortized.md §B.2): the image is the world-space normal map (n + 1) / 2, so the teacher
+judges the shape alone and every covered pixel moves the surface through its face normal, not only
+the silhouettes. For its first ``normal_latent_steps`` steps Fantasia3D feeds the normal map and
+the mask, downsampled, directly as the 4 latent channels of Stable Diffusion; so does this one.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -30,7 +37,7 @@ from lift3d.geometry.meshes import smoothness_losses
 from lift3d.geometry.tetrahedra import marching_tetrahedra, tetrahedral_grid
 from lift3d.kernels.hashgrid import HashGridConfig, HashGridEncoding
 from lift3d.registry import register
-from lift3d.render.mesh import render_mesh
+from lift3d.render.mesh import SurfacePixels, render_mesh
 from lift3d.representations.base import RenderOutput, Representation
 
 logger = logging.getLogger(__name__)
@@ -68,6 +75,11 @@ class DMTetConfig:
     """Hash-grid encoding of the colour field."""
     hidden_dim: int = 32
     """Width of the colour MLP."""
+    shading: Literal["color", "normal"] = "color"
+    """``color``: the colour field; ``normal``: the world-space normal map (n + 1) / 2 (geometry stage)."""
+    normal_latent_steps: int = 0
+    """With ``shading: normal``, train this many first steps on [normal map, mask] as 4 latent
+    channels (Fantasia3D's coarse phase; for latent teachers such as Stable Diffusion)."""
     lambda_normal_consistency: Schedule = field(default_factory=Schedule)
     """Weight of 1 - cos between the normals of faces sharing an edge (smooth surfaces)."""
     lambda_laplacian: Schedule = field(default_factory=Schedule)
@@ -90,6 +102,10 @@ class DMTetConfig:
             raise ValueError(f"representation.init_radius must be in (0, radius={self.radius}), got {self.init_radius}")
         if not 0 < self.near < self.far:
             raise ValueError("representation.near and far must satisfy 0 < near < far")
+        if self.shading not in ("color", "normal"):
+            raise ValueError(f"representation.shading must be one of color, normal; got {self.shading!r}")
+        if self.normal_latent_steps < 0 or (self.normal_latent_steps and self.shading != "normal"):
+            raise ValueError("representation.normal_latent_steps must be >= 0, and needs shading: normal")
 
 
 @register("representation", "dmtet", DMTetConfig)
@@ -115,6 +131,8 @@ class DMTet(Representation):
             nn.Linear(self.encoding.output_dim, config.hidden_dim), nn.ReLU(inplace=True),
             nn.Linear(config.hidden_dim, 3),
         )
+        # Steps taken, for the latent phase of normal shading (saved, so a resumed run keeps its phase).
+        self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
 
     # ------------------------------------------------------------------------------ geometry
 
@@ -158,13 +176,27 @@ class DMTet(Representation):
 
     # -------------------------------------------------------------------------------- render
 
+    def _shade(self, points: Tensor, pixels: SurfacePixels) -> Tensor:
+        if self.config.shading == "normal":
+            return (pixels.normals + 1.0) * 0.5
+        return self.color(points)
+
+    def latent_phase(self) -> bool:
+        """Whether training renders [normal map, mask] as latents now (never in eval mode)."""
+        return self.training and int(self.steps_done) < self.config.normal_latent_steps
+
     def render(self, cameras: Cameras, background: Tensor) -> RenderOutput:
         cfg = self.config
         vertices, faces = self.mesh()
+        latent = self.latent_phase()
+        # Fantasia3D composites the latent-phase normal map over black, with the mask as channel 4.
+        background = torch.zeros_like(background) if latent else background
         out = render_mesh(
-            vertices, faces, cameras, background.to(self.sdf), attributes=vertices, shade=self.color,
+            vertices, faces, cameras, background.to(self.sdf), attributes=vertices, shade=self._shade,
             near=cfg.near, far=cfg.far, antialias=cfg.antialias, tier=cfg.kernel_tier or None,
         )
+        if latent:
+            out.rgb = torch.cat([out.rgb, out.alpha], dim=-1)
         out.aux.update(vertices=vertices, faces=faces)
         return out
 
@@ -187,7 +219,7 @@ class DMTet(Representation):
         return smoothness_losses(vertices, faces, cfg.lambda_normal_consistency(step), cfg.lambda_laplacian(step))
 
     def on_step(self, step: int, render: RenderOutput, optimizer: torch.optim.Optimizer) -> None:
-        pass
+        self.steps_done.fill_(step + 1)
 
     # ------------------------------------------------------------------------------ export
 

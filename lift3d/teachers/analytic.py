@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -156,6 +157,9 @@ class AnalyticTeacherConfig:
     """Condition on the true camera; false makes the conditional a mixture over canonical azimuths (Janus)."""
     canonical_azimuths_deg: tuple[float, ...] = (0.0, 90.0, 180.0, 270.0)
     """Azimuths of the mixture components when ``camera_aware`` is false, degrees."""
+    image: Literal["rgb", "normal"] = "rgb"
+    """What the scenes look like: ``rgb`` (lit colour) or ``normal`` (world-space normal maps (n + 1) / 2,
+    the prior Fantasia3D's geometry stage asks Stable Diffusion to be)."""
     latent: bool = False
     """Work in a 4-channel latent space (a fixed linear 8x8-patch map) instead of pixels."""
     supersample: int = 2
@@ -193,6 +197,8 @@ class AnalyticTeacherConfig:
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first inconsistent field."""
+        if self.image not in ("rgb", "normal"):
+            raise ValueError(f"teacher.image must be one of rgb, normal; got {self.image!r}")
         if self.resolution < 1:
             raise ValueError(f"teacher.resolution must be positive, got {self.resolution}")
         if self.latent and self.resolution % LATENT_PATCH:
@@ -388,13 +394,14 @@ class AnalyticTeacher(Teacher):
         """x0* [B, C, h, w]: the encoded reference render of ``scene`` at the teacher resolution."""
         res = self.config.resolution
         with torch.no_grad():
-            rgb, _ = scene.render(cameras.with_resolution(res, res), self.config.supersample, self.background)
+            rgb, _ = scene.render(cameras.with_resolution(res, res), self.config.supersample, self.background,
+                                  image=self.config.image)
             return self.encode_images(rgb.to(self.background.device))
 
     def ground_truth(self, prompt_state: AnalyticPromptState, cameras: Cameras) -> Tensor:
         """rgb [B, H, W, 3] in [0, 1] of the prompt's scene at the cameras' own resolution."""
         with torch.no_grad():
-            return prompt_state.scene.render(cameras, self.config.supersample, self.background)[0]
+            return prompt_state.scene.render(cameras, self.config.supersample, self.background, image=self.config.image)[0]
 
     def ground_truth_mesh(self, prompt_state: AnalyticPromptState, resolution: int = 128) -> trimesh.Trimesh:
         """The prompt's scene as a ``trimesh.Trimesh`` (marching cubes of its SDF, world coordinates)."""

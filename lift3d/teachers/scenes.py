@@ -269,12 +269,16 @@ class Scene:
         cameras: Cameras,
         supersample: int = 2,
         background: tuple[float, float, float] | Tensor = BACKGROUND,
+        image: str = "rgb",
     ) -> tuple[Tensor, Tensor]:
         """The reference image of each camera: rgb [B, H, W, 3] in [0, 1] and coverage alpha [B, H, W, 1].
 
         Each pixel averages ``supersample``² rays on a regular sub-pixel grid (antialiasing);
-        missed rays see ``background``.
+        missed rays see ``background``. ``image="normal"`` draws the world-space normal map
+        (n + 1) / 2 instead of the lit colour.
         """
+        if image not in ("rgb", "normal"):
+            raise ValueError(f"image must be rgb or normal, got {image!r}")
         if supersample < 1:
             raise ValueError(f"supersample must be >= 1, got {supersample}")
         B, H, W, s = len(cameras), cameras.height, cameras.width, supersample
@@ -289,7 +293,7 @@ class Scene:
         colour = background.expand(origins.shape[0], 3).clone()
         hit_index = hit.nonzero().squeeze(1)
         points = origins[hit_index] + depth[hit_index, None] * directions[hit_index]
-        colour[hit_index] = self.shade(points)
+        colour[hit_index] = self.shade(points) if image == "rgb" else (self.normals(points) + 1.0) * 0.5
         # Average each s x s block of sub-pixel rays (colour and coverage together).
         samples = torch.cat([colour, hit.to(colour.dtype).unsqueeze(1)], dim=1).view(B, H * s, W * s, 4)
         pixels = F.avg_pool2d(samples.permute(0, 3, 1, 2), kernel_size=s).permute(0, 2, 3, 1)

@@ -102,3 +102,30 @@ def test_init_from_a_nerf_run_starts_at_its_density_surface(tmp_path):
     sphere = DMTet(DMTetConfig(**TINY))
     assert not torch.allclose(model.sdf, sphere.sdf)
     assert (model.sdf < 0).any() and (model.sdf > 0).any()
+
+
+def test_normal_shading_renders_the_normal_map_and_moves_the_surface_everywhere():
+    """Fantasia3D's geometry stage: the image is (n + 1) / 2, so a loss on interior pixels (not
+    only the silhouette) reaches the SDF and the deformation; the latent phase renders
+    [normal map, mask] as 4 channels over black, during training only."""
+    model = DMTet(DMTetConfig(shading="normal", normal_latent_steps=2, **TINY))
+    model.eval()
+    out = model.render(_cams(), torch.ones(3))
+    inside = out.alpha[..., 0] > 0.999
+    normals = out.rgb[inside] * 2.0 - 1.0
+    assert torch.allclose(normals.norm(dim=-1), torch.ones(len(normals)), atol=1e-4)
+    assert torch.allclose(out.rgb[inside], (out.normal[inside] + 1.0) * 0.5)
+    model.train()
+    out = model.render(_cams(), torch.ones(3))
+    assert out.rgb.shape[-1] == 4 and torch.equal(out.rgb[..., 3:], out.alpha)
+    assert out.rgb[:, 0, 0].abs().max() == 0.0  # black background in the latent phase
+    interior = torch.zeros_like(out.alpha)
+    interior[:, 10:14, 10:14] = 1.0
+    (out.rgb[..., :3] * interior).sum().backward()
+    assert model.sdf.grad.abs().sum() > 0 and model.encoding.table.grad is None  # geometry only
+    model.on_step(1, out, None)
+    assert model.latent_phase() is False and model.render(_cams(), torch.ones(3)).rgb.shape[-1] == 3
+    with pytest.raises(ValueError, match="shading must be one of color, normal"):
+        DMTetConfig(shading="depth")
+    with pytest.raises(ValueError, match="normal_latent_steps"):
+        DMTetConfig(normal_latent_steps=5)

@@ -432,3 +432,26 @@ def test_student_learns_a_render_unlike_the_teacher_at_high_noise():
         after = torch.stack([denoising_loss() for _ in range(8)]).mean()
     # The teacher's own eps is biased towards the unmirrored scene; the student removes most of that bias.
     assert after < before - 0.5 * (before - 1.0), (float(before), float(after))
+
+
+def test_normal_image_teacher_sees_unit_front_facing_normal_maps():
+    """``image: normal`` (Fantasia3D's geometry prior): references are (n + 1) / 2 of the scene's
+    surface: unit normals that face the camera, over the same background."""
+    teacher = _teacher(image="normal", supersample=1)
+    state = teacher.encode_prompt(PROMPT)
+    cameras = _cameras([0.0, 120.0], size=32)
+    normal_rgb = teacher.ground_truth(state, cameras)
+    lit_rgb = _teacher(supersample=1).ground_truth(state, cameras)
+    _, alpha = state.scene.render(cameras, 1)
+    covered = alpha[..., 0] == 1.0
+    normals = normal_rgb[covered] * 2.0 - 1.0
+    assert torch.allclose(normals.norm(dim=-1), torch.ones(len(normals)), atol=1e-3)
+    _, directions = cameras.rays()
+    facing = (normals * directions[covered]).sum(-1)
+    assert (facing < 0).float().mean() > 0.97  # towards the camera (central differences blur the box's edges)
+    assert torch.allclose(normal_rgb[~covered], lit_rgb[~covered])  # same background
+    assert not torch.allclose(normal_rgb[covered], lit_rgb[covered], atol=0.05)
+    x0 = teacher.reference_images(state.scene, cameras)
+    assert torch.allclose(x0, 2.0 * normal_rgb.permute(0, 3, 1, 2) - 1.0, atol=1e-5)
+    with pytest.raises(ValueError, match="teacher.image.*rgb, normal"):
+        AnalyticTeacher(AnalyticTeacherConfig(image="depth"))
