@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from lift3d.config import ConfigError, Schedule, dump_config, load_config
+from lift3d.config import ConfigError, Schedule, build_run_config, dump_config, load_config
 
 QUICKSTART = "configs/quickstart.yaml"
 
@@ -75,5 +75,11 @@ PRESETS = Path(__file__).resolve().parents[1] / "configs"
 
 @pytest.mark.parametrize("preset", sorted(p.name for p in PRESETS.glob("*.yaml")))
 def test_every_preset_loads_and_validates(preset):
-    config = load_config(PRESETS / preset)
-    assert config.trainer.steps > 0 and config.prompt
+    from lift3d.pipeline import is_pipeline, load_pipeline
+
+    if is_pipeline(PRESETS / preset):  # every stage validates
+        configs = [build_run_config(stage.data) for stage in load_pipeline(PRESETS / preset).stages]
+    else:
+        configs = [load_config(PRESETS / preset)]
+    for config in configs:
+        assert config.trainer.steps > 0 and config.prompt
