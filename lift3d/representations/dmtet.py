@@ -48,7 +48,11 @@ class DMTetLearningRates:
     """Adam learning rates."""
 
     sdf: float = 0.002
-    """SDF values at the grid vertices."""
+    """SDF values at the grid vertices (``sdf: grid``)."""
+    sdf_encoding: float = 0.01
+    """Hash table of the SDF field (``sdf: field``)."""
+    sdf_network: float = 0.001
+    """MLP of the SDF field (``sdf: field``)."""
     deformation: float = 0.002
     """Vertex deformations (before the tanh bound)."""
     encoding: float = 0.01
@@ -69,6 +73,15 @@ class DMTetConfig:
     """Radius of the initial sphere SDF (unless ``init_from`` is given)."""
     init_from: str = ""
     """A NeRF run folder (or its checkpoint): the SDF starts from that run's density field."""
+    sdf: Literal["grid", "field"] = "grid"
+    """``grid``: a free SDF value per grid vertex (Magic3D / threestudio refine); ``field``: the initial
+    SDF plus a hash-grid MLP residual whose last layer starts at zero (Fantasia3D's neural SDF): the
+    field couples neighbouring vertices, so noisy per-pixel gradients (normal-map SDS from a sphere)
+    move the surface coherently instead of roughening it."""
+    sdf_encoding: HashGridConfig = field(default_factory=lambda: HashGridConfig(n_levels=8, log2_hashmap_size=16))
+    """Hash-grid encoding of the SDF residual (``sdf: field``)."""
+    sdf_hidden_dim: int = 32
+    """Width of the SDF residual's MLP (``sdf: field``)."""
     deformation_scale: float = 0.5
     """Largest vertex displacement, in grid cells (tanh-bounded, so tetrahedra never invert)."""
     encoding: HashGridConfig = field(default_factory=lambda: HashGridConfig(n_levels=12, log2_hashmap_size=16))
@@ -102,6 +115,8 @@ class DMTetConfig:
             raise ValueError(f"representation.init_radius must be in (0, radius={self.radius}), got {self.init_radius}")
         if not 0 < self.near < self.far:
             raise ValueError("representation.near and far must satisfy 0 < near < far")
+        if self.sdf not in ("grid", "field"):
+            raise ValueError(f"representation.sdf must be one of grid, field; got {self.sdf!r}")
         if self.shading not in ("color", "normal"):
             raise ValueError(f"representation.shading must be one of color, normal; got {self.shading!r}")
         if self.normal_latent_steps < 0 or (self.normal_latent_steps and self.shading != "normal"):
@@ -124,7 +139,19 @@ class DMTet(Representation):
         sdf = vertices.norm(dim=-1) - config.init_radius
         if config.init_from:
             sdf = self._sdf_from_nerf(config.init_from)
-        self.sdf = nn.Parameter(sdf)
+        if config.sdf == "field":
+            # The initial SDF stays as a saved buffer (a NeRF's is not recomputable without its run).
+            self.register_buffer("base_sdf", sdf)
+            self.sdf = None
+            self.sdf_encoding = HashGridEncoding(config.sdf_encoding, tier=config.kernel_tier or None)
+            self.sdf_network = nn.Sequential(
+                nn.Linear(self.sdf_encoding.output_dim, config.sdf_hidden_dim), nn.ReLU(inplace=True),
+                nn.Linear(config.sdf_hidden_dim, 1),
+            )
+            nn.init.zeros_(self.sdf_network[-1].weight)  # start exactly at the initial SDF
+            nn.init.zeros_(self.sdf_network[-1].bias)
+        else:
+            self.sdf = nn.Parameter(sdf)
         self.deformation = nn.Parameter(torch.zeros_like(vertices))
         self.encoding = HashGridEncoding(config.encoding, tier=config.kernel_tier or None)
         self.network = nn.Sequential(
@@ -165,9 +192,16 @@ class DMTet(Representation):
         """[V, 3] grid vertices moved by at most ``deformation_scale`` cells."""
         return self.grid_vertices + torch.tanh(self.deformation) * self.config.deformation_scale * self.cell
 
+    def sdf_values(self) -> Tensor:
+        """[V] SDF at the grid vertices (negative inside)."""
+        if self.sdf is not None:
+            return self.sdf
+        unit = (self.grid_vertices / self.config.radius + 1.0) * 0.5
+        return self.base_sdf + self.sdf_network(self.sdf_encoding(unit)).squeeze(-1)
+
     def mesh(self) -> tuple[Tensor, Tensor]:
         """The current surface: vertices [S, 3] (differentiable) and faces [F, 3]."""
-        return marching_tetrahedra(self.deformed_vertices(), self.tets, self.sdf)
+        return marching_tetrahedra(self.deformed_vertices(), self.tets, self.sdf_values())
 
     def color(self, points: Tensor) -> Tensor:
         """RGB [N, 3] in [0, 1] of the colour field at world points [N, 3]."""
@@ -192,7 +226,7 @@ class DMTet(Representation):
         # Fantasia3D composites the latent-phase normal map over black, with the mask as channel 4.
         background = torch.zeros_like(background) if latent else background
         out = render_mesh(
-            vertices, faces, cameras, background.to(self.sdf), attributes=vertices, shade=self._shade,
+            vertices, faces, cameras, background.to(self.grid_vertices), attributes=vertices, shade=self._shade,
             near=cfg.near, far=cfg.far, antialias=cfg.antialias, tier=cfg.kernel_tier or None,
         )
         if latent:
@@ -204,8 +238,12 @@ class DMTet(Representation):
 
     def param_groups(self) -> list[dict]:
         lr = self.config.lr
-        return [
-            {"name": "sdf", "params": [self.sdf], "lr": lr.sdf},
+        if self.sdf is not None:
+            geometry = [{"name": "sdf", "params": [self.sdf], "lr": lr.sdf}]
+        else:
+            geometry = [{"name": "sdf_encoding", "params": list(self.sdf_encoding.parameters()), "lr": lr.sdf_encoding},
+                        {"name": "sdf_network", "params": list(self.sdf_network.parameters()), "lr": lr.sdf_network}]
+        return geometry + [
             {"name": "deformation", "params": [self.deformation], "lr": lr.deformation},
             {"name": "encoding", "params": list(self.encoding.parameters()), "lr": lr.encoding},
             {"name": "network", "params": list(self.network.parameters()), "lr": lr.network},

@@ -129,3 +129,23 @@ def test_normal_shading_renders_the_normal_map_and_moves_the_surface_everywhere(
         DMTetConfig(shading="depth")
     with pytest.raises(ValueError, match="normal_latent_steps"):
         DMTetConfig(normal_latent_steps=5)
+
+
+def test_sdf_field_starts_at_the_initial_sdf_and_learns_through_the_hash_grid():
+    field_config = {**TINY, "sdf_encoding": HashGridConfig(n_levels=4, log2_hashmap_size=12), "sdf_hidden_dim": 16}
+    grid = DMTet(DMTetConfig(**TINY))
+    model = DMTet(DMTetConfig(sdf="field", shading="normal", **field_config))
+    assert torch.equal(model.sdf_values(), grid.sdf_values())  # zero-initialised residual
+    names = {group["name"] for group in model.param_groups()}
+    assert {"sdf_encoding", "sdf_network", "deformation"} <= names and "sdf" not in names
+    optimizer = torch.optim.Adam(model.param_groups())
+    for _ in range(2):  # the first step moves only the zero last layer; the second reaches the table
+        optimizer.zero_grad()
+        out = model.render(_cams(), torch.ones(3))
+        out.rgb[..., 0].mean().backward()
+        optimizer.step()
+    assert model.sdf_encoding.table.grad.abs().sum() > 0
+    assert not torch.equal(model.sdf_values(), grid.sdf_values())
+    assert "base_sdf" in model.state_dict()  # a NeRF-initialised SDF survives a checkpoint
+    with pytest.raises(ValueError, match="sdf must be one of grid, field"):
+        DMTetConfig(sdf="mlp")
