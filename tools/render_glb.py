@@ -7,8 +7,9 @@
 
 Needs node and npm. On first use it npm-installs ``tools/gltf_viewer/package.json`` (three,
 puppeteer-core, and @sparticuz/chromium, whose npm tarball carries a headless Chromium, so no
-browser download from elsewhere is needed) into ``$TMPDIR/lift3d-gltf-viewer`` (about 70 MB,
-seconds), or into ``$LIFT3D_GLTF_VIEWER_DIR``. WebGL runs on SwiftShader: CPU only, no display.
+browser download from elsewhere is needed) into ``$TMPDIR/lift3d-gltf-viewer`` (a 70 MB
+download, seconds; Chromium unpacks to ``runtime/`` there, 190 MB), or into
+``$LIFT3D_GLTF_VIEWER_DIR``. WebGL runs on SwiftShader: CPU only, no display.
 
 Camera coordinates are in the GLB's own frame (y-up); lift3d's writers map world ``(x, y, z)``
 to file ``(x, z, -y)``. Without ``--background`` the PNG is RGBA and alpha is the silhouette.
@@ -86,7 +87,11 @@ def render(jobs: list[dict], width: int = 256, height: int = 256, directory: Pat
     with tempfile.TemporaryDirectory(prefix="lift3d-render-") as scratch:
         spec = Path(scratch) / "jobs.json"
         spec.write_text(json.dumps({"width": width, "height": height, "jobs": jobs}))
-        result = subprocess.run(["node", str(viewer / "render_glb.mjs"), str(spec)], cwd=viewer,
+        # @sparticuz/chromium unpacks Chromium (~190 MB) into the node process's temp folder: keep it in ours.
+        runtime = viewer / "runtime"
+        runtime.mkdir(exist_ok=True)
+        environment = {**os.environ, "TMPDIR": str(runtime), "TMP": str(runtime), "TEMP": str(runtime)}
+        result = subprocess.run(["node", str(viewer / "render_glb.mjs"), str(spec)], cwd=viewer, env=environment,
                                 capture_output=True, text=True, timeout=timeout, check=False)
     if result.returncode != 0:
         raise RuntimeError(f"the glTF viewer failed (exit {result.returncode}):\n{result.stderr.strip()[-3000:]}")
