@@ -14,17 +14,18 @@
 // double, so the edge normals (and thus D on shared edges) are bit-identical to the reference's and
 // exact negatives across a shared edge. Sums of products are rounded like torch's separate ops as
 // long as the compiler does not contract them into FMAs (it does not for the default x86-64 target;
-// on targets with FMA by default, near-ties can in rare cases resolve differently).
+// on targets with FMA by default, near-ties can in rare cases resolve differently). The tile loop
+// tests four pixels at once with GCC/Clang vector extensions: the same IEEE operations per lane.
 //
-// Layout and parallelism:
-//  - rasterize: per-triangle setup (OpenMP over triangles), serial binning into 32x32 tiles in
-//    triangle order, then one OpenMP work item per (image, tile) with a tile-local depth buffer.
-//  - rasterize backward: covered pixels grouped by triangle (stable counting sort); OpenMP over
-//    triangles, each summing its pixels in pixel order; then the vertices sum their triangles in
-//    face order (one image per thread).
-//  - interpolate: OpenMP over pixels; the attribute gradient is scattered serially in pixel order.
-//  - antialias: OpenMP over rows to find the blended pixel pairs; the few blended pairs (silhouette
-//    crossings only) are then applied / differentiated in slot order.
+// Layout and parallelism (a fixed 32x32 tile grid: the work split never depends on the thread count):
+//  - rasterize: per-vertex projection, then per-triangle setup and tile counts over fixed chunks of
+//    triangles, a counting sort into per-tile lists (in triangle order), then one OpenMP work item
+//    per (image, tile) with a tile-local depth buffer.
+//  - rasterize / interpolate backward: one work item per (image, tile) sums its pixels per triangle
+//    (pixel order within the tile); the per-(tile, triangle) sums are then added into the vertices
+//    in tile order.
+//  - antialias: OpenMP over rows to find the blended pixel pairs; each pixel then gathers the
+//    blends of its (up to four) pairs in pair order, which is the order the reference adds them.
 //  No float atomics anywhere: results are bit-identical run to run and for any thread count.
 
 #include <torch/extension.h>
@@ -32,15 +33,64 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <memory>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 namespace {
 
 constexpr int64_t kTile = 32;  // larger tiles: fewer (triangle, tile) visits for small triangles
+constexpr int64_t kTilePixels = kTile * kTile;
+constexpr int64_t kMaxLanes = 4;  // widest vector step of the tile loop (pixels)
 constexpr double kBoxSlack = 1e-3;  // BOX_SLACK of the reference
+
+// The tile loop is written once for N-lane vectors of doubles (GCC/Clang vector extensions) and
+// compiled twice: N = 4 for AVX2 (chosen at run time where the CPU has it) and N = 2 for the
+// baseline (SSE2 on x86-64). Only + - * /, comparisons and selects are used, so every lane rounds
+// exactly like the reference's scalar op; AVX2 does not bring FMA, so nothing is contracted.
+#if defined(__GNUC__) && defined(__x86_64__)
+#define MESH_RASTER_X86 1
+#endif
+#define MESH_RASTER_INLINE inline __attribute__((always_inline))
+// The 32-byte vectors only live inside always-inlined code, never at a call boundary: GCC's
+// warning about their (unused) calling convention without AVX does not apply.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+template <int N>
+struct Lanes;
+template <>
+struct Lanes<2> {
+  typedef double D __attribute__((vector_size(16)));
+};
+template <>
+struct Lanes<4> {
+  typedef double D __attribute__((vector_size(32)));
+};
+
+template <typename V, typename T>
+MESH_RASTER_INLINE V load_vec(const T* p) {
+  V v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+template <typename V, typename T>
+MESH_RASTER_INLINE void store_vec(T* p, V v) {
+  std::memcpy(p, &v, sizeof v);
+}
+template <typename V, typename T>
+MESH_RASTER_INLINE V splat(T a) {
+  V v;
+  for (int i = 0; i < static_cast<int>(sizeof(V) / sizeof(T)); ++i) v[i] = a;
+  return v;
+}
+// mask ? a : b per lane (mask lanes are all ones or all zeros).
+template <typename V, typename M>
+MESH_RASTER_INLINE V select(M mask, V a, V b) {
+  return (V)((mask & (M)a) | (~mask & (M)b));
+}
 
 struct Vec3 {
   double x, y, w;
@@ -68,10 +118,12 @@ inline double pixel_ndc(int64_t index, int64_t size) {
   return (2.0 * static_cast<double>(index) + 1.0) / static_cast<double>(size) - 1.0;
 }
 
-// NDC of every pixel centre of an H x W image (each op computes the divisions once).
+// NDC of every pixel centre of an H x W image (each op computes the divisions once). x has
+// kMaxLanes finite entries of padding so vector loads may run past the last column.
 struct PixelCentres {
   std::vector<double> x, y;
-  PixelCentres(int64_t height, int64_t width) : x(static_cast<size_t>(width)), y(static_cast<size_t>(height)) {
+  PixelCentres(int64_t height, int64_t width)
+      : x(static_cast<size_t>(width + kMaxLanes), 0.0), y(static_cast<size_t>(height)) {
     for (int64_t i = 0; i < width; ++i) x[i] = pixel_ndc(i, width);
     for (int64_t i = 0; i < height; ++i) y[i] = pixel_ndc(i, height);
   }
@@ -96,6 +148,13 @@ inline Frame make_frame(const Vec3 e[3]) {
   return f;
 }
 
+inline Frame frame_of(const float* image_positions, const int32_t* face) {
+  const Vec3 e[3] = {load_xyw(image_positions + static_cast<int64_t>(face[0]) * 4),
+                     load_xyw(image_positions + static_cast<int64_t>(face[1]) * 4),
+                     load_xyw(image_positions + static_cast<int64_t>(face[2]) * 4)};
+  return make_frame(e);
+}
+
 // A triangle ready for the tile loop. Its normals and det are
 // negated when det < 0 (negation is exact: the same D up to sign, the same z/w and (u, v)), so
 // "inside" is always "every D >= 0".
@@ -109,6 +168,39 @@ struct Setup {
 struct Box {
   int32_t x0, x1, y0, y1;
 };
+
+// What the triangle setup needs of a vertex, computed once per vertex (each is shared by ~6
+// triangles): the reference's per-vertex tests and its projection to the screen.
+enum VertexFlags : uint32_t {
+  kFinite = 1,  // all four coordinates finite
+  kInFront = 2,  // w > 0
+  kBeyondRight = 4,  // x > w
+  kBeyondLeft = 8,  // x < -w
+  kBeyondTop = 16,  // y > w
+  kBeyondBottom = 32,  // y < -w
+};
+
+struct ProjectedVertex {
+  double sx, sy;  // screen position (pixels); only meaningful with kInFront
+  uint32_t flags;
+};
+
+inline ProjectedVertex project_vertex(const float* c, int64_t height, int64_t width) {
+  const double x = c[0], y = c[1], w = c[3];
+  ProjectedVertex p{0.0, 0.0, 0};
+  if (std::isfinite(c[0]) && std::isfinite(c[1]) && std::isfinite(c[2]) && std::isfinite(c[3])) p.flags |= kFinite;
+  if (w > 0) p.flags |= kInFront;
+  if (x > w) p.flags |= kBeyondRight;
+  if (x < -w) p.flags |= kBeyondLeft;
+  if (y > w) p.flags |= kBeyondTop;
+  if (y < -w) p.flags |= kBeyondBottom;
+  if (w > 0) {
+    const double inverse_w = 1.0 / w;
+    p.sx = (x * inverse_w + 1.0) * (0.5 * static_cast<double>(width));
+    p.sy = (y * inverse_w + 1.0) * (0.5 * static_cast<double>(height));
+  }
+  return p;
+}
 
 // Inclusive span of pixels whose centres lie in [low, high] widened by kBoxSlack (screen units),
 // clamped to the image: the reference's box, operation for operation.
@@ -126,25 +218,19 @@ inline void pixel_span(double low, double high, int64_t size, int32_t& first, in
   last = static_cast<int32_t>(std::min<int64_t>(std::max<int64_t>(down, 0), size - 1));
 }
 
-void setup_triangle(const float* positions, const int32_t* face, int64_t height, int64_t width, Setup& s,
-                    Box& box) {
+void setup_triangle(const float* positions, const ProjectedVertex* projected, const int32_t* face, int64_t height,
+                    int64_t width, Setup& s, Box& box) {
   box = {0, -1, 0, -1};
-  double c[3][4];
-  double sum = 0.0;  // float inputs cannot overflow a double sum: it is finite iff every value is
-  for (int k = 0; k < 3; ++k) {
-    for (int j = 0; j < 4; ++j) {
-      c[k][j] = static_cast<double>(positions[static_cast<int64_t>(face[k]) * 4 + j]);
-      sum += c[k][j];
-    }
-  }
-  if (!std::isfinite(sum)) return;
+  const ProjectedVertex& p0 = projected[face[0]];
+  const ProjectedVertex& p1 = projected[face[1]];
+  const ProjectedVertex& p2 = projected[face[2]];
+  const uint32_t all = p0.flags & p1.flags & p2.flags, any = p0.flags | p1.flags | p2.flags;
   // Exact culls: no pixel centre can be covered (see _pixel_boxes in the reference).
-  if (!(c[0][3] > 0 || c[1][3] > 0 || c[2][3] > 0)) return;
-  for (int j = 0; j < 2; ++j) {
-    if (c[0][j] > c[0][3] && c[1][j] > c[1][3] && c[2][j] > c[2][3]) return;
-    if (c[0][j] < -c[0][3] && c[1][j] < -c[1][3] && c[2][j] < -c[2][3]) return;
-  }
-  const Vec3 e[3] = {{c[0][0], c[0][1], c[0][3]}, {c[1][0], c[1][1], c[1][3]}, {c[2][0], c[2][1], c[2][3]}};
+  if (!(all & kFinite) || !(any & kInFront)) return;
+  if (all & (kBeyondRight | kBeyondLeft | kBeyondTop | kBeyondBottom)) return;
+  const float* c[3] = {positions + static_cast<int64_t>(face[0]) * 4, positions + static_cast<int64_t>(face[1]) * 4,
+                       positions + static_cast<int64_t>(face[2]) * 4};
+  const Vec3 e[3] = {load_xyw(c[0]), load_xyw(c[1]), load_xyw(c[2])};
   s.frame = make_frame(e);
   if (!(s.frame.det != 0.0)) return;
   if (s.frame.det < 0) {
@@ -152,20 +238,54 @@ void setup_triangle(const float* positions, const int32_t* face, int64_t height,
     s.frame.det = -s.frame.det;
   }
   for (int k = 0; k < 3; ++k) s.z[k] = c[k][2];
-  if (c[0][3] > 0 && c[1][3] > 0 && c[2][3] > 0) {
-    double sx[3], sy[3];
-    for (int k = 0; k < 3; ++k) {
-      const double inverse_w = 1.0 / c[k][3];
-      sx[k] = (c[k][0] * inverse_w + 1.0) * (0.5 * static_cast<double>(width));
-      sy[k] = (c[k][1] * inverse_w + 1.0) * (0.5 * static_cast<double>(height));
-    }
-    pixel_span(std::min({sx[0], sx[1], sx[2]}), std::max({sx[0], sx[1], sx[2]}), width, box.x0, box.x1);
-    pixel_span(std::min({sy[0], sy[1], sy[2]}), std::max({sy[0], sy[1], sy[2]}), height, box.y0, box.y1);
+  if (all & kInFront) {
+    pixel_span(std::min({p0.sx, p1.sx, p2.sx}), std::max({p0.sx, p1.sx, p2.sx}), width, box.x0, box.x1);
+    pixel_span(std::min({p0.sy, p1.sy, p2.sy}), std::max({p0.sy, p1.sy, p2.sy}), height, box.y0, box.y1);
   } else {
     // A vertex at or behind the eye: the projection is unbounded, so test every pixel.
     box = {0, static_cast<int32_t>(width - 1), 0, static_cast<int32_t>(height - 1)};
   }
 }
+
+// The fixed tile grid of an H x W image.
+struct TileGrid {
+  int64_t height, width, tiles_x, tiles_y, count;
+  TileGrid(int64_t h, int64_t w)
+      : height(h), width(w), tiles_x((w + kTile - 1) / kTile), tiles_y((h + kTile - 1) / kTile),
+        count(tiles_x * tiles_y) {}
+  int64_t x_begin(int64_t t) const { return (t % tiles_x) * kTile; }
+  int64_t y_begin(int64_t t) const { return (t / tiles_x) * kTile; }
+  int64_t x_end(int64_t t) const { return std::min(x_begin(t) + kTile, width); }
+  int64_t y_end(int64_t t) const { return std::min(y_begin(t) + kTile, height); }
+};
+
+// The covered pixels of one tile grouped by triangle: slots numbered in first-seen order.
+class TriangleSlots {
+ public:
+  explicit TriangleSlots(int64_t faces) : slot_of_(static_cast<size_t>(faces), -1) {
+    faces_.reserve(kTilePixels);
+  }
+  // The slot of face f; `added` says whether it was just created.
+  int32_t find_or_add(int32_t f, bool& added) {
+    int32_t s = slot_of_[f];
+    added = s < 0;
+    if (added) {
+      s = static_cast<int32_t>(faces_.size());
+      slot_of_[f] = s;
+      faces_.push_back(f);
+    }
+    return s;
+  }
+  const std::vector<int32_t>& faces() const { return faces_; }
+  void clear() {
+    for (const int32_t f : faces_) slot_of_[f] = -1;
+    faces_.clear();
+  }
+
+ private:
+  std::vector<int32_t> slot_of_;
+  std::vector<int32_t> faces_;
+};
 
 void check_tensor(const at::Tensor& t, const char* op, const char* name, at::ScalarType dtype, int64_t dims) {
   TORCH_CHECK(t.device().is_cpu(), op, " (cpu tier): ", name, " must be on the CPU");
@@ -174,26 +294,146 @@ void check_tensor(const at::Tensor& t, const char* op, const char* name, at::Sca
   TORCH_CHECK(t.dim() == dims, op, " (cpu tier): ", name, " must have ", dims, " dims, got shape ", t.sizes());
 }
 
+// Whether every value lies in [low, high], in one pass of OR/SUB operations the compiler
+// vectorises (the checks run on every call): v - low and high - v are both non-negative, i.e. have
+// a clear top bit as unsigned numbers, exactly for values in range (high - low < 2^31 here).
+template <typename T>
+bool all_in_range(const T* p, int64_t n, int64_t low, int64_t high) {
+  using U = typename std::conditional<sizeof(T) == 8, uint64_t, uint32_t>::type;
+  const U base = static_cast<U>(low), span = static_cast<U>(high - low);
+  U bad = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const U v = static_cast<U>(static_cast<U>(p[i]) - base);
+    bad |= v | static_cast<U>(span - v);
+  }
+  return (bad >> (8 * sizeof(U) - 1)) == 0;
+}
+
+// The smallest and largest entry, for error messages only.
+template <typename T>
+std::pair<int64_t, int64_t> min_max(const T* p, int64_t n) {
+  int64_t low = n > 0 ? p[0] : 0, high = low;
+  for (int64_t i = 0; i < n; ++i) {
+    low = std::min<int64_t>(low, p[i]);
+    high = std::max<int64_t>(high, p[i]);
+  }
+  return {low, high};
+}
+
+// Checks that an index tensor's values lie in [low, high] (high - low < 2^31).
+template <typename T>
+void check_index_range(const T* p, int64_t n, int64_t low, int64_t high, const char* op, const char* name) {
+  TORCH_CHECK(high - low < (int64_t{1} << 31), op, ": ", name, " range too large");
+  if (n == 0 || (high >= low && all_in_range(p, n, low, high))) return;
+  const auto range = min_max(p, n);
+  TORCH_CHECK(false, op, ": ", name, " holds values in [", range.first, ", ", range.second, "], outside [", low, ", ",
+              high, "]");
+}
+
 void check_faces(const at::Tensor& faces, int64_t vertices, const char* op) {
   check_tensor(faces, op, "faces", at::kInt, 2);
   TORCH_CHECK(faces.size(1) == 3, op, ": faces must be [F, 3], got ", faces.sizes());
-  const int32_t* f = faces.data_ptr<int32_t>();
-  for (int64_t i = 0; i < faces.numel(); ++i) {
-    TORCH_CHECK(f[i] >= 0 && f[i] < vertices, op, ": faces index vertices outside [0, ", vertices, ")");
-  }
+  TORCH_CHECK(faces.numel() == 0 || vertices > 0, op, ": faces index vertices outside [0, ", vertices, ")");
+  check_index_range(faces.data_ptr<int32_t>(), faces.numel(), 0, vertices - 1, op, "faces");
 }
 
 void check_ids(const at::Tensor& ids, int64_t faces, const char* op) {
   check_tensor(ids, op, "triangle_id", at::kInt, 3);
-  const int32_t* p = ids.data_ptr<int32_t>();
-  for (int64_t i = 0; i < ids.numel(); ++i) {
-    TORCH_CHECK(p[i] >= -1 && p[i] < faces, op, ": triangle_id holds ", p[i], ", outside [-1, ", faces, ")");
-  }
+  check_index_range(ids.data_ptr<int32_t>(), ids.numel(), -1, faces - 1, op, "triangle_id");
 }
 
 // ---------------------------------------------------------------------------------------------
 // rasterize
 // ---------------------------------------------------------------------------------------------
+
+// Per-thread depth buffer of one tile, padded so a vector step may run up to kMaxLanes - 1 pixels
+// past a row (those lanes are masked: they write back what they read).
+struct TileBuffer {
+  std::vector<double> depth, d0, d1, d2;
+  std::vector<int64_t> id;
+  TileBuffer()
+      : depth(kTilePixels + kMaxLanes, 0.0), d0(kTilePixels + kMaxLanes, 0.0), d1(kTilePixels + kMaxLanes, 0.0),
+        d2(kTilePixels + kMaxLanes, 0.0), id(kTilePixels + kMaxLanes, -1) {}
+  void reset() {
+    std::fill(depth.begin(), depth.end(), std::numeric_limits<double>::infinity());
+    std::fill(id.begin(), id.end(), -1);
+  }
+};
+
+// The triangles of one tile's list, in order, depth-tested against the tile buffer (each triangle
+// over its box clipped to the tile), N pixels at a time.
+struct TileJob {
+  const Setup* setups;
+  const Box* boxes;
+  const int32_t* list;
+  int64_t count, x_begin, y_begin, x_end, y_end;
+  const double* qx;
+  const double* qy;
+};
+
+template <int N>
+MESH_RASTER_INLINE void raster_tile(const TileJob& job, TileBuffer& tile) {
+  typedef typename Lanes<N>::D VecD;
+  typedef decltype(VecD{} < VecD{}) VecL;  // comparison results: all-ones / all-zeros 64-bit lanes
+  typedef typename std::remove_reference<decltype(VecL{}[0])>::type Lane;
+  const VecD zero = splat<VecD>(0.0), minus_one = splat<VecD>(-1.0), one = splat<VecD>(1.0);
+  VecD lanes;  // lane positions as doubles: double comparisons are single instructions everywhere
+  for (int i = 0; i < N; ++i) lanes[i] = i;
+  double* best_depth = tile.depth.data();
+  int64_t* best_id = tile.id.data();
+  double* best_d0 = tile.d0.data();
+  double* best_d1 = tile.d1.data();
+  double* best_d2 = tile.d2.data();
+  for (int64_t j = 0; j < job.count; ++j) {
+    const int32_t f = job.list[j];
+    const Setup& s = job.setups[f];
+    const Box& box = job.boxes[f];
+    const Frame& fr = s.frame;
+    const int64_t y0 = std::max<int64_t>(box.y0, job.y_begin), y1 = std::min<int64_t>(box.y1 + 1, job.y_end);
+    const int64_t x0 = std::max<int64_t>(box.x0, job.x_begin), x1 = std::min<int64_t>(box.x1 + 1, job.x_end);
+    const VecD n0 = splat<VecD>(fr.n[0].x), n1 = splat<VecD>(fr.n[1].x), n2 = splat<VecD>(fr.n[2].x);
+    const VecD z0 = splat<VecD>(s.z[0]), z1 = splat<VecD>(s.z[1]), z2 = splat<VecD>(s.z[2]);
+    const VecD det = splat<VecD>(fr.det), end = splat<VecD>(static_cast<double>(x1));
+    const VecL face = splat<VecL>(static_cast<Lane>(f));
+    for (int64_t y = y0; y < y1; ++y) {
+      const VecD r0 = splat<VecD>(row_part(fr.n[0], job.qy[y])), r1 = splat<VecD>(row_part(fr.n[1], job.qy[y])),
+                 r2 = splat<VecD>(row_part(fr.n[2], job.qy[y]));
+      const int64_t row = (y - job.y_begin) * kTile - job.x_begin;  // buffer index of pixel x is row + x
+      for (int64_t x = x0; x < x1; x += N) {
+        const int64_t i = row + x;
+        const VecD q = load_vec<VecD>(job.qx + x);
+        const VecD d0 = q * n0 + r0, d1 = q * n1 + r1, d2 = q * n2 + r2;
+        const VecD z = (d0 * z0 + d1 * z1 + d2 * z2) / det;
+        const VecD best = load_vec<VecD>(best_depth + i);
+        // Triangles arrive in index order: the strict < keeps the first of equal depths.
+        const VecL take = (d0 >= zero) & (d1 >= zero) & (d2 >= zero) & (z >= minus_one) & (z <= one) & (z < best) &
+                          ((lanes + splat<VecD>(static_cast<double>(x))) < end);
+        store_vec(best_depth + i, select(take, z, best));
+        store_vec(best_id + i, select(take, face, load_vec<VecL>(best_id + i)));
+        store_vec(best_d0 + i, select(take, d0, load_vec<VecD>(best_d0 + i)));
+        store_vec(best_d1 + i, select(take, d1, load_vec<VecD>(best_d1 + i)));
+        store_vec(best_d2 + i, select(take, d2, load_vec<VecD>(best_d2 + i)));
+      }
+    }
+  }
+}
+
+void raster_tile_baseline(const TileJob& job, TileBuffer& tile) { raster_tile<2>(job, tile); }
+
+#ifdef MESH_RASTER_X86
+__attribute__((target("avx2"))) void raster_tile_avx2(const TileJob& job, TileBuffer& tile) {
+  raster_tile<4>(job, tile);
+}
+#endif
+
+using RasterTileFn = void (*)(const TileJob&, TileBuffer&);
+
+RasterTileFn raster_tile_for_this_cpu() {
+#ifdef MESH_RASTER_X86
+  if (__builtin_cpu_supports("avx2")) return raster_tile_avx2;
+#endif
+  return raster_tile_baseline;
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> mesh_raster_rasterize_forward(const at::Tensor& positions,
                                                                              const at::Tensor& faces,
@@ -205,49 +445,57 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mesh_raster_rasterize_forward(con
   const int64_t B = positions.size(0), V = positions.size(1), F = faces.size(0);
   check_faces(faces, V, op);
   const int64_t H = height, W = width;
-  const int64_t tiles_x = (W + kTile - 1) / kTile, tiles_y = (H + kTile - 1) / kTile, T = tiles_x * tiles_y;
+  const TileGrid grid(H, W);
+  const int64_t T = grid.count, BT = B * T, BF = B * F;
   const float* pos = positions.data_ptr<float>();
   const int32_t* tri = faces.data_ptr<int32_t>();
 
+  // Triangles are set up and counted per tile in fixed chunks (so the counting sort below is the
+  // same for any thread count); each tile's list comes out in triangle order.
+  const int64_t chunks = std::min<int64_t>(std::max<int64_t>((BF + 4095) / 4096, 1), 64);
+  const int64_t chunk_size = (BF + chunks - 1) / chunks;
+  std::unique_ptr<ProjectedVertex[]> projected(new ProjectedVertex[B * V]);
   // Default-initialised (not zeroed): setup_triangle writes every box, and the setup of every
   // triangle with a non-empty box.
-  std::unique_ptr<Setup[]> setups(new Setup[B * F]);
-  std::unique_ptr<Box[]> boxes(new Box[B * F]);
-#pragma omp parallel for collapse(2) schedule(static)
-  for (int64_t b = 0; b < B; ++b) {
-    for (int64_t f = 0; f < F; ++f) {
-      setup_triangle(pos + b * V * 4, tri + f * 3, H, W, setups[b * F + f], boxes[b * F + f]);
-    }
-  }
-
-  // Bin into tiles in (image, triangle) order, so every tile's list is in triangle order.
-  std::vector<int64_t> offsets(B * T + 1, 0);
-  for (int64_t b = 0; b < B; ++b) {
-    for (int64_t f = 0; f < F; ++f) {
-      const Box& s = boxes[b * F + f];
-      if (s.x0 > s.x1 || s.y0 > s.y1) continue;
-      for (int64_t ty = s.y0 / kTile; ty <= s.y1 / kTile; ++ty)
-        for (int64_t tx = s.x0 / kTile; tx <= s.x1 / kTile; ++tx) ++offsets[b * T + ty * tiles_x + tx + 1];
-    }
-  }
-  for (int64_t t = 0; t < B * T; ++t) offsets[t + 1] += offsets[t];
-  std::vector<int32_t> tile_triangles(offsets[B * T]);
+  std::unique_ptr<Setup[]> setups(new Setup[BF]);
+  std::unique_ptr<Box[]> boxes(new Box[BF]);
+  std::vector<int64_t> cursors(chunks * BT, 0);  // per (chunk, tile): count, then write position
+#pragma omp parallel
   {
-    std::vector<int64_t> cursor(offsets.begin(), offsets.end() - 1);
-    for (int64_t b = 0; b < B; ++b) {
-      for (int64_t f = 0; f < F; ++f) {
-        const Box& s = boxes[b * F + f];
+#pragma omp for schedule(static)
+    for (int64_t bv = 0; bv < B * V; ++bv) projected[bv] = project_vertex(pos + bv * 4, H, W);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t c = 0; c < chunks; ++c) {
+      int64_t* counts = cursors.data() + c * BT;
+      for (int64_t i = c * chunk_size; i < std::min(BF, (c + 1) * chunk_size); ++i) {
+        const int64_t b = i / F;
+        setup_triangle(pos + b * V * 4, projected.get() + b * V, tri + (i - b * F) * 3, H, W, setups[i], boxes[i]);
+        const Box& s = boxes[i];
         if (s.x0 > s.x1 || s.y0 > s.y1) continue;
         for (int64_t ty = s.y0 / kTile; ty <= s.y1 / kTile; ++ty)
-          for (int64_t tx = s.x0 / kTile; tx <= s.x1 / kTile; ++tx)
-            tile_triangles[cursor[b * T + ty * tiles_x + tx]++] = static_cast<int32_t>(f);
+          for (int64_t tx = s.x0 / kTile; tx <= s.x1 / kTile; ++tx) ++counts[b * T + ty * grid.tiles_x + tx];
       }
     }
   }
+  std::vector<int64_t> offsets(BT + 1, 0);  // tile bt's list is [offsets[bt], offsets[bt + 1])
+  {
+    int64_t total = 0;
+    for (int64_t bt = 0; bt < BT; ++bt) {
+      offsets[bt] = total;
+      for (int64_t c = 0; c < chunks; ++c) {
+        const int64_t count = cursors[c * BT + bt];
+        cursors[c * BT + bt] = total;
+        total += count;
+      }
+    }
+    offsets[BT] = total;
+  }
+  std::unique_ptr<int32_t[]> tile_triangles(new int32_t[offsets[BT]]);
 
   const PixelCentres centres(H, W);
   const double* qx = centres.x.data();
   const double* qy = centres.y.data();
+  const RasterTileFn raster_tile = raster_tile_for_this_cpu();
 
   // Every pixel is written by its tile below (empty ones too), so no fill is needed here.
   at::Tensor ids = at::empty({B, H, W}, positions.options().dtype(at::kInt));
@@ -259,67 +507,48 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mesh_raster_rasterize_forward(con
 
 #pragma omp parallel
   {
-    constexpr int64_t kPixels = kTile * kTile;
-    std::vector<double> best_depth(kPixels), best_d(kPixels * 3);
-    std::vector<int32_t> best_id(kPixels);
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t bt = 0; bt < B * T; ++bt) {
-      const int64_t b = bt / T, t = bt % T;
-      const int64_t x_begin = (t % tiles_x) * kTile, y_begin = (t / tiles_x) * kTile;
-      const int64_t x_end = std::min(x_begin + kTile, W), y_end = std::min(y_begin + kTile, H);
-      std::fill(best_depth.begin(), best_depth.end(), std::numeric_limits<double>::infinity());
-      std::fill(best_id.begin(), best_id.end(), -1);
-      for (int64_t j = offsets[bt]; j < offsets[bt + 1]; ++j) {
-        const int32_t f = tile_triangles[j];
-        const Setup& s = setups[b * F + f];
-        const Box& box = boxes[b * F + f];
-        const Frame& fr = s.frame;
-        const int64_t y0 = std::max<int64_t>(box.y0, y_begin), y1 = std::min<int64_t>(box.y1 + 1, y_end);
-        const int64_t x0 = std::max<int64_t>(box.x0, x_begin), x1 = std::min<int64_t>(box.x1 + 1, x_end);
-        for (int64_t y = y0; y < y1; ++y) {
-          const double r0 = row_part(fr.n[0], qy[y]), r1 = row_part(fr.n[1], qy[y]), r2 = row_part(fr.n[2], qy[y]);
-          // Rounding is monotonic, so along a row each D is monotonic in x (qx increases) and the
-          // covered pixels form one run: stop at the first miss after a hit (exact, not a guess).
-          bool entered = false;
-          for (int64_t x = x0; x < x1; ++x) {
-            const double d0 = qx[x] * fr.n[0].x + r0;
-            const double d1 = qx[x] * fr.n[1].x + r1;
-            const double d2 = qx[x] * fr.n[2].x + r2;
-            if (!((d0 >= 0) & (d1 >= 0) & (d2 >= 0))) {
-              if (entered) break;
-              continue;
-            }
-            entered = true;
-            const double z = (d0 * s.z[0] + d1 * s.z[1] + d2 * s.z[2]) / fr.det;
-            if (!(z >= -1.0 && z <= 1.0)) continue;
-            const int64_t local = (y - y_begin) * kTile + (x - x_begin);
-            if (z < best_depth[local]) {  // triangles arrive in index order: ties keep the first
-              best_depth[local] = z;
-              best_id[local] = f;
-              best_d[3 * local] = d0;
-              best_d[3 * local + 1] = d1;
-              best_d[3 * local + 2] = d2;
-            }
-          }
-        }
+    for (int64_t c = 0; c < chunks; ++c) {
+      int64_t* cursor = cursors.data() + c * BT;
+      for (int64_t i = c * chunk_size; i < std::min(BF, (c + 1) * chunk_size); ++i) {
+        const Box& s = boxes[i];
+        if (s.x0 > s.x1 || s.y0 > s.y1) continue;
+        const int64_t b = i / F;
+        const int32_t f = static_cast<int32_t>(i - b * F);
+        for (int64_t ty = s.y0 / kTile; ty <= s.y1 / kTile; ++ty)
+          for (int64_t tx = s.x0 / kTile; tx <= s.x1 / kTile; ++tx)
+            tile_triangles[cursor[b * T + ty * grid.tiles_x + tx]++] = f;
       }
+    }
+
+    TileBuffer tile;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t bt = 0; bt < BT; ++bt) {
+      const int64_t b = bt / T, t = bt % T;
+      const int64_t x_begin = grid.x_begin(t), y_begin = grid.y_begin(t);
+      const int64_t x_end = grid.x_end(t), y_end = grid.y_end(t);
+      tile.reset();
+      const TileJob job{setups.get() + b * F, boxes.get() + b * F, tile_triangles.get() + offsets[bt],
+                        offsets[bt + 1] - offsets[bt], x_begin, y_begin, x_end, y_end, qx, qy};
+      raster_tile(job, tile);
       for (int64_t y = y_begin; y < y_end; ++y) {
         for (int64_t x = x_begin; x < x_end; ++x) {
           const int64_t local = (y - y_begin) * kTile + (x - x_begin);
           const int64_t pix = (b * H + y) * W + x;
-          if (best_id[local] < 0) {
+          const int64_t id = tile.id[local];
+          if (id < 0) {
             p_ids[pix] = -1;
             p_bary[2 * pix] = 0.0f;
             p_bary[2 * pix + 1] = 0.0f;
             p_depth[pix] = 0.0f;
             continue;
           }
-          const double* d = best_d.data() + 3 * local;
-          const double total = d[0] + d[1] + d[2];
-          p_ids[pix] = best_id[local];
-          p_bary[2 * pix] = static_cast<float>(d[0] / total);
-          p_bary[2 * pix + 1] = static_cast<float>(d[1] / total);
-          p_depth[pix] = static_cast<float>(best_depth[local]);
+          const double d0 = tile.d0[local], d1 = tile.d1[local], d2 = tile.d2[local];
+          const double total = d0 + d1 + d2;
+          p_ids[pix] = static_cast<int32_t>(id);
+          p_bary[2 * pix] = static_cast<float>(d0 / total);
+          p_bary[2 * pix + 1] = static_cast<float>(d1 / total);
+          p_depth[pix] = static_cast<float>(tile.depth[local]);
         }
       }
     }
@@ -345,99 +574,108 @@ at::Tensor mesh_raster_rasterize_backward(const at::Tensor& positions, const at:
   const int32_t* p_ids = ids.data_ptr<int32_t>();
   const float* g_bary = grad_bary.data_ptr<float>();
   const float* g_depth = grad_depth.data_ptr<float>();
-
-  // Group the covered pixels by (image, triangle), in pixel order (a stable counting sort).
-  struct PixelIndex {
-    int32_t x, y;
-  };
-  std::vector<int64_t> offsets(B * F + 1, 0);
-  for (int64_t b = 0; b < B; ++b) {
-    for (int64_t local = 0; local < H * W; ++local) {
-      const int32_t f = p_ids[b * H * W + local];
-      if (f >= 0) ++offsets[b * F + f + 1];
-    }
-  }
-  for (int64_t bf = 0; bf < B * F; ++bf) offsets[bf + 1] += offsets[bf];
-  std::vector<PixelIndex> pixels(static_cast<size_t>(offsets[B * F]));
-  {
-    std::vector<int64_t> cursor(offsets.begin(), offsets.end() - 1);
-    for (int64_t b = 0; b < B; ++b) {
-      for (int64_t y = 0; y < H; ++y) {
-        for (int64_t x = 0; x < W; ++x) {
-          const int32_t f = p_ids[(b * H + y) * W + x];
-          if (f >= 0) pixels[cursor[b * F + f]++] = {static_cast<int32_t>(x), static_cast<int32_t>(y)};
-        }
-      }
-    }
-  }
-
+  const TileGrid grid(H, W);
+  const int64_t T = grid.count, BT = B * T;
   const PixelCentres centres(H, W);
-  // Per (image, triangle): the gradient of its three vertices, summed over its pixels in order.
-  // With u = D0 / S, v = D1 / S, z/w = (sum D_j z_j) / det and D_i = q . n_i, the gradient of a
-  // vertex is linear in per-pixel sums: d/d e_k = n_k sum(g_det) + e_{k+1} x sum(gD_{k-1} q)
+
+  // Per (tile, triangle): the gradient of the triangle's three vertices (x, y, z, w each) from the
+  // tile's pixels. With u = D0 / S, v = D1 / S, z/w = (sum D_j z_j) / det and D_i = q . n_i, it is
+  // linear in per-pixel sums: d/d e_k = n_k sum(g_det) + e_{k+1} x sum(gD_{k-1} q)
   // - e_{k+2} x sum(gD_{k+1} q), since e_k enters D_{k-1} = e_k . (e_{k+1} x q) and
   // D_{k+1} = e_k . (q x e_{k+2}), and d det / d e_k = n_k.
-  // Written for every (image, triangle) with pixels, and only those are read.
-  std::unique_ptr<double[]> triangle_grads(new double[B * F * 12]);
-#pragma omp parallel for schedule(dynamic, 64)
-  for (int64_t bf = 0; bf < B * F; ++bf) {
-    if (offsets[bf] == offsets[bf + 1]) continue;
-    const int64_t b = bf / F, f = bf % F;
+  struct Accumulator {
     Vec3 e[3];
-    double z[3];
-    for (int k = 0; k < 3; ++k) {
-      const float* vertex = pos + (b * V + tri[3 * f + k]) * 4;
-      e[k] = load_xyw(vertex);
-      z[k] = vertex[2];
-    }
-    const Frame fr = make_frame(e);
-    const double inverse_det = 1.0 / fr.det;
-    double sum_g_det = 0.0, sum_g_z[3] = {0.0, 0.0, 0.0};
-    Vec3 sum_gd_q[3] = {{0.0, 0.0, 0.0}, {0.0, 0.0, 0.0}, {0.0, 0.0, 0.0}};
-    for (int64_t j = offsets[bf]; j < offsets[bf + 1]; ++j) {
-      const PixelIndex p = pixels[j];
-      const int64_t pix = (b * H + p.y) * W + p.x;
-      const double gu = g_bary[2 * pix], gv = g_bary[2 * pix + 1], gz = g_depth[pix];
-      const double qx = centres.x[p.x], qy = centres.y[p.y];
-      double d[3];
-      for (int i = 0; i < 3; ++i) d[i] = edge_value(fr.n[i], qx, qy);
-      const double inverse_total = 1.0 / (d[0] + d[1] + d[2]);
-      const double u = d[0] * inverse_total, v = d[1] * inverse_total;
-      const double zw = (d[0] * z[0] + d[1] * z[1] + d[2] * z[2]) * inverse_det;
-      const double gz_det = gz * inverse_det;
-      for (int i = 0; i < 3; ++i) {
-        const double g_d =
-            (gu * ((i == 0 ? 1.0 : 0.0) - u) + gv * ((i == 1 ? 1.0 : 0.0) - v)) * inverse_total + gz_det * z[i];
-        add_to(sum_gd_q[i], {g_d * qx, g_d * qy, g_d});
-        sum_g_z[i] += gz_det * d[i];
+    Frame frame;
+    double z[3], inverse_det;
+    Vec3 sum_gd_q[3];
+    double sum_g_z[3], sum_g_det;
+  };
+  std::vector<std::vector<int32_t>> tile_faces(BT);
+  std::vector<std::vector<double>> tile_grads(BT);
+#pragma omp parallel
+  {
+    TriangleSlots slots(F);
+    std::vector<Accumulator> accumulators(kTilePixels);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t bt = 0; bt < BT; ++bt) {
+      const int64_t b = bt / T, t = bt % T;
+      const float* image_positions = pos + b * V * 4;
+      for (int64_t y = grid.y_begin(t); y < grid.y_end(t); ++y) {
+        const double qy = centres.y[y];
+        for (int64_t x = grid.x_begin(t); x < grid.x_end(t); ++x) {
+          const int64_t pix = (b * H + y) * W + x;
+          const int32_t f = p_ids[pix];
+          if (f < 0) continue;
+          bool added;
+          Accumulator& a = accumulators[slots.find_or_add(f, added)];
+          if (added) {
+            for (int k = 0; k < 3; ++k) {
+              const float* vertex = image_positions + static_cast<int64_t>(tri[3 * f + k]) * 4;
+              a.e[k] = load_xyw(vertex);
+              a.z[k] = vertex[2];
+              a.sum_gd_q[k] = {0.0, 0.0, 0.0};
+              a.sum_g_z[k] = 0.0;
+            }
+            a.frame = make_frame(a.e);
+            a.inverse_det = 1.0 / a.frame.det;
+            a.sum_g_det = 0.0;
+          }
+          const Frame& fr = a.frame;
+          const double gu = g_bary[2 * pix], gv = g_bary[2 * pix + 1], gz = g_depth[pix];
+          const double qx = centres.x[x];
+          const double d0 = edge_value(fr.n[0], qx, qy), d1 = edge_value(fr.n[1], qx, qy),
+                       d2 = edge_value(fr.n[2], qx, qy);
+          const double inverse_total = 1.0 / (d0 + d1 + d2);
+          const double u = d0 * inverse_total, v = d1 * inverse_total;
+          const double zw = (d0 * a.z[0] + d1 * a.z[1] + d2 * a.z[2]) * a.inverse_det;
+          const double gz_det = gz * a.inverse_det;
+          // d loss / d D_i = (gu (delta_i0 - u) + gv (delta_i1 - v)) / S + gz z_i / det
+          const double shared = -(gu * u + gv * v) * inverse_total;
+          const double g_d[3] = {gu * inverse_total + shared + gz_det * a.z[0],
+                                 gv * inverse_total + shared + gz_det * a.z[1], shared + gz_det * a.z[2]};
+          const double d[3] = {d0, d1, d2};
+          for (int i = 0; i < 3; ++i) {
+            add_to(a.sum_gd_q[i], {g_d[i] * qx, g_d[i] * qy, g_d[i]});
+            a.sum_g_z[i] += gz_det * d[i];
+          }
+          a.sum_g_det -= gz_det * zw;
+        }
       }
-      sum_g_det -= gz_det * zw;
-    }
-    double* out = triangle_grads.get() + bf * 12;
-    for (int k = 0; k < 3; ++k) {
-      const int next = (k + 1) % 3, after = (k + 2) % 3;  // after == k - 1 (mod 3)
-      Vec3 g_e = scaled(fr.n[k], sum_g_det);
-      add_to(g_e, cross(e[next], sum_gd_q[after]));
-      add_to(g_e, scaled(cross(e[after], sum_gd_q[next]), -1.0));
-      out[4 * k] = g_e.x;
-      out[4 * k + 1] = g_e.y;
-      out[4 * k + 2] = sum_g_z[k];
-      out[4 * k + 3] = g_e.w;
+      const std::vector<int32_t>& seen = slots.faces();
+      tile_faces[bt] = seen;
+      std::vector<double>& out = tile_grads[bt];
+      out.resize(seen.size() * 12);
+      for (size_t s = 0; s < seen.size(); ++s) {
+        const Accumulator& a = accumulators[s];
+        for (int k = 0; k < 3; ++k) {
+          const int next = (k + 1) % 3, after = (k + 2) % 3;  // after == k - 1 (mod 3)
+          Vec3 g_e = scaled(a.frame.n[k], a.sum_g_det);
+          add_to(g_e, cross(a.e[next], a.sum_gd_q[after]));
+          add_to(g_e, scaled(cross(a.e[after], a.sum_gd_q[next]), -1.0));
+          double* o = out.data() + s * 12 + 4 * k;
+          o[0] = g_e.x;
+          o[1] = g_e.y;
+          o[2] = a.sum_g_z[k];
+          o[3] = g_e.w;
+        }
+      }
+      slots.clear();
     }
   }
 
-  // Sum into the vertices in face order: one image per thread, so the order is fixed.
+  // Sum into the vertices in tile order: one image per thread, so the order is fixed.
   std::vector<double> sums(B * V * 4, 0.0);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (B > 1)
   for (int64_t b = 0; b < B; ++b) {
     double* image_sums = sums.data() + b * V * 4;
-    for (int64_t f = 0; f < F; ++f) {
-      const int64_t bf = b * F + f;
-      if (offsets[bf] == offsets[bf + 1]) continue;
-      const double* in = triangle_grads.get() + bf * 12;
-      for (int k = 0; k < 3; ++k) {
-        double* target = image_sums + static_cast<int64_t>(tri[3 * f + k]) * 4;
-        for (int c = 0; c < 4; ++c) target[c] += in[4 * k + c];
+    for (int64_t bt = b * T; bt < (b + 1) * T; ++bt) {
+      const std::vector<int32_t>& seen = tile_faces[bt];
+      const double* in = tile_grads[bt].data();
+      for (size_t s = 0; s < seen.size(); ++s, in += 12) {
+        for (int k = 0; k < 3; ++k) {
+          double* target = image_sums + static_cast<int64_t>(tri[3 * seen[s] + k]) * 4;
+          for (int c = 0; c < 4; ++c) target[c] += in[4 * k + c];
+        }
       }
     }
   }
@@ -464,34 +702,52 @@ void check_interpolate(const at::Tensor& attributes, const at::Tensor& bary, con
               ": attributes must have batch 1 or the raster's batch");
 }
 
+// Calls body(std::integral_constant<int, K>) with K = C for the common channel counts 1-4 (whose
+// per-channel loops then unroll) and K = 0 ("read C at run time") otherwise.
+template <typename Body>
+void with_channels(int64_t C, Body body) {
+  switch (C) {
+    case 1: body(std::integral_constant<int, 1>()); break;
+    case 2: body(std::integral_constant<int, 2>()); break;
+    case 3: body(std::integral_constant<int, 3>()); break;
+    case 4: body(std::integral_constant<int, 4>()); break;
+    default: body(std::integral_constant<int, 0>()); break;
+  }
+}
+
 at::Tensor mesh_raster_interpolate_forward(const at::Tensor& attributes, const at::Tensor& bary,
                                            const at::Tensor& ids, const at::Tensor& faces) {
   const char* op = "mesh_raster_interpolate";
   check_interpolate(attributes, bary, ids, faces, op);
-  const int64_t A = attributes.size(0), V = attributes.size(1), C = attributes.size(2);
-  const int64_t B = ids.size(0), H = ids.size(1), W = ids.size(2), N = B * H * W;
-  at::Tensor out = at::empty({B, H, W, C}, attributes.options());  // every pixel is written below
+  const int64_t A = attributes.size(0), V = attributes.size(1);
+  const int64_t B = ids.size(0), H = ids.size(1), W = ids.size(2);
+  at::Tensor out = at::empty({B, H, W, attributes.size(2)}, attributes.options());  // every pixel is written below
   const float* attr = attributes.data_ptr<float>();
   const float* p_bary = bary.data_ptr<float>();
   const int32_t* p_ids = ids.data_ptr<int32_t>();
   const int32_t* tri = faces.data_ptr<int32_t>();
   float* p_out = out.data_ptr<float>();
+  with_channels(attributes.size(2), [&](auto channels) {
+    const int64_t C = decltype(channels)::value > 0 ? decltype(channels)::value : attributes.size(2);
 #pragma omp parallel for schedule(static)
-  for (int64_t pix = 0; pix < N; ++pix) {
-    const int32_t f = p_ids[pix];
-    float* o = p_out + pix * C;
-    if (f < 0) {
-      std::fill(o, o + C, 0.0f);
-      continue;
+    for (int64_t row = 0; row < B * H; ++row) {
+      const float* image_attr = attr + (A > 1 ? row / H : 0) * V * C;
+      for (int64_t pix = row * W; pix < (row + 1) * W; ++pix) {
+        const int32_t f = p_ids[pix];
+        float* o = p_out + pix * C;
+        if (f < 0) {
+          for (int64_t c = 0; c < C; ++c) o[c] = 0.0f;
+          continue;
+        }
+        const float* a0 = image_attr + static_cast<int64_t>(tri[3 * f]) * C;
+        const float* a1 = image_attr + static_cast<int64_t>(tri[3 * f + 1]) * C;
+        const float* a2 = image_attr + static_cast<int64_t>(tri[3 * f + 2]) * C;
+        const float u = p_bary[2 * pix], v = p_bary[2 * pix + 1];
+        const float w = 1.0f - u - v;
+        for (int64_t c = 0; c < C; ++c) o[c] = u * a0[c] + v * a1[c] + w * a2[c];
+      }
     }
-    const int64_t a = A > 1 ? pix / (H * W) : 0;
-    const float* a0 = attr + (a * V + tri[3 * f]) * C;
-    const float* a1 = attr + (a * V + tri[3 * f + 1]) * C;
-    const float* a2 = attr + (a * V + tri[3 * f + 2]) * C;
-    const float u = p_bary[2 * pix], v = p_bary[2 * pix + 1];
-    const float w = 1.0f - u - v;
-    for (int64_t c = 0; c < C; ++c) o[c] = u * a0[c] + v * a1[c] + w * a2[c];
-  }
+  });
   return out;
 }
 
@@ -502,66 +758,102 @@ std::tuple<at::Tensor, at::Tensor> mesh_raster_interpolate_backward(const at::Te
                                                                     bool need_attributes, bool need_bary) {
   const char* op = "mesh_raster_interpolate_backward";
   check_interpolate(attributes, bary, ids, faces, op);
-  const int64_t A = attributes.size(0), V = attributes.size(1), C = attributes.size(2);
-  const int64_t B = ids.size(0), H = ids.size(1), W = ids.size(2), N = B * H * W;
+  const int64_t A = attributes.size(0), V = attributes.size(1);
+  const int64_t B = ids.size(0), H = ids.size(1), W = ids.size(2), N = B * H * W, F = faces.size(0);
   check_tensor(grad_output, op, "grad_output", at::kFloat, 4);
-  TORCH_CHECK(grad_output.numel() == N * C, op, ": grad_output must be [B, H, W, C]");
+  TORCH_CHECK(grad_output.numel() == N * attributes.size(2), op, ": grad_output must be [B, H, W, C]");
   const float* attr = attributes.data_ptr<float>();
   const float* p_bary = bary.data_ptr<float>();
   const int32_t* p_ids = ids.data_ptr<int32_t>();
   const int32_t* tri = faces.data_ptr<int32_t>();
   const float* g = grad_output.data_ptr<float>();
+  const TileGrid grid(H, W);
+  const int64_t T = grid.count, BT = B * T;
 
   // Outputs not asked for are returned empty (the autograd wrapper drops them).
   at::Tensor grad_bary = at::empty({need_bary ? B : 0, H, W, 2}, attributes.options());
-  if (need_bary) {
-    float* p_gb = grad_bary.data_ptr<float>();
-#pragma omp parallel for schedule(static)
-    for (int64_t pix = 0; pix < N; ++pix) {
-      const int32_t f = p_ids[pix];
-      if (f < 0) {
-        p_gb[2 * pix] = 0.0f;
-        p_gb[2 * pix + 1] = 0.0f;
-        continue;
-      }
-      const int64_t a = A > 1 ? pix / (H * W) : 0;
-      const float* a0 = attr + (a * V + tri[3 * f]) * C;
-      const float* a1 = attr + (a * V + tri[3 * f + 1]) * C;
-      const float* a2 = attr + (a * V + tri[3 * f + 2]) * C;
-      double gu = 0.0, gv = 0.0;
-      for (int64_t c = 0; c < C; ++c) {
-        const double gc = g[pix * C + c];
-        gu += gc * (static_cast<double>(a0[c]) - a2[c]);
-        gv += gc * (static_cast<double>(a1[c]) - a2[c]);
-      }
-      p_gb[2 * pix] = static_cast<float>(gu);
-      p_gb[2 * pix + 1] = static_cast<float>(gv);
-    }
-  }
-
-  at::Tensor grad_attr = at::empty({need_attributes ? A : 0, V, C}, attributes.options());
-  if (need_attributes) {
-    // Scatter into the vertices in pixel order; images run in parallel only when each has its own
-    // attributes (shared attributes are summed over the images serially, in image order).
-    std::vector<double> sums(A * V * C, 0.0);
-    const int64_t images_per_slot = A > 1 ? 1 : B;
-#pragma omp parallel for schedule(static)
-    for (int64_t a = 0; a < A; ++a) {
-      double* slot = sums.data() + a * V * C;
-      for (int64_t pix = a * H * W; pix < (a + images_per_slot) * H * W; ++pix) {
-        const int32_t f = p_ids[pix];
-        if (f < 0) continue;
-        const float u = p_bary[2 * pix], v = p_bary[2 * pix + 1];
-        const float weights[3] = {u, v, 1.0f - u - v};
-        for (int k = 0; k < 3; ++k) {
-          double* target = slot + static_cast<int64_t>(tri[3 * f + k]) * C;
-          for (int64_t c = 0; c < C; ++c) target[c] += static_cast<double>(weights[k]) * g[pix * C + c];
+  float* p_gb = need_bary ? grad_bary.data_ptr<float>() : nullptr;
+  at::Tensor grad_attr = at::empty({need_attributes ? A : 0, V, attributes.size(2)}, attributes.options());
+  // Per (tile, triangle): sum over the tile's pixels of weight_k * grad for its three vertices
+  // ([3, C]), added into the vertices in tile order below.
+  std::vector<std::vector<int32_t>> tile_faces(need_attributes ? BT : 0);
+  std::vector<std::vector<double>> tile_sums(need_attributes ? BT : 0);
+  with_channels(attributes.size(2), [&](auto channels) {
+    const int64_t C = decltype(channels)::value > 0 ? decltype(channels)::value : attributes.size(2);
+#pragma omp parallel
+    {
+      TriangleSlots slots(need_attributes ? F : 0);
+      std::vector<double> accumulators;
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t bt = 0; bt < BT; ++bt) {
+        const int64_t b = bt / T, t = bt % T;
+        const float* image_attr = attr + (A > 1 ? b : 0) * V * C;
+        for (int64_t y = grid.y_begin(t); y < grid.y_end(t); ++y) {
+          for (int64_t x = grid.x_begin(t); x < grid.x_end(t); ++x) {
+            const int64_t pix = (b * H + y) * W + x;
+            const int32_t f = p_ids[pix];
+            if (f < 0) {
+              if (need_bary) {
+                p_gb[2 * pix] = 0.0f;
+                p_gb[2 * pix + 1] = 0.0f;
+              }
+              continue;
+            }
+            const float* gp = g + pix * C;
+            if (need_bary) {
+              const float* a0 = image_attr + static_cast<int64_t>(tri[3 * f]) * C;
+              const float* a1 = image_attr + static_cast<int64_t>(tri[3 * f + 1]) * C;
+              const float* a2 = image_attr + static_cast<int64_t>(tri[3 * f + 2]) * C;
+              double gu = 0.0, gv = 0.0;
+              for (int64_t c = 0; c < C; ++c) {
+                const double gc = gp[c];
+                gu += gc * (static_cast<double>(a0[c]) - a2[c]);
+                gv += gc * (static_cast<double>(a1[c]) - a2[c]);
+              }
+              p_gb[2 * pix] = static_cast<float>(gu);
+              p_gb[2 * pix + 1] = static_cast<float>(gv);
+            }
+            if (need_attributes) {
+              bool added;
+              const int32_t s = slots.find_or_add(f, added);
+              if (added && accumulators.size() < slots.faces().size() * 3 * C)
+                accumulators.resize(slots.faces().size() * 3 * C, 0.0);
+              double* acc = accumulators.data() + s * 3 * C;
+              const float u = p_bary[2 * pix], v = p_bary[2 * pix + 1];
+              const double weights[3] = {u, v, 1.0f - u - v};
+              for (int k = 0; k < 3; ++k)
+                for (int64_t c = 0; c < C; ++c) acc[k * C + c] += weights[k] * gp[c];
+            }
+          }
+        }
+        if (need_attributes) {
+          const size_t used = slots.faces().size() * 3 * C;
+          tile_faces[bt] = slots.faces();
+          tile_sums[bt].assign(accumulators.begin(), accumulators.begin() + used);
+          std::fill(accumulators.begin(), accumulators.begin() + used, 0.0);
+          slots.clear();
         }
       }
     }
-    float* p_ga = grad_attr.data_ptr<float>();
-    for (int64_t i = 0; i < A * V * C; ++i) p_ga[i] = static_cast<float>(sums[i]);
-  }
+
+    if (need_attributes) {
+      // Serially in tile order (shared attributes sum over the images too).
+      std::vector<double> sums(A * V * C, 0.0);
+      for (int64_t bt = 0; bt < BT; ++bt) {
+        double* image_sums = sums.data() + (A > 1 ? bt / T : 0) * V * C;
+        const std::vector<int32_t>& seen = tile_faces[bt];
+        const double* in = tile_sums[bt].data();
+        for (size_t s = 0; s < seen.size(); ++s) {
+          for (int k = 0; k < 3; ++k, in += C) {
+            double* target = image_sums + static_cast<int64_t>(tri[3 * seen[s] + k]) * C;
+            for (int64_t c = 0; c < C; ++c) target[c] += in[c];
+          }
+        }
+      }
+      float* p_ga = grad_attr.data_ptr<float>();
+      for (int64_t i = 0; i < A * V * C; ++i) p_ga[i] = static_cast<float>(sums[i]);
+    }
+  });
   return {grad_attr, grad_bary};
 }
 
@@ -570,18 +862,22 @@ std::tuple<at::Tensor, at::Tensor> mesh_raster_interpolate_backward(const at::Te
 // ---------------------------------------------------------------------------------------------
 
 // Pair slots: [B, 2, H, W]; direction 0 pairs (x, y) with (x + 1, y), direction 1 with (x, y + 1).
-// A slot's code is -1 (no blend) or edge + 3 * (front is the second pixel).
+// A slot's code is -1 (no blend) or edge + 3 * (front is the second pixel) + 6 * (the blend goes to
+// the front pixel, t < 0.5).
+inline int code_edge(int code) { return code % 3; }
+inline bool code_second_front(int code) { return (code / 3) % 2 == 1; }
+inline bool code_to_front(int code) { return code >= 6; }
+
 struct PairGeometry {
   int64_t front, back;  // flat pixel indices
   double qfx, qfy, qbx, qby;
 };
 
-inline PairGeometry pair_geometry(int64_t b, int64_t direction, int64_t y, int64_t x, int code, int64_t H,
+inline PairGeometry pair_geometry(int64_t b, int64_t direction, int64_t y, int64_t x, bool second_front, int64_t H,
                                   int64_t W, const PixelCentres& centres) {
   const int64_t first = (b * H + y) * W + x;
   const int64_t second = direction == 0 ? first + 1 : first + W;
   const int64_t x2 = direction == 0 ? x + 1 : x, y2 = direction == 0 ? y : y + 1;
-  const bool second_front = code >= 3;
   PairGeometry g;
   g.front = second_front ? second : first;
   g.back = second_front ? first : second;
@@ -603,21 +899,8 @@ inline double crossing(const float* image_positions, const int32_t* face, int ed
   return d_front / (d_front - d_back);
 }
 
-// Which pixel of a blended pair receives colour and with what weight.
-struct Blend {
-  int64_t destination, source;
-  float weight;
-  bool to_front;
-};
-
-inline Blend blend_of(const PairGeometry& g, double t) {
-  Blend bl;
-  bl.to_front = t < 0.5;
-  bl.destination = bl.to_front ? g.front : g.back;
-  bl.source = bl.to_front ? g.back : g.front;
-  bl.weight = static_cast<float>(bl.to_front ? 0.5 - t : t - 0.5);
-  return bl;
-}
+// The weight of a blend (which pixel receives colour is t < 0.5, kept in the code).
+inline float blend_weight(double t) { return static_cast<float>(t < 0.5 ? 0.5 - t : t - 0.5); }
 
 void check_antialias(const at::Tensor& color, const at::Tensor& positions, const at::Tensor& ids,
                      const at::Tensor& faces, const char* op) {
@@ -634,7 +917,96 @@ void check_antialias(const at::Tensor& color, const at::Tensor& positions, const
 
 inline PairGeometry slot_geometry(int64_t slot, int code, int64_t H, int64_t W, const PixelCentres& centres) {
   const int64_t x = slot % W, y = (slot / W) % H, direction = (slot / (H * W)) % 2, b = slot / (2 * H * W);
-  return pair_geometry(b, direction, y, x, code, H, W, centres);
+  return pair_geometry(b, direction, y, x, code_second_front(code), H, W, centres);
+}
+
+// Whether the blend of a pair goes to its first pixel.
+inline bool blend_to_first(int code) { return code_to_front(code) != code_second_front(code); }
+
+// For every pixel of row (b, y) with a blended pair, calls visit(pixel, slot, other, pixel_is_first,
+// code) for its pairs in slot order: left, right, below, above. That is the order the reference adds
+// a pixel's blends, so a pixel that gathers them this way sums them in the same order.
+template <typename Visit>
+inline void for_each_blended_pair(const int8_t* codes, int64_t b, int64_t y, int64_t H, int64_t W, Visit visit) {
+  const int64_t horizontal = (b * 2 * H + y) * W, above = ((b * 2 + 1) * H + y) * W, below = above - W;
+  const int64_t row = (b * H + y) * W;
+  for (int64_t x = 0; x < W; ++x) {
+    const int left = x > 0 ? codes[horizontal + x - 1] : -1, right = x + 1 < W ? codes[horizontal + x] : -1;
+    const int down = y > 0 ? codes[below + x] : -1, up = y + 1 < H ? codes[above + x] : -1;
+    if ((left & right & down & up) < 0) continue;  // all four -1: most pixels
+    const int64_t pix = row + x;
+    if (left >= 0) visit(pix, horizontal + x - 1, pix - 1, false, left);
+    if (right >= 0) visit(pix, horizontal + x, pix + 1, true, right);
+    if (down >= 0) visit(pix, below + x, pix - W, false, down);
+    if (up >= 0) visit(pix, above + x, pix + W, true, up);
+  }
+}
+
+template <typename Index>
+void find_blends(const float* pos, const int32_t* tri, const Index* opposite, const int32_t* p_ids,
+                 const float* p_depth, const Frame* frames, int64_t B, int64_t H, int64_t W, int64_t P, int64_t V,
+                 int64_t F, const PixelCentres& centres, int8_t* p_codes, float* weights) {
+#pragma omp parallel for schedule(static)
+  for (int64_t row = 0; row < B * 2 * H; ++row) {
+    const int64_t b = row / (2 * H), direction = (row / H) % 2, y = row % H;
+    int8_t* codes = p_codes + row * W;
+    if (direction == 1 && y + 1 >= H) {
+      std::fill(codes, codes + W, static_cast<int8_t>(-1));
+      continue;
+    }
+    const int64_t position_batch = P > 1 ? b : 0;
+    for (int64_t x = 0; x < W; ++x) {
+      codes[x] = -1;
+      if (direction == 0 && x + 1 >= W) continue;
+      const int64_t first = (b * H + y) * W + x;
+      const int64_t second = direction == 0 ? first + 1 : first + W;
+      const int32_t id1 = p_ids[first], id2 = p_ids[second];
+      if (id1 == id2) continue;
+      const float z1 = p_depth[first], z2 = p_depth[second];
+      const bool first_front = id2 < 0 || (id1 >= 0 && (z1 < z2 || (z1 == z2 && id1 < id2)));
+      const int32_t f = first_front ? id1 : id2;
+      const PairGeometry g = pair_geometry(b, direction, y, x, !first_front, H, W, centres);
+      const Frame& fr = frames[position_batch * F + f];
+      // The exit edges; t is only needed to choose among several and for the weight of a blend.
+      double d_back[3];
+      int exits = 0, best = -1;
+      for (int i = 0; i < 3; ++i) {
+        d_back[i] = edge_value(fr.n[i], g.qbx, g.qby);
+        if (fr.det > 0 ? d_back[i] < 0 : (fr.det < 0 && d_back[i] > 0)) {
+          ++exits;
+          best = i;
+        }
+      }
+      if (exits == 0) continue;
+      double best_t = std::numeric_limits<double>::infinity();
+      if (exits > 1) {
+        best = -1;
+        for (int i = 0; i < 3; ++i) {
+          if (!(fr.det > 0 ? d_back[i] < 0 : d_back[i] > 0)) continue;
+          const double d_front = edge_value(fr.n[i], g.qfx, g.qfy);
+          const double t = d_front / (d_front - d_back[i]);
+          if (t < best_t) {  // strict: ties keep the smaller edge index
+            best_t = t;
+            best = i;
+          }
+        }
+        if (best < 0) continue;
+      }
+      const int64_t far_vertex = opposite[static_cast<int64_t>(f) * 3 + best];
+      if (far_vertex >= 0) {
+        const double side = dot(load_xyw(pos + (position_batch * V + far_vertex) * 4), fr.n[best]);
+        const bool folded = fr.det > 0 ? side >= 0 : side <= 0;
+        if (!folded) continue;  // the surface goes on across this edge: not a silhouette
+      }
+      if (exits == 1) {
+        const double d_front = edge_value(fr.n[best], g.qfx, g.qfy);
+        best_t = d_front / (d_front - d_back[best]);
+      }
+      const bool to_front = best_t < 0.5;
+      codes[x] = static_cast<int8_t>(best + (first_front ? 0 : 3) + (to_front ? 6 : 0));
+      weights[row * W + x] = blend_weight(best_t);
+    }
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor> mesh_raster_antialias_forward(const at::Tensor& color, const at::Tensor& positions,
@@ -646,12 +1018,15 @@ std::tuple<at::Tensor, at::Tensor> mesh_raster_antialias_forward(const at::Tenso
   const int64_t P = positions.size(0), V = positions.size(1), F = faces.size(0);
   check_tensor(depth, op, "depth", at::kFloat, 3);
   TORCH_CHECK(depth.numel() == B * H * W, op, ": depth must be [B, H, W] like triangle_id");
-  check_tensor(topology, op, "topology", at::kInt, 2);
+  TORCH_CHECK(topology.device().is_cpu() && topology.is_contiguous() && topology.dim() == 2 &&
+                  (topology.scalar_type() == at::kInt || topology.scalar_type() == at::kLong),
+              op, ": topology must be a contiguous int32 or int64 [F, 3] CPU tensor");
   TORCH_CHECK(topology.numel() == F * 3, op, ": topology must be [F, 3]");
-  const int32_t* opposite = topology.data_ptr<int32_t>();
-  for (int64_t i = 0; i < F * 3; ++i) {
-    TORCH_CHECK(opposite[i] >= -1 && opposite[i] < V, op, ": topology holds vertex ", opposite[i], ", outside [-1, ",
-                V, ")");
+  const bool long_topology = topology.scalar_type() == at::kLong;
+  if (long_topology) {
+    check_index_range(topology.data_ptr<int64_t>(), F * 3, -1, V - 1, op, "topology");
+  } else {
+    check_index_range(topology.data_ptr<int32_t>(), F * 3, -1, V - 1, op, "topology");
   }
   const float* pos = positions.data_ptr<float>();
   const int32_t* tri = faces.data_ptr<int32_t>();
@@ -670,78 +1045,37 @@ std::tuple<at::Tensor, at::Tensor> mesh_raster_antialias_forward(const at::Tenso
     }
   }
   std::unique_ptr<Frame[]> frames(new Frame[P * F]);  // read only where shown
-#pragma omp parallel for collapse(2) schedule(static)
-  for (int64_t p = 0; p < P; ++p) {
-    for (int64_t f = 0; f < F; ++f) {
-      if (!shown[p * F + f]) continue;
-      const float* image_positions = pos + p * V * 4;
-      const int32_t* face = tri + f * 3;
-      const Vec3 e[3] = {load_xyw(image_positions + static_cast<int64_t>(face[0]) * 4),
-                         load_xyw(image_positions + static_cast<int64_t>(face[1]) * 4),
-                         load_xyw(image_positions + static_cast<int64_t>(face[2]) * 4)};
-      frames[p * F + f] = make_frame(e);
-    }
-  }
-
-  at::Tensor codes = at::full({B, 2, H, W}, -1, color.options().dtype(at::kChar));
-  int8_t* p_codes = codes.data_ptr<int8_t>();
-  std::unique_ptr<double[]> crossings(new double[B * 2 * H * W]);  // read only where a code is set
-
-  // Pass 1: which pairs blend, across which edge, at which t.
 #pragma omp parallel for schedule(static)
-  for (int64_t row = 0; row < B * 2 * H; ++row) {
-    const int64_t b = row / (2 * H), direction = (row / H) % 2, y = row % H;
-    if (direction == 1 && y + 1 >= H) continue;
-    const int64_t position_batch = P > 1 ? b : 0;
-    for (int64_t x = 0; x < W; ++x) {
-      if (direction == 0 && x + 1 >= W) continue;
-      const int64_t first = (b * H + y) * W + x;
-      const int64_t second = direction == 0 ? first + 1 : first + W;
-      const int32_t id1 = p_ids[first], id2 = p_ids[second];
-      if (id1 == id2) continue;
-      const float z1 = p_depth[first], z2 = p_depth[second];
-      const bool first_front = id2 < 0 || (id1 >= 0 && (z1 < z2 || (z1 == z2 && id1 < id2)));
-      const int32_t f = first_front ? id1 : id2;
-      const PairGeometry g = pair_geometry(b, direction, y, x, first_front ? 0 : 3, H, W, centres);
-      const Frame& fr = frames[position_batch * F + f];
-      int best = -1;
-      double best_t = std::numeric_limits<double>::infinity();
-      for (int i = 0; i < 3; ++i) {
-        const double d_back = edge_value(fr.n[i], g.qbx, g.qby);
-        const bool exits = fr.det > 0 ? d_back < 0 : (fr.det < 0 && d_back > 0);
-        if (!exits) continue;
-        const double d_front = edge_value(fr.n[i], g.qfx, g.qfy);
-        const double t = d_front / (d_front - d_back);
-        if (t < best_t) {  // strict: ties keep the smaller edge index
-          best_t = t;
-          best = i;
-        }
-      }
-      if (best < 0) continue;
-      const int32_t far_vertex = opposite[static_cast<int64_t>(f) * 3 + best];
-      if (far_vertex >= 0) {
-        const double side = dot(load_xyw(pos + (position_batch * V + far_vertex) * 4), fr.n[best]);
-        const bool folded = fr.det > 0 ? side >= 0 : side <= 0;
-        if (!folded) continue;  // the surface goes on across this edge: not a silhouette
-      }
-      const int64_t slot = ((b * 2 + direction) * H + y) * W + x;
-      p_codes[slot] = static_cast<int8_t>(best + (first_front ? 0 : 3));
-      crossings[slot] = best_t;
-    }
+  for (int64_t pf = 0; pf < P * F; ++pf) {
+    if (shown[pf]) frames[pf] = frame_of(pos + (pf / F) * V * 4, tri + (pf % F) * 3);
   }
 
-  // Pass 2: apply the blends serially in slot order (there are few: silhouette pairs only). A
-  // pixel's deltas are thus added in the reference's order (left, right, below, above pair).
+  // Pass 1: which pairs blend, across which edge, with which weight.
+  at::Tensor codes = at::empty({B, 2, H, W}, color.options().dtype(at::kChar));  // every slot is written
+  int8_t* p_codes = codes.data_ptr<int8_t>();
+  std::unique_ptr<float[]> weights(new float[B * 2 * H * W]);  // read only where a code is set
+  if (long_topology) {
+    find_blends(pos, tri, topology.data_ptr<int64_t>(), p_ids, p_depth, frames.get(), B, H, W, P, V, F, centres,
+                p_codes, weights.get());
+  } else {
+    find_blends(pos, tri, topology.data_ptr<int32_t>(), p_ids, p_depth, frames.get(), B, H, W, P, V, F, centres,
+                p_codes, weights.get());
+  }
+
+  // Pass 2: every pixel adds the blends it receives in slot order, the reference's order.
   at::Tensor out = color.clone();
   float* p_out = out.data_ptr<float>();
-  for (int64_t slot = 0; slot < B * 2 * H * W; ++slot) {
-    const int code = p_codes[slot];
-    if (code < 0) continue;
-    const Blend bl = blend_of(slot_geometry(slot, code, H, W, centres), crossings[slot]);
-    const float* source = p_color + bl.source * C;
-    const float* own = p_color + bl.destination * C;
-    float* o = p_out + bl.destination * C;
-    for (int64_t c = 0; c < C; ++c) o[c] += bl.weight * (source[c] - own[c]);
+#pragma omp parallel for schedule(static)
+  for (int64_t row = 0; row < B * H; ++row) {
+    for_each_blended_pair(p_codes, row / H, row % H, H, W,
+                          [&](int64_t pix, int64_t slot, int64_t other, bool pixel_is_first, int code) {
+                            if (blend_to_first(code) != pixel_is_first) return;  // the pair blends into `other`
+                            const float weight = weights[slot];
+                            const float* own = p_color + pix * C;
+                            const float* source = p_color + other * C;
+                            float* o = p_out + pix * C;
+                            for (int64_t c = 0; c < C; ++c) o[c] += weight * (source[c] - own[c]);
+                          });
   }
   return {out, codes};
 }
@@ -765,6 +1099,7 @@ std::tuple<at::Tensor, at::Tensor> mesh_raster_antialias_backward(const at::Tens
   const int8_t* p_codes = codes.data_ptr<int8_t>();
   const float* g = grad_output.data_ptr<float>();
   const int64_t S = B * 2 * H * W;
+  check_index_range(p_codes, S, -1, 11, op, "pair_codes (from mesh_raster_antialias_forward)");
 
   const PixelCentres centres(H, W);
   std::vector<int64_t> active;  // blended slots, in slot order
@@ -773,8 +1108,8 @@ std::tuple<at::Tensor, at::Tensor> mesh_raster_antialias_backward(const at::Tens
   }
   const int64_t A = static_cast<int64_t>(active.size());
 
-  // Per blended pair: its blend, and d loss / d (x, y, w) of the edge's two endpoints.
-  std::vector<Blend> blends(A);
+  // Per blended pair: its weight, and d loss / d (x, y, w) of the edge's two endpoints.
+  std::unique_ptr<float[]> weights(new float[S]);  // read only where a code is set
   std::vector<double> partial(A * 6, 0.0);
 #pragma omp parallel for schedule(static)
   for (int64_t k = 0; k < A; ++k) {
@@ -786,17 +1121,19 @@ std::tuple<at::Tensor, at::Tensor> mesh_raster_antialias_backward(const at::Tens
     const float* image_positions = pos + (P > 1 ? b : 0) * V * 4;
     Vec3 start, end;
     double d_front, d_back;
-    const double t = crossing(image_positions, tri + 3 * static_cast<int64_t>(f), code % 3, geo, start, end,
+    const double t = crossing(image_positions, tri + 3 * static_cast<int64_t>(f), code_edge(code), geo, start, end,
                               d_front, d_back);
-    const Blend bl = blend_of(geo, t);
-    blends[k] = bl;
+    const bool to_front = code_to_front(code);
+    const float weight = blend_weight(t);
+    weights[slot] = weight;
+    const int64_t destination = to_front ? geo.front : geo.back, source = to_front ? geo.back : geo.front;
     // out[dest] += w(t) (color[src] - color[dest]); dw/dt = -1 towards the front, +1 towards the back.
     double g_weight = 0.0;
     for (int64_t c = 0; c < C; ++c) {
-      g_weight += static_cast<double>(g[bl.destination * C + c]) *
-                  static_cast<double>(p_color[bl.source * C + c] - p_color[bl.destination * C + c]);
+      g_weight += static_cast<double>(g[destination * C + c]) *
+                  static_cast<double>(p_color[source * C + c] - p_color[destination * C + c]);
     }
-    const double g_t = bl.to_front ? -g_weight : g_weight;
+    const double g_t = to_front ? -g_weight : g_weight;
     // t = Df / (Df - Db)
     const double denominator = d_front - d_back;
     const double g_front = g_t * (-d_back) / (denominator * denominator);
@@ -813,16 +1150,22 @@ std::tuple<at::Tensor, at::Tensor> mesh_raster_antialias_backward(const at::Tens
     out[5] = g_end.w;
   }
 
-  // Colour: the identity plus each blend's two terms, applied serially in slot order.
+  // Colour: the identity plus each blend's two terms; every pixel gathers its pairs' terms in slot
+  // order (a pair takes its destination's gradient away and hands it to its source).
   at::Tensor grad_color = grad_output.clone();
   float* p_gc = grad_color.data_ptr<float>();
-  for (int64_t k = 0; k < A; ++k) {
-    const Blend& bl = blends[k];
-    const float* g_dest = g + bl.destination * C;
-    for (int64_t c = 0; c < C; ++c) {
-      p_gc[bl.destination * C + c] -= bl.weight * g_dest[c];
-      p_gc[bl.source * C + c] += bl.weight * g_dest[c];
-    }
+#pragma omp parallel for schedule(static)
+  for (int64_t row = 0; row < B * H; ++row) {
+    for_each_blended_pair(p_codes, row / H, row % H, H, W,
+                          [&](int64_t pix, int64_t slot, int64_t other, bool pixel_is_first, int code) {
+                            const float weight = weights[slot];
+                            float* o = p_gc + pix * C;
+                            if (blend_to_first(code) == pixel_is_first) {  // this pixel is the destination
+                              for (int64_t c = 0; c < C; ++c) o[c] -= weight * g[pix * C + c];
+                            } else {
+                              for (int64_t c = 0; c < C; ++c) o[c] += weight * g[other * C + c];
+                            }
+                          });
   }
 
   // Positions: the pairs' partials summed into the vertices serially in slot order.
@@ -833,7 +1176,7 @@ std::tuple<at::Tensor, at::Tensor> mesh_raster_antialias_backward(const at::Tens
     const int64_t b = slot / (2 * H * W);
     const PairGeometry geo = slot_geometry(slot, code, H, W, centres);
     const int32_t* face = tri + 3 * static_cast<int64_t>(p_ids[geo.front]);
-    const int edge = code % 3;
+    const int edge = code_edge(code);
     const double* in = partial.data() + k * 6;
     for (int j = 0; j < 2; ++j) {
       double* target = sums.data() + ((P > 1 ? b : 0) * V + face[(edge + 1 + j) % 3]) * 4;

@@ -234,7 +234,7 @@ def antialias(
             raster.triangle_id.to(torch.int32).contiguous(),
             raster.depth.detach().float().contiguous(),
             _native_faces(faces),
-            topology.to(torch.int32).contiguous(),
+            topology.contiguous(),  # int32 or int64: the kernel reads either (no per-call conversion)
         )
     raise NotImplementedError(f"the {chosen!r} tier of antialias is not wired up yet")
 
