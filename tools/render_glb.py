@@ -31,8 +31,12 @@ VIEWER_SOURCE = Path(__file__).resolve().parent / "gltf_viewer"
 FILES = ("package.json", "render_glb.mjs")
 
 
+NETWORK_ERRORS = ("ENOTFOUND", "EAI_AGAIN", "ECONNREFUSED", "ECONNRESET", "ETIMEDOUT", "ENETUNREACH",
+                  "EHOSTUNREACH", "ERR_SOCKET_TIMEOUT", "network request", "proxy")
+
+
 class ViewerUnavailable(RuntimeError):
-    """node/npm are missing or the npm install failed (e.g. no route to the npm registry)."""
+    """node/npm are missing, or the npm install cannot reach the registry."""
 
 
 def default_dir() -> Path:
@@ -70,7 +74,10 @@ def ensure_viewer(directory: Path | None = None, install_timeout: float = 240.0)
                                 "(no network to the npm registry?)") from error
     installed = all((directory / "node_modules" / p / "package.json").is_file() for p in packages)
     if result.returncode != 0 or not installed:
-        raise ViewerUnavailable(f"npm install in {directory} failed: {result.stderr.strip()[-500:]}")
+        message = f"npm install in {directory} failed: {result.stderr.strip()[-800:]}"
+        if any(code in result.stderr for code in NETWORK_ERRORS):
+            raise ViewerUnavailable(message)  # the registry cannot be reached: nothing to test with
+        raise RuntimeError(message)  # anything else is a real failure
     stamp.write_text(key)
     return directory
 
