@@ -88,22 +88,22 @@ def brdf_lut(size: int = 128, samples: int = 512) -> Tensor:
     """[size (n.v), size (roughness), 2] float32: split-sum scale A and bias B at texel centres."""
     n_dot_v = (torch.arange(size, dtype=torch.float64) + 0.5) / size
     roughness = (torch.arange(size, dtype=torch.float64) + 0.5) / size
-    nv, rough = torch.meshgrid(n_dot_v, roughness, indexing="ij")  # [S, S]
     u1, u2 = hammersley(samples)
-    h = ggx_half_vectors(u1.view(1, 1, -1), u2.view(1, 1, -1), rough.unsqueeze(-1))  # [S, S, K, 3]
-    v = torch.stack([torch.sqrt(1.0 - nv.square()), torch.zeros_like(nv), nv], dim=-1).unsqueeze(2)  # [S, S, 1, 3]
-    v_dot_h = (v * h).sum(-1)
-    light = 2.0 * v_dot_h.unsqueeze(-1) * h - v
-    n_dot_l = light[..., 2].clamp_min(0.0)
-    n_dot_h = h[..., 2].clamp_min(1e-12)
-    k = rough.square().unsqueeze(-1) / 2.0  # Smith-Schlick for image-based lighting: k = alpha / 2
-    nv_ = nv.unsqueeze(-1)
-    g = (nv_ / (nv_ * (1 - k) + k)) * (n_dot_l / (n_dot_l * (1 - k) + k))
-    visibility = torch.where(n_dot_l > 0, g * v_dot_h.clamp_min(0.0) / (n_dot_h * nv_), torch.zeros_like(g))
-    fresnel = (1.0 - v_dot_h.clamp(0.0, 1.0)) ** 5
-    scale = ((1.0 - fresnel) * visibility).mean(-1)
-    bias = (fresnel * visibility).mean(-1)
-    return torch.stack([scale, bias], dim=-1).float()
+    h = ggx_half_vectors(u1.view(1, -1), u2.view(1, -1), roughness.unsqueeze(-1))  # [S (roughness), K, 3]
+    # v = (sqrt(1 - nv^2), 0, nv) has no y: only h's x and z enter (a third of the work of 3-vectors).
+    hx, hz = h[..., 0].unsqueeze(0), h[..., 2].unsqueeze(0)  # [1, S, K]
+    n_dot_h = hz.clamp_min(1e-12)
+    k = (roughness.square() / 2.0).view(1, -1, 1)  # Smith-Schlick for image-based lighting: k = alpha / 2
+    rows = []
+    for nv in n_dot_v.split(16):  # blocks of n.v rows keep the [rows, S, K] temporaries small
+        nv_ = nv.view(-1, 1, 1)
+        v_dot_h = torch.sqrt(1.0 - nv_.square()) * hx + nv_ * hz
+        n_dot_l = (2.0 * v_dot_h * hz - nv_).clamp_min(0.0)
+        g = (nv_ / (nv_ * (1 - k) + k)) * (n_dot_l / (n_dot_l * (1 - k) + k))
+        visibility = torch.where(n_dot_l > 0, g * v_dot_h.clamp_min(0.0) / (n_dot_h * nv_), torch.zeros_like(g))
+        fresnel = (1.0 - v_dot_h.clamp(0.0, 1.0)) ** 5
+        rows.append(torch.stack([((1.0 - fresnel) * visibility).mean(-1), (fresnel * visibility).mean(-1)], dim=-1))
+    return torch.cat(rows).float()
 
 
 def lookup_brdf(n_dot_v: Tensor, roughness: Tensor, lut: Tensor | None = None) -> Tensor:
@@ -122,8 +122,11 @@ def lookup_brdf(n_dot_v: Tensor, roughness: Tensor, lut: Tensor | None = None) -
 def direction_to_equirect(directions: Tensor) -> Tensor:
     """grid_sample coordinates [..., 2] in [-1, 1] of unit world directions [..., 3] (module docstring)."""
     x, y, z = directions.unbind(-1)
+    # Straight up or down atan2 and acos have infinite or 0/0 gradients: nudge x and z off the poles
+    # (the looked-up texel is the same; shading gradients through the normal stay finite).
+    x = torch.where(x.square() + y.square() < 1e-12, torch.full_like(x, 1e-6), x)
     azimuth = torch.atan2(y, x)  # (-pi, pi]; -pi at the seam (-x)
-    polar = torch.acos(z.clamp(-1.0, 1.0))  # 0 = up
+    polar = torch.acos(z.clamp(-1.0 + 1e-6, 1.0 - 1e-6))  # 0 = up
     return torch.stack([azimuth / math.pi, polar / math.pi * 2.0 - 1.0], dim=-1)
 
 
@@ -146,12 +149,35 @@ def sample_equirect(image: Tensor, directions: Tensor) -> Tensor:
     return values.view(C, -1).T.reshape(*directions.shape[:-1], C)
 
 
-def _tangent_frame(normal: Tensor) -> tuple[Tensor, Tensor]:
-    """Two unit tangents [..., 3] completing ``normal`` to a right-handed frame."""
+def tangent_frame(normal: Tensor) -> tuple[Tensor, Tensor]:
+    """Tangent and bitangent [..., 3] completing unit ``normal`` to a right-handed orthonormal frame
+    (T, B, N): ``T = normalize(a x N)``, ``B = N x T``, with the reference axis ``a = +z`` (world up),
+    or ``+x`` where the normal is within 2.6 degrees of vertical. A function of the normal alone, so
+    a bump field defined in it needs no UVs (:func:`perturb_normal`)."""
     helper = torch.where(normal[..., 2:3].abs() < 0.999, torch.tensor([0.0, 0.0, 1.0]).to(normal),
                          torch.tensor([1.0, 0.0, 0.0]).to(normal))
     tangent = F.normalize(torch.cross(helper.expand_as(normal), normal, dim=-1), dim=-1)
     return tangent, torch.cross(normal, tangent, dim=-1)
+
+
+def perturb_normal(normal: Tensor, bump: Tensor) -> Tensor:
+    """Unit shading normals [..., 3]: ``normalize(T x + B y + N)`` for a tangent-space perturbation
+    ``bump = (x, y)`` [..., 2] in the :func:`tangent_frame` of unit ``normal`` (Paint-it's
+    ``[0, 0, 1] + (x, y, 0)``; threestudio uses ``T x - (T x N) y + N z``, the same frame
+    convention with a third channel)."""
+    tangent, bitangent = tangent_frame(normal)
+    return F.normalize(tangent * bump[..., 0:1] + bitangent * bump[..., 1:2] + normal, dim=-1)
+
+
+def vertex_normals(vertices: Tensor, faces: Tensor) -> Tensor:
+    """Unit area-weighted vertex normals [V, 3] (the sum of the unnormalised normals of the faces
+    around each vertex). Training shades with these, interpolated, and exports write the same ones."""
+    p0, p1, p2 = vertices[faces[:, 0]], vertices[faces[:, 1]], vertices[faces[:, 2]]
+    weighted = torch.cross(p1 - p0, p2 - p0, dim=-1)  # length = 2 x area
+    summed = torch.zeros_like(vertices).index_add(0, faces.reshape(-1), weighted.repeat_interleave(3, dim=0))
+    fallback = torch.tensor([0.0, 0.0, 1.0]).to(vertices)  # isolated vertices: any unit vector
+    length = summed.norm(dim=-1, keepdim=True)
+    return torch.where(length > 1e-20, summed / length.clamp_min(1e-20), fallback)
 
 
 def _downsample(image: Tensor) -> Tensor:
@@ -213,6 +239,13 @@ class EnvironmentLight:
         radiance = read_hdr(config.path) if config.path else procedural_sky(config.base_resolution)
         return cls(radiance, config)
 
+    def to(self, device: torch.device | str) -> "EnvironmentLight":
+        """Move the maps (in place) to ``device``; returns self."""
+        self.radiance = self.radiance.to(device)
+        self.irradiance_sh = self.irradiance_sh.to(device)
+        self.mips = [mip.to(device) for mip in self.mips]
+        return self
+
     @property
     def mip_roughness(self) -> list[float]:
         """The roughness each specular mip is filtered for."""
@@ -240,7 +273,7 @@ class EnvironmentLight:
         for level, (source, rough) in enumerate(zip(chain, roughness)):
             H, W, _ = source.shape
             normal = equirect_directions(H, W)  # n = v = r (the split-sum assumption)
-            tangent, bitangent = _tangent_frame(normal)
+            tangent, bitangent = tangent_frame(normal)
             h_local = ggx_half_vectors(u1, u2, torch.tensor(rough))  # [K, 3]
             h = (tangent.unsqueeze(-2) * h_local[:, 0:1] + bitangent.unsqueeze(-2) * h_local[:, 1:2]
                  + normal.unsqueeze(-2) * h_local[:, 2:3])  # [H, W, K, 3]

@@ -14,11 +14,14 @@ from lift3d.render.pbr import (
     equirect_directions,
     linear_to_srgb,
     lookup_brdf,
+    perturb_normal,
     procedural_sky,
     read_hdr,
     sample_equirect,
     shade,
     srgb_to_linear,
+    tangent_frame,
+    vertex_normals,
     write_hdr,
 )
 
@@ -117,3 +120,38 @@ def test_srgb_round_trip():
     assert torch.allclose(srgb_to_linear(linear_to_srgb(values)), values, atol=1e-5)
     assert float(linear_to_srgb(torch.tensor(0.5))) == pytest.approx(0.7354, abs=1e-3)
     assert np.isclose(float(srgb_to_linear(torch.tensor(0.5))), 0.2140, atol=1e-3)
+
+
+def test_tangent_frames_are_right_handed_orthonormal_and_bumps_tilt_along_them():
+    normals = F.normalize(torch.randn(200, 3, generator=torch.Generator().manual_seed(2)), dim=-1)
+    normals = torch.cat([normals, torch.tensor([[0.0, 0.0, 1.0], [0.0, 0.0, -1.0], [1.0, 0.0, 0.0]])])
+    tangent, bitangent = tangent_frame(normals)
+    frame = torch.stack([tangent, bitangent, normals], dim=-1)  # columns T, B, N
+    assert torch.allclose(frame.transpose(1, 2) @ frame, torch.eye(3).expand(len(normals), 3, 3), atol=1e-5)
+    assert torch.allclose(torch.linalg.det(frame), torch.ones(len(normals)), atol=1e-5)
+    # Away from the poles T is horizontal (the reference axis is world up): B leans towards +z.
+    side = normals[:, 2].abs() < 0.9
+    assert tangent[side, 2].abs().max() < 1e-6 and (bitangent[side, 2] > 0).all()
+    assert torch.allclose(perturb_normal(normals, torch.zeros(len(normals), 2)), normals, atol=1e-6)
+    tilted = perturb_normal(normals, torch.tensor([0.3, 0.0]).expand(len(normals), 2))
+    assert torch.allclose((tilted * tangent).sum(-1), torch.full((len(normals),), 0.3 / math.sqrt(1.09)), atol=1e-5)
+
+
+def test_vertex_normals_of_a_sphere_point_outward():
+    import trimesh
+
+    sphere = trimesh.creation.icosphere(subdivisions=2)
+    vertices = torch.as_tensor(sphere.vertices, dtype=torch.float32)
+    normals = vertex_normals(vertices, torch.as_tensor(sphere.faces))
+    assert torch.allclose(normals.norm(dim=-1), torch.ones(len(vertices)), atol=1e-5)
+    assert ((normals * F.normalize(vertices, dim=-1)).sum(-1) > 0.999).all()  # within 2.6 degrees of radial
+
+
+def test_shading_gradients_are_finite_for_normals_straight_up():
+    """Reflections straight up or down hit the poles of the equirect map, where atan2/acos have no derivative."""
+    light = EnvironmentLight(procedural_sky(16), EnvironmentLightConfig(base_resolution=16, min_resolution=4, samples=8))
+    normal = torch.tensor([[0.0, 0.0, 1.0], [0.0, 0.0, -1.0]], requires_grad=True)
+    roughness = torch.tensor([0.3, 0.6], requires_grad=True)
+    out = shade(torch.full((2, 3), 0.5), roughness, torch.tensor([0.5, 0.5]), normal, normal.detach(), light)
+    out.sum().backward()
+    assert torch.isfinite(normal.grad).all() and torch.isfinite(roughness.grad).all() and roughness.grad.abs().sum() > 0
