@@ -69,3 +69,19 @@ def resolve_init_from(source: str | Path, key: str = "representation.init_from")
 def run_dir_of_checkpoint(path: Path) -> Path:
     """The run folder holding ``<run>/ckpt/<file>.pt``."""
     return Path(path).resolve().parent.parent
+
+
+def load_run_representation(source: str | Path, key: str = "representation.init_from") -> "torch.nn.Module":
+    """The representation of another run, for ``init_from`` options: built on the CPU from the
+    run's ``config.yaml``, loaded from the checkpoint ``source`` names (a file or a run folder),
+    in eval mode. Errors name ``key``."""
+    from lift3d.config import load_config  # lazy: config and train import this module
+    from lift3d.train import build_representation
+
+    checkpoint = resolve_init_from(source, key)
+    run_dir = run_dir_of_checkpoint(checkpoint)
+    if not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"{key}: no config.yaml in the run folder {run_dir}")
+    representation = build_representation(load_config(run_dir / "config.yaml"), torch.device("cpu"))
+    representation.load_state_dict(load_checkpoint(checkpoint)["representation"])
+    return representation.eval()

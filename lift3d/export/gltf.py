@@ -13,6 +13,15 @@ Materials. ``base_color_texture`` is an sRGB uint8 image (stored as PNG), ``meta
 ``roughness`` are glTF's ``metallicFactor``/``roughnessFactor`` (perceptual roughness, not
 alpha). Optional vertex colours go to ``COLOR_0`` (glTF multiplies them with the base colour).
 We never call trimesh's ``material.pack()`` (it mis-packs metallic into R).
+
+PBR materials (``export_textured_mesh`` with a :class:`lift3d.export.texture.PBRSurface`):
+``baseColorTexture`` = sRGB-encoded albedo; ``metallicRoughnessTexture`` linear with G = roughness,
+B = metallic and R = 1 (also referenced as ``occlusionTexture``, a no-op), factors 1.0;
+``normalTexture`` tangent space relative to the ``TANGENT`` attribute written with it (UV
+tangents, :func:`lift3d.export.texture.uv_tangents`), so viewers need not regenerate MikkTSpace
+tangents. OBJ gets the threestudio-style MTL: ``map_Kd`` (sRGB albedo), ``map_Pr`` / ``map_Pm``
+(greyscale roughness / metallic images) and ``norm`` (the normal map; OBJ carries no tangents, so
+viewers use their own, e.g. MikkTSpace, which can differ slightly from ours).
 """
 
 from __future__ import annotations
@@ -27,7 +36,7 @@ import trimesh
 from PIL import Image
 
 from lift3d.export.ply import write_atomic
-from lift3d.export.texture import ColorFn, bake_texture, unwrap_uv
+from lift3d.export.texture import ColorFn, PBRSurface, bake_pbr_textures, bake_texture, unwrap_uv
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +65,7 @@ def write_glb(
     front_to_plus_z: bool = False,
     metallic_roughness_texture: np.ndarray | None = None,
     normal_texture: np.ndarray | None = None,
+    tangents: np.ndarray | None = None,
 ) -> Path:
     """Write one mesh with a PBR metallic-roughness material to a binary glTF file, atomically.
 
@@ -76,6 +86,8 @@ def write_glb(
             B = metallic (R = ambient occlusion, also written as ``occlusionTexture``). The
             factors then multiply it, so pass ``metallic=roughness=1.0`` to use it as it is.
         normal_texture: uint8 [H,W,3] tangent-space normals ``(n + 1) / 2`` (+Y up), linear.
+        tangents: [V,4] world-space unit tangents and handedness w = +-1, written as ``TANGENT``
+            (bitangent = w (normal x tangent)); the normal texture is relative to them.
 
     Returns:
         ``path`` as a Path.
@@ -104,6 +116,11 @@ def write_glb(
     if vertex_colors is not None:
         visual.vertex_attributes["color"] = _rgba_u8(vertex_colors, len(mesh.vertices))
     mesh.visual = visual
+    if tangents is not None:
+        if normals is False:
+            raise ValueError("tangents need normals (glTF requires NORMAL with TANGENT)")
+        # trimesh writes custom attributes as "_NAME"; _set_buffer_view_targets renames it to TANGENT.
+        mesh.vertex_attributes[_TANGENT_KEY] = _file_tangents(tangents, len(mesh.vertices), front_to_plus_z)
     scene = trimesh.Scene()
     scene.add_geometry(mesh, node_name="model", geom_name="model")
     payload = trimesh.exchange.gltf.export_glb(
@@ -127,13 +144,18 @@ def write_obj(
     roughness: float = 1.0,
     normals: np.ndarray | bool = True,
     front_to_plus_z: bool = False,
+    metallic_roughness_texture: np.ndarray | None = None,
+    normal_texture: np.ndarray | None = None,
 ) -> list[Path]:
     """Write ``<stem>.obj`` + ``<stem>.mtl`` (+ ``<stem>.png`` with a texture), each atomically.
 
     The OBJ names the MTL, and the MTL names the PNG (``map_Kd``), by bare file name, so the
     three files can be moved together. Same arguments and axis convention as :func:`write_glb`;
     ``metallic``/``roughness`` go to the MTL PBR extension lines ``Pm``/``Pr``; vertex colours
-    (without a texture) use the common ``v x y z r g b`` extension.
+    (without a texture) use the common ``v x y z r g b`` extension. A ``metallic_roughness_texture``
+    (glTF packing) is split into greyscale ``<stem>_roughness.png`` (``map_Pr``) and
+    ``<stem>_metallic.png`` (``map_Pm``), as threestudio writes them; a ``normal_texture`` goes to
+    ``<stem>_normal.png`` (``norm``).
 
     Returns:
         The written files, OBJ first.
@@ -141,8 +163,10 @@ def write_obj(
     path = Path(path)
     if path.suffix.lower() != ".obj":
         raise ValueError(f"write_obj expects a .obj path, got {path}")
-    if base_color_texture is not None and uvs is None:
-        raise ValueError("a base_color_texture needs uvs")
+    for name, texture in (("base_color_texture", base_color_texture), ("normal_texture", normal_texture),
+                          ("metallic_roughness_texture", metallic_roughness_texture)):
+        if texture is not None and uvs is None:
+            raise ValueError(f"a {name} needs uvs")
     mesh = _file_mesh(vertices, faces, normals, front_to_plus_z)
     positions = np.asarray(mesh.vertices, dtype=np.float64)
     count = len(positions)
@@ -179,12 +203,21 @@ def write_obj(
     mtl = ["# lift3d export", "newmtl material_0", "Ka 0 0 0", "Kd 1 1 1", "Ks 0 0 0", "d 1", "illum 1",
            f"Pm {float(metallic):.6g}", f"Pr {float(roughness):.6g}"]
     written = [path, mtl_path]
+    maps = []
     if base_color_texture is not None:
-        mtl.append(f"map_Kd {png_path.name}")
+        maps.append(("map_Kd", png_path, _pil_image(base_color_texture)))
+    if metallic_roughness_texture is not None:
+        packed = _pil_image(metallic_roughness_texture)
+        maps.append(("map_Pr", path.with_name(f"{path.stem}_roughness.png"), packed.getchannel("G")))
+        maps.append(("map_Pm", path.with_name(f"{path.stem}_metallic.png"), packed.getchannel("B")))
+    if normal_texture is not None:
+        maps.append(("norm", path.with_name(f"{path.stem}_normal.png"), _pil_image(normal_texture)))
+    for keyword, image_path, image in maps:
+        mtl.append(f"{keyword} {image_path.name}")
         buffer = io.BytesIO()
-        _pil_image(base_color_texture).save(buffer, format="PNG")
-        write_atomic(png_path, buffer.getvalue())
-        written.append(png_path)
+        image.save(buffer, format="PNG")
+        write_atomic(image_path, buffer.getvalue())
+        written.append(image_path)
     write_atomic(mtl_path, ("\n".join(mtl) + "\n").encode("ascii"))
     write_atomic(path, text.getvalue().encode("ascii"))  # OBJ last: it is complete only with its MTL
     log.info("wrote %s", ", ".join(str(p) for p in written))
@@ -194,7 +227,7 @@ def write_obj(
 def export_textured_mesh(
     directory: Path | str,
     mesh: trimesh.Trimesh,
-    color_fn: ColorFn,
+    color_fn: ColorFn | PBRSurface,
     formats: Sequence[str] = ("glb", "obj"),
     texture_size: int = 1024,
     name: str = "model",
@@ -205,11 +238,15 @@ def export_textured_mesh(
 ) -> list[Path]:
     """Unwrap ``mesh``, bake ``color_fn`` into a texture and write ``<name>.glb`` / ``<name>.obj``.
 
+    A :class:`lift3d.export.texture.PBRSurface` instead of a colour function bakes the PBR
+    textures in one pass (module docstring); the written vertex normals are then
+    :func:`lift3d.render.pbr.vertex_normals` of ``mesh``, the base its normal map is relative to.
+
     Args:
         directory: created if missing.
         mesh: world-space (z-up) mesh, e.g. from :func:`lift3d.export.mesh.extract_mesh`
             followed by :func:`lift3d.export.mesh.clean_mesh`.
-        color_fn: ``points [N,3] torch -> rgb [N,3]`` in [0,1] (world positions).
+        color_fn: ``points [N,3] torch -> rgb [N,3]`` in [0,1] (world positions), or a PBR material.
         formats: any of ``"glb"``, ``"obj"``.
         texture_size: width and height of the baked texture.
         name: file stem.
@@ -225,6 +262,19 @@ def export_textured_mesh(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     vertices, faces, uvs, vmapping = unwrap_uv(mesh, texture_size=texture_size)
+    if isinstance(color_fn, PBRSurface):
+        import torch
+
+        from lift3d.render.pbr import vertex_normals
+
+        welded = vertex_normals(torch.as_tensor(np.asarray(mesh.vertices), dtype=torch.float64),
+                                torch.as_tensor(np.asarray(mesh.faces), dtype=torch.long)).numpy()
+        normals = welded[vmapping]  # seams stay smooth: every copy of a vertex gets its welded normal
+        maps = bake_pbr_textures(vertices, faces, uvs, normals, color_fn, size=texture_size, device=device)
+        return write_textured_mesh(directory, vertices, faces, uvs, maps.base_color, formats, name=name,
+                                   metallic=1.0, roughness=1.0, normals=normals, front_to_plus_z=front_to_plus_z,
+                                   metallic_roughness_texture=maps.metallic_roughness,
+                                   normal_texture=maps.normal, tangents=maps.tangents)
     texture = bake_texture(vertices, faces, uvs, color_fn, size=texture_size, device=device)
     # Normals of the unwrapped copy come from the original (welded) mesh, so seams stay smooth.
     normals = np.asarray(mesh.vertex_normals, dtype=np.float64)[vmapping]
@@ -244,18 +294,23 @@ def write_textured_mesh(
     roughness: float = 1.0,
     normals: np.ndarray | bool = True,
     front_to_plus_z: bool = False,
+    metallic_roughness_texture: np.ndarray | None = None,
+    normal_texture: np.ndarray | None = None,
+    tangents: np.ndarray | None = None,
 ) -> list[Path]:
-    """Write an already UV-mapped mesh with its uint8 sRGB base-colour texture as ``<name>.glb`` / ``.obj``."""
+    """Write an already UV-mapped mesh with its uint8 sRGB base-colour texture as ``<name>.glb`` / ``.obj``
+    (and optional PBR maps, as :func:`write_glb` / :func:`write_obj` take them; OBJ has no tangents)."""
     unknown = sorted(set(formats) - {"glb", "obj"})
     if unknown:
         raise ValueError(f"unknown mesh formats {unknown}; valid: ['glb', 'obj']")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     common = dict(uvs=uvs, base_color_texture=texture, metallic=metallic, roughness=roughness,
-                  normals=normals, front_to_plus_z=front_to_plus_z)
+                  normals=normals, front_to_plus_z=front_to_plus_z,
+                  metallic_roughness_texture=metallic_roughness_texture, normal_texture=normal_texture)
     written: list[Path] = []
     if "glb" in formats:
-        written.append(write_glb(directory / f"{name}.glb", vertices, faces, **common))
+        written.append(write_glb(directory / f"{name}.glb", vertices, faces, tangents=tangents, **common))
     if "obj" in formats:
         written.extend(write_obj(directory / f"{name}.obj", vertices, faces, **common))
     return written
@@ -286,12 +341,31 @@ def _file_mesh(
     return mesh
 
 
+_TANGENT_KEY = "_TANGENT"
+"""The custom attribute trimesh writes; renamed to the standard TANGENT in the JSON tree."""
+
+
+def _file_tangents(tangents: np.ndarray, count: int, front_to_plus_z: bool) -> np.ndarray:
+    """World tangents [V,4] in the file frame, float32 (a proper rotation keeps the handedness w)."""
+    tangents = np.asarray(tangents, dtype=np.float64)
+    if tangents.shape != (count, 4):
+        raise ValueError(f"tangents must be [V,4] with V={count}, got {tangents.shape}")
+    if not np.all(np.abs(np.abs(tangents[:, 3]) - 1.0) < 1e-6):
+        raise ValueError("tangents[:, 3] (handedness) must be +1 or -1")
+    xyz = _safe_unit(tangents[:, :3] @ world_to_file_rotation(front_to_plus_z).T)
+    return np.concatenate([xyz, tangents[:, 3:]], axis=-1).astype(np.float32)
+
+
 def _set_buffer_view_targets(tree: dict) -> None:
-    """Mark vertex and index buffer views (the glTF validator hints when ``target`` is missing)."""
+    """Mark vertex and index buffer views (the glTF validator hints when ``target`` is missing),
+    and give our tangents their standard attribute name."""
     accessors, views = tree.get("accessors", []), tree.get("bufferViews", [])
     targets: dict[int, int] = {}
     for gltf_mesh in tree.get("meshes", []):
         for primitive in gltf_mesh.get("primitives", []):
+            attributes = primitive.get("attributes", {})
+            if _TANGENT_KEY in attributes:
+                attributes["TANGENT"] = attributes.pop(_TANGENT_KEY)
             for accessor in primitive.get("attributes", {}).values():
                 targets[accessors[accessor]["bufferView"]] = 34962  # ARRAY_BUFFER
             if "indices" in primitive:

@@ -1,6 +1,11 @@
-"""Explicit triangle meshes: a given mesh (OBJ, GLB, PLY, STL; or an icosphere) with a learnable
-appearance, and optionally learnable vertex offsets with Laplacian and normal-consistency
-regularisers (Magic3D-refine-style geometry tuning).
+"""Explicit triangle meshes: a given mesh (OBJ, GLB, PLY, STL; an icosphere; or the surface of another
+run, ``init_from``) with a learnable appearance, and optionally learnable vertex offsets with
+Laplacian and normal-consistency regularisers (Magic3D-refine-style geometry tuning).
+
+Geometry: ``path`` (centred and scaled by ``scale``), or ``init_from`` a run folder or checkpoint of
+any representation with ``surface()`` (DMTet, NeRF, Gaussians, another mesh): its exported surface,
+kept in that run's world frame (``scale`` is not applied), as Fantasia3D's appearance stage starts
+from the geometry stage's DMTet. The source run is read again when this run is resumed or exported.
 
 Appearance:
 - ``uv``: a UV texture image (the mesh's own UVs, else an xatlas unwrap), sampled bilinearly at the
@@ -8,6 +13,29 @@ Appearance:
   ``latent: true``: 4 Stable Diffusion latent channels with no activation, rendered at the latent
   resolution and judged by the teacher as latents (no VAE in the loop).
 - ``field``: a hash-grid colour field at the interpolated world points (as DMTet's).
+
+Material (``material``): ``rgb`` (the appearance is the image colour) or ``pbr`` (Fantasia3D's
+appearance stage, 4d-pbr-amortized.md §B; ``appearance: field`` only, UV PBR textures are not
+implemented). The hash-grid MLP predicts albedo (3), roughness (1), metallic (1) and with
+``pbr.bump`` a tangent-space normal perturbation (x, y) (2), each a sigmoid remapped to its
+configured [min, max] range (threestudio: metallic [0, 0.9], roughness [0.08, 0.9]; Fantasia3D's
+``Gundam_appearance.json`` fixes metallic at 0 (range [0, 0]), roughness [0.08, 0.7], albedo
+[0.03, 0.97]). Shading is split-sum image-based lighting (``lift3d.render.pbr.shade``) under one
+environment built when the representation is (procedural sky or an HDR file, times ``scale``).
+The linear radiance goes through the sRGB transfer function and is clamped to [0, 1] before the
+teacher sees it: Stable Diffusion was trained on sRGB-encoded photographs and the analytic teacher's
+palette is in display values, so a linear render would look too dark and too contrasty to either
+(nvdiffrec/Fantasia3D likewise compare sRGB; threestudio's pbr-material clamps linear values).
+
+Normals and the bump frame: the base shading normal N is the interpolated, renormalised
+area-weighted vertex normal of the (welded) mesh (``pbr.vertex_normals``; smooth, as nvdiffrec
+shades), and the perturbed normal is ``normalize(T x + B y + N)`` with (T, B) = ``pbr.tangent_frame(N)``:
+T = normalize(+z x N), or +x instead of +z within 2.6 degrees of vertical; B = N x T. It needs no
+UVs. The GLB export rewrites the same world-space shading normal relative to the UV tangent frame
+of the exported atlas, and writes that frame as the ``TANGENT`` attribute with the same vertex
+normals as ``NORMAL``, so a glTF viewer rebuilds the trained normal (``lift3d.export.texture.bake_pbr_textures``).
+Bump offsets are bounded by ``bump_scale`` per axis before normalisation (tilts up to
+atan(sqrt(2) bump_scale)); Paint-it bounds them by 0.1, nvdiffrec/Fantasia3D by 1.
 
 Texture layout: row 0 of the texture image is its *top* (as written to PNG/GLB), UVs have their
 origin at the lower left (OpenGL / OBJ / xatlas), so a UV ``(u, v)`` reads row ``(1 - v) R``.
@@ -32,7 +60,8 @@ from lift3d.geometry.meshes import load_normalized_mesh, normalize_mesh, smoothn
 from lift3d.kernels import mesh_raster
 from lift3d.kernels.hashgrid import HashGridConfig, HashGridEncoding
 from lift3d.registry import register
-from lift3d.render.mesh import render_mesh
+from lift3d.render import pbr
+from lift3d.render.mesh import SurfacePixels, render_mesh
 from lift3d.representations.base import RenderOutput, Representation
 from lift3d.representations.latent_nerf import LATENT_TO_RGB, latent_to_rgb, rgb_to_latent
 
@@ -54,11 +83,43 @@ class MeshLearningRates:
 
 
 @dataclass
+class PBRMaterialConfig:
+    """A physically based material field (``material: pbr``) and the light it is seen under."""
+
+    albedo_range: tuple[float, float] = (0.0, 1.0)
+    """[min, max] of the linear base colour (Fantasia3D: [0.03, 0.97])."""
+    roughness_range: tuple[float, float] = (0.08, 0.9)
+    """[min, max] of the perceptual roughness (threestudio; Fantasia3D: [0.08, 0.7])."""
+    metallic_range: tuple[float, float] = (0.0, 0.9)
+    """[min, max] of the metalness (threestudio; Fantasia3D fixes it at 0: [0, 0])."""
+    bump: bool = False
+    """Also learn a tangent-space normal perturbation (exported as a glTF normal texture)."""
+    bump_scale: float = 0.2
+    """Bound of each tangent-space offset (x, y), added to (0, 0, 1) before normalising."""
+    light: pbr.EnvironmentLightConfig = field(default_factory=pbr.EnvironmentLightConfig)
+    """The environment: ``path`` to an equirectangular .hdr (empty: the procedural sky) and ``scale``
+    (Fantasia3D: mud_road_puresky_4k.hdr with scale 2)."""
+
+    def __post_init__(self) -> None:
+        for name in ("albedo_range", "roughness_range", "metallic_range"):
+            low, high = getattr(self, name)
+            if not 0.0 <= low <= high <= 1.0:
+                raise ValueError(f"representation.pbr.{name} must satisfy 0 <= min <= max <= 1, got {[low, high]}")
+        if not 0.0 < self.bump_scale <= 1.0:
+            raise ValueError(f"representation.pbr.bump_scale must be in (0, 1], got {self.bump_scale}")
+        if self.light.scale <= 0:
+            raise ValueError(f"representation.pbr.light.scale must be > 0, got {self.light.scale}")
+
+
+@dataclass
 class TexturedMeshConfig:
     """A given triangle mesh with a learnable texture (and optionally learnable vertex offsets)."""
 
     path: str = ""
-    """Mesh file (anything trimesh loads); empty = an icosphere of radius ``scale * radius``."""
+    """Mesh file (anything trimesh loads); empty (and no ``init_from``) = an icosphere of radius ``scale * radius``."""
+    init_from: str = ""
+    """A run folder or checkpoint of a representation with a surface (DMTet, NeRF, Gaussians): its
+    exported mesh, as is, is the geometry (Fantasia3D's appearance stage). Excludes ``path``."""
     scale: float = 0.7
     """The mesh is centred on its bounding box and scaled so its farthest vertex is at scale * radius; 0 keeps it as is."""
     radius: float = 1.0
@@ -71,6 +132,11 @@ class TexturedMeshConfig:
     """Side of the UV texture (Latent-Paint: 128 latent texels)."""
     latent: bool = False
     """Latent-Paint: the UV texture holds 4 SD latent channels (no activation), rendered as latents."""
+    material: Literal["rgb", "pbr"] = "rgb"
+    """``rgb``: the appearance is the colour; ``pbr``: albedo/roughness/metallic(/bump) shaded under an
+    environment light (needs ``appearance: field``)."""
+    pbr: PBRMaterialConfig = field(default_factory=PBRMaterialConfig)
+    """The PBR material and light (``material: pbr``)."""
     optimize_geometry: bool = False
     """Learn vertex offsets too (regularise them with the lambdas below)."""
     lambda_laplacian: Schedule = field(default_factory=Schedule)
@@ -99,12 +165,27 @@ class TexturedMeshConfig:
             raise ValueError(f"representation.texture_resolution must be >= 2, got {self.texture_resolution}")
         if self.latent and self.appearance != "uv":
             raise ValueError("representation.latent (Latent-Paint) needs appearance: uv")
+        if self.path and self.init_from:
+            raise ValueError("representation.path and representation.init_from are mutually exclusive; give one")
+        if self.material not in ("rgb", "pbr"):
+            raise ValueError(f"representation.material must be one of rgb, pbr; got {self.material!r}")
+        if self.material == "pbr" and self.appearance != "field":
+            raise ValueError("representation.material: pbr needs appearance: field (UV PBR textures are not implemented)")
 
 
 def load_mesh(config: TexturedMeshConfig):
-    """The configured mesh (a trimesh), centred and scaled."""
+    """The configured mesh (a trimesh): a file centred and scaled, another run's surface as is, or an icosphere."""
     import trimesh
 
+    if config.init_from:
+        from lift3d.checkpoint import load_run_representation
+
+        source = load_run_representation(config.init_from)
+        if not hasattr(source, "surface"):
+            raise ValueError(f"representation.init_from={config.init_from}: a {type(source).__name__} has no surface to export")
+        mesh, _ = source.surface()
+        logger.info("mesh from %s: %d vertices, %d faces", config.init_from, len(mesh.vertices), len(mesh.faces))
+        return trimesh.Trimesh(np.asarray(mesh.vertices), np.asarray(mesh.faces), process=False)
     if config.path:
         return load_normalized_mesh(config.path, config.scale, config.radius, "representation.path")
     sphere = trimesh.creation.icosphere(subdivisions=config.icosphere_subdivisions, radius=1.0)
@@ -143,11 +224,21 @@ class TexturedMesh(Representation):
         channels = 4 if config.latent else 3
         size = config.texture_resolution
         self.texture = nn.Parameter(torch.zeros(1, size, size, channels)) if config.appearance == "uv" else None
+        self.light: pbr.EnvironmentLight | None = None
         if config.appearance == "field":
             self.encoding = HashGridEncoding(config.encoding, tier=config.kernel_tier or None)
             self.network = nn.Sequential(nn.Linear(self.encoding.output_dim, config.hidden_dim), nn.ReLU(inplace=True),
-                                         nn.Linear(config.hidden_dim, 3))
+                                         nn.Linear(config.hidden_dim, self.field_channels))
+        if config.material == "pbr":
+            self.light = pbr.EnvironmentLight.from_config(config.pbr.light)  # built once: prefiltering costs ~1 s
         self.register_buffer("adapter", torch.tensor(LATENT_TO_RGB), persistent=False)
+
+    @property
+    def field_channels(self) -> int:
+        """Outputs of the field's MLP: RGB, or albedo + roughness + metallic (+ 2 bump offsets)."""
+        if self.config.material == "rgb":
+            return 3
+        return 7 if self.config.pbr.bump else 5
 
     # ------------------------------------------------------------------------------ appearance
 
@@ -159,10 +250,48 @@ class TexturedMesh(Representation):
         values = mesh_raster.texture(self.texture, uv.view(1, -1, 1, 2), boundary_mode="clamp").view(-1, self.texture.shape[-1])
         return values if self.config.latent else torch.sigmoid(values)
 
-    def color(self, points: Tensor) -> Tensor:
-        """Colour field [N, 3] at world points (``appearance: field``)."""
+    def _field(self, points: Tensor) -> Tensor:
         unit = (points / self.config.radius + 1.0) * 0.5
         return torch.sigmoid(self.network(self.encoding(unit)))
+
+    def color(self, points: Tensor) -> Tensor:
+        """Colour [N, 3] in [0, 1] at world points (``appearance: field``): with ``material: pbr`` the
+        sRGB-encoded albedo (for consumers that want one colour per point)."""
+        if self.config.material == "pbr":
+            return pbr.linear_to_srgb(self.material(points)["albedo"])
+        return self._field(points)
+
+    def material(self, points: Tensor) -> dict[str, Tensor]:
+        """The PBR material at world points [N, 3]: ``albedo`` [N, 3] (linear), ``roughness`` [N],
+        ``metallic`` [N] and, with ``pbr.bump``, ``bump`` [N, 2] (tangent-space offsets)."""
+        if self.config.material != "pbr":
+            raise ValueError("material() needs representation.material: pbr")
+        cfg = self.config.pbr
+        raw = self._field(points)
+
+        def remap(values: Tensor, bounds: tuple[float, float]) -> Tensor:
+            return bounds[0] + (bounds[1] - bounds[0]) * values
+
+        out = {"albedo": remap(raw[:, 0:3], cfg.albedo_range), "roughness": remap(raw[:, 3], cfg.roughness_range),
+               "metallic": remap(raw[:, 4], cfg.metallic_range)}
+        if cfg.bump:
+            out["bump"] = remap(raw[:, 5:7], (-cfg.bump_scale, cfg.bump_scale))
+        return out
+
+    def shading_normals(self, points: Tensor, base_normals: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+        """The material at ``points`` and the unit world shading normals [N, 3] (bump applied to the
+        unit ``base_normals``; see the module docstring for the frame)."""
+        material = self.material(points)
+        normals = pbr.perturb_normal(base_normals, material["bump"]) if "bump" in material else base_normals
+        return material, normals
+
+    def _shade_pbr(self, attributes: Tensor, pixels: SurfacePixels) -> Tensor:
+        points, base = attributes[:, :3], torch.nn.functional.normalize(attributes[:, 3:6], dim=-1)
+        material, normals = self.shading_normals(points, base)
+        light = self.light if self.light.radiance.device == points.device else self.light.to(points.device)
+        radiance = pbr.shade(material["albedo"], material["roughness"], material["metallic"], normals,
+                             pixels.view_dirs.to(points), light)
+        return pbr.linear_to_srgb(radiance)  # display values in [0, 1] (module docstring)
 
     def _background(self, background: Tensor) -> Tensor:
         if not self.config.latent:
@@ -176,6 +305,10 @@ class TexturedMesh(Representation):
         vertices = self.vertices()
         if cfg.appearance == "uv":
             attributes, shade = self.uvs, lambda uv, _: self._texel_values(uv)
+        elif cfg.material == "pbr":
+            welded = self.base_vertices + self.offsets
+            normals = pbr.vertex_normals(welded, self.vmapping[self.faces])[self.vmapping]
+            attributes, shade = torch.cat([vertices, normals], dim=-1), self._shade_pbr
         else:
             attributes, shade = vertices, lambda points, _: self.color(points)
         out = render_mesh(
@@ -226,13 +359,25 @@ class TexturedMesh(Representation):
 
     @torch.no_grad()
     def surface(self) -> tuple["trimesh.Trimesh", object]:  # noqa: F821
-        """The (welded) mesh and the colour field, for baking (``appearance: field``)."""
+        """The (welded) mesh and, for baking (``appearance: field``), the colour field or, with
+        ``material: pbr``, a ``PBRSurface`` (albedo, roughness, metallic and shading normals)."""
         import trimesh
+
+        from lift3d.export.texture import PBRSurface
 
         welded = (self.base_vertices + self.offsets).cpu().numpy()
         mesh = trimesh.Trimesh(welded, self.vmapping[self.faces].cpu().numpy(), process=False)
         if self.texture is not None:
-            raise ValueError("a UV-textured mesh exports its own texture (textured_surface), not a baked field")
+            # UV-textured meshes export through textured_surface(); give the geometry with a flat grey.
+            return mesh, lambda points: torch.full((len(points), 3), 0.5)
+        if self.config.material == "pbr":
+            def sample(points: Tensor, base_normals: Tensor) -> Tensor:
+                with torch.no_grad():
+                    material, normals = self.shading_normals(points, base_normals)
+                    return torch.cat([material["albedo"], material["roughness"][:, None],
+                                      material["metallic"][:, None], normals], dim=-1)
+
+            return mesh, PBRSurface(sample=sample, normal_map=self.config.pbr.bump)
         return mesh, self.color
 
     def export(self, directory: Path, formats: list[str]) -> list[Path]:
