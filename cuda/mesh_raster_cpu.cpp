@@ -36,6 +36,7 @@
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <optional>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -218,26 +219,16 @@ inline void pixel_span(double low, double high, int64_t size, int32_t& first, in
   last = static_cast<int32_t>(std::min<int64_t>(std::max<int64_t>(down, 0), size - 1));
 }
 
-void setup_triangle(const float* positions, const ProjectedVertex* projected, const int32_t* face, int64_t height,
-                    int64_t width, Setup& s, Box& box) {
-  box = {0, -1, 0, -1};
+// The triangle's pixel box from its projected vertices (empty for the reference's culls).
+inline Box triangle_box(const ProjectedVertex* projected, const int32_t* face, int64_t height, int64_t width) {
+  Box box = {0, -1, 0, -1};
   const ProjectedVertex& p0 = projected[face[0]];
   const ProjectedVertex& p1 = projected[face[1]];
   const ProjectedVertex& p2 = projected[face[2]];
   const uint32_t all = p0.flags & p1.flags & p2.flags, any = p0.flags | p1.flags | p2.flags;
   // Exact culls: no pixel centre can be covered (see _pixel_boxes in the reference).
-  if (!(all & kFinite) || !(any & kInFront)) return;
-  if (all & (kBeyondRight | kBeyondLeft | kBeyondTop | kBeyondBottom)) return;
-  const float* c[3] = {positions + static_cast<int64_t>(face[0]) * 4, positions + static_cast<int64_t>(face[1]) * 4,
-                       positions + static_cast<int64_t>(face[2]) * 4};
-  const Vec3 e[3] = {load_xyw(c[0]), load_xyw(c[1]), load_xyw(c[2])};
-  s.frame = make_frame(e);
-  if (!(s.frame.det != 0.0)) return;
-  if (s.frame.det < 0) {
-    for (int i = 0; i < 3; ++i) s.frame.n[i] = scaled(s.frame.n[i], -1.0);
-    s.frame.det = -s.frame.det;
-  }
-  for (int k = 0; k < 3; ++k) s.z[k] = c[k][2];
+  if (!(all & kFinite) || !(any & kInFront)) return box;
+  if (all & (kBeyondRight | kBeyondLeft | kBeyondTop | kBeyondBottom)) return box;
   if (all & kInFront) {
     pixel_span(std::min({p0.sx, p1.sx, p2.sx}), std::max({p0.sx, p1.sx, p2.sx}), width, box.x0, box.x1);
     pixel_span(std::min({p0.sy, p1.sy, p2.sy}), std::max({p0.sy, p1.sy, p2.sy}), height, box.y0, box.y1);
@@ -245,6 +236,32 @@ void setup_triangle(const float* positions, const ProjectedVertex* projected, co
     // A vertex at or behind the eye: the projection is unbounded, so test every pixel.
     box = {0, static_cast<int32_t>(width - 1), 0, static_cast<int32_t>(height - 1)};
   }
+  return box;
+}
+
+// The setup of a triangle with a box (false when det == 0: never drawn). Computed where the tile
+// loop needs it (a triangle touches ~1.2 tiles), which is cheaper than storing 104 bytes per triangle.
+inline bool setup_triangle(const float* positions, const int32_t* face, Setup& s) {
+  const float* c[3] = {positions + static_cast<int64_t>(face[0]) * 4, positions + static_cast<int64_t>(face[1]) * 4,
+                       positions + static_cast<int64_t>(face[2]) * 4};
+  const Vec3 e[3] = {load_xyw(c[0]), load_xyw(c[1]), load_xyw(c[2])};
+  s.frame = make_frame(e);
+  if (!(s.frame.det != 0.0)) return false;
+  if (s.frame.det < 0) {
+    for (int i = 0; i < 3; ++i) s.frame.n[i] = scaled(s.frame.n[i], -1.0);
+    s.frame.det = -s.frame.det;
+  }
+  for (int k = 0; k < 3; ++k) s.z[k] = c[k][2];
+  return true;
+}
+
+// A per-thread buffer kept between calls (grown, never shrunk; kTag tells the uses apart). Fresh
+// allocations of hundreds of KB come from mmap and fault in page by page on every call otherwise.
+template <typename T, int kTag>
+std::vector<T>& reusable_buffer(size_t count) {
+  thread_local std::vector<T> buffer;
+  if (buffer.size() < count) buffer.resize(count);
+  return buffer;
 }
 
 // The fixed tile grid of an H x W image.
@@ -262,9 +279,11 @@ struct TileGrid {
 // The covered pixels of one tile grouped by triangle: slots numbered in first-seen order.
 class TriangleSlots {
  public:
-  explicit TriangleSlots(int64_t faces) : slot_of_(static_cast<size_t>(faces), -1) {
-    faces_.reserve(kTilePixels);
-  }
+  // Uses the calling thread's reusable face -> slot table (all -1 between uses).
+  explicit TriangleSlots(int64_t faces) : slot_of_(thread_table(faces)), faces_(thread_faces()) { faces_.clear(); }
+  ~TriangleSlots() { clear(); }
+  TriangleSlots(const TriangleSlots&) = delete;
+  TriangleSlots& operator=(const TriangleSlots&) = delete;
   // The slot of face f; `added` says whether it was just created.
   int32_t find_or_add(int32_t f, bool& added) {
     int32_t s = slot_of_[f];
@@ -283,8 +302,17 @@ class TriangleSlots {
   }
 
  private:
-  std::vector<int32_t> slot_of_;
-  std::vector<int32_t> faces_;
+  static std::vector<int32_t>& thread_table(int64_t faces) {
+    thread_local std::vector<int32_t> table;
+    if (table.size() < static_cast<size_t>(faces)) table.resize(static_cast<size_t>(faces), -1);
+    return table;
+  }
+  static std::vector<int32_t>& thread_faces() {
+    thread_local std::vector<int32_t> seen;
+    return seen;
+  }
+  std::vector<int32_t>& slot_of_;
+  std::vector<int32_t>& faces_;
 };
 
 void check_tensor(const at::Tensor& t, const char* op, const char* name, at::ScalarType dtype, int64_t dims) {
@@ -363,8 +391,9 @@ struct TileBuffer {
 // The triangles of one tile's list, in order, depth-tested against the tile buffer (each triangle
 // over its box clipped to the tile), N pixels at a time.
 struct TileJob {
-  const Setup* setups;
-  const Box* boxes;
+  const float* positions;  // the image's [V, 4]
+  const int32_t* faces;
+  const Box* boxes;  // the image's
   const int32_t* list;
   int64_t count, x_begin, y_begin, x_end, y_end;
   const double* qx;
@@ -386,7 +415,8 @@ MESH_RASTER_INLINE void raster_tile(const TileJob& job, TileBuffer& tile) {
   double* best_d2 = tile.d2.data();
   for (int64_t j = 0; j < job.count; ++j) {
     const int32_t f = job.list[j];
-    const Setup& s = job.setups[f];
+    Setup s;
+    if (!setup_triangle(job.positions, job.faces + 3 * static_cast<int64_t>(f), s)) continue;
     const Box& box = job.boxes[f];
     const Frame& fr = s.frame;
     const int64_t y0 = std::max<int64_t>(box.y0, job.y_begin), y1 = std::min<int64_t>(box.y1 + 1, job.y_end);
@@ -450,16 +480,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mesh_raster_rasterize_forward(con
   const float* pos = positions.data_ptr<float>();
   const int32_t* tri = faces.data_ptr<int32_t>();
 
-  // Triangles are set up and counted per tile in fixed chunks (so the counting sort below is the
-  // same for any thread count); each tile's list comes out in triangle order.
+  // Triangle boxes are computed and counted per tile in fixed chunks (so the counting sort below
+  // is the same for any thread count); each tile's list comes out in triangle order.
   const int64_t chunks = std::min<int64_t>(std::max<int64_t>((BF + 4095) / 4096, 1), 64);
   const int64_t chunk_size = (BF + chunks - 1) / chunks;
-  std::unique_ptr<ProjectedVertex[]> projected(new ProjectedVertex[B * V]);
-  // Default-initialised (not zeroed): setup_triangle writes every box, and the setup of every
-  // triangle with a non-empty box.
-  std::unique_ptr<Setup[]> setups(new Setup[BF]);
-  std::unique_ptr<Box[]> boxes(new Box[BF]);
+  ProjectedVertex* projected = reusable_buffer<ProjectedVertex, 0>(B * V).data();
+  Box* boxes = reusable_buffer<Box, 0>(BF).data();  // every entry is written below
   std::vector<int64_t> cursors(chunks * BT, 0);  // per (chunk, tile): count, then write position
+  // Calls visit(b, f, box) for the triangles of chunk c, in order (no division per triangle).
+  auto for_each_in_chunk = [&](int64_t c, auto visit) {
+    const int64_t begin = std::min(BF, c * chunk_size), end = std::min(BF, (c + 1) * chunk_size);
+    if (begin >= end) return;
+    int64_t b = begin / F, f = begin - b * F;
+    for (int64_t i = begin; i < end; ++i) {
+      visit(b, f, boxes[i]);
+      if (++f == F) {
+        f = 0;
+        ++b;
+      }
+    }
+  };
 #pragma omp parallel
   {
 #pragma omp for schedule(static)
@@ -467,14 +507,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mesh_raster_rasterize_forward(con
 #pragma omp for schedule(dynamic, 1)
     for (int64_t c = 0; c < chunks; ++c) {
       int64_t* counts = cursors.data() + c * BT;
-      for (int64_t i = c * chunk_size; i < std::min(BF, (c + 1) * chunk_size); ++i) {
-        const int64_t b = i / F;
-        setup_triangle(pos + b * V * 4, projected.get() + b * V, tri + (i - b * F) * 3, H, W, setups[i], boxes[i]);
-        const Box& s = boxes[i];
-        if (s.x0 > s.x1 || s.y0 > s.y1) continue;
-        for (int64_t ty = s.y0 / kTile; ty <= s.y1 / kTile; ++ty)
-          for (int64_t tx = s.x0 / kTile; tx <= s.x1 / kTile; ++tx) ++counts[b * T + ty * grid.tiles_x + tx];
-      }
+      for_each_in_chunk(c, [&](int64_t b, int64_t f, Box& box) {
+        box = triangle_box(projected + b * V, tri + f * 3, H, W);
+        if (box.x0 > box.x1 || box.y0 > box.y1) return;
+        for (int64_t ty = box.y0 / kTile; ty <= box.y1 / kTile; ++ty)
+          for (int64_t tx = box.x0 / kTile; tx <= box.x1 / kTile; ++tx) ++counts[b * T + ty * grid.tiles_x + tx];
+      });
     }
   }
   std::vector<int64_t> offsets(BT + 1, 0);  // tile bt's list is [offsets[bt], offsets[bt + 1])
@@ -490,7 +528,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mesh_raster_rasterize_forward(con
     }
     offsets[BT] = total;
   }
-  std::unique_ptr<int32_t[]> tile_triangles(new int32_t[offsets[BT]]);
+  int32_t* tile_triangles = reusable_buffer<int32_t, 0>(offsets[BT]).data();
 
   const PixelCentres centres(H, W);
   const double* qx = centres.x.data();
@@ -510,25 +548,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mesh_raster_rasterize_forward(con
 #pragma omp for schedule(dynamic, 1)
     for (int64_t c = 0; c < chunks; ++c) {
       int64_t* cursor = cursors.data() + c * BT;
-      for (int64_t i = c * chunk_size; i < std::min(BF, (c + 1) * chunk_size); ++i) {
-        const Box& s = boxes[i];
-        if (s.x0 > s.x1 || s.y0 > s.y1) continue;
-        const int64_t b = i / F;
-        const int32_t f = static_cast<int32_t>(i - b * F);
-        for (int64_t ty = s.y0 / kTile; ty <= s.y1 / kTile; ++ty)
-          for (int64_t tx = s.x0 / kTile; tx <= s.x1 / kTile; ++tx)
-            tile_triangles[cursor[b * T + ty * grid.tiles_x + tx]++] = f;
-      }
+      for_each_in_chunk(c, [&](int64_t b, int64_t f, const Box& box) {
+        if (box.x0 > box.x1 || box.y0 > box.y1) return;
+        for (int64_t ty = box.y0 / kTile; ty <= box.y1 / kTile; ++ty)
+          for (int64_t tx = box.x0 / kTile; tx <= box.x1 / kTile; ++tx)
+            tile_triangles[cursor[b * T + ty * grid.tiles_x + tx]++] = static_cast<int32_t>(f);
+      });
     }
 
-    TileBuffer tile;
+    TileBuffer& tile = reusable_buffer<TileBuffer, 0>(1)[0];
 #pragma omp for schedule(dynamic, 1)
     for (int64_t bt = 0; bt < BT; ++bt) {
       const int64_t b = bt / T, t = bt % T;
       const int64_t x_begin = grid.x_begin(t), y_begin = grid.y_begin(t);
       const int64_t x_end = grid.x_end(t), y_end = grid.y_end(t);
       tile.reset();
-      const TileJob job{setups.get() + b * F, boxes.get() + b * F, tile_triangles.get() + offsets[bt],
+      const TileJob job{pos + b * V * 4, tri, boxes + b * F, tile_triangles + offsets[bt],
                         offsets[bt + 1] - offsets[bt], x_begin, y_begin, x_end, y_end, qx, qy};
       raster_tile(job, tile);
       for (int64_t y = y_begin; y < y_end; ++y) {
@@ -556,9 +591,49 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mesh_raster_rasterize_forward(con
   return {ids, bary, depth};
 }
 
+// Per (tile, triangle) sums of the rasterize backward: the gradient of the triangle's three vertices
+// is linear in them (see mesh_raster_rasterize_backward).
+struct RasterGradSums {
+  Vec3 e[3];
+  Frame frame;
+  double z[3], inverse_det;
+  Vec3 sum_gd_q[3];
+  double sum_g_z[3], sum_g_det;
+};
+
+// Adds pixel (qx, qy)'s terms to its triangle's sums; the flags say which output gradients exist.
+template <bool kBary, bool kDepth>
+MESH_RASTER_INLINE void add_pixel_terms(RasterGradSums& a, double qx, double qy, const float* g_bary,
+                                        const float* g_depth) {
+  const Frame& fr = a.frame;
+  const double d0 = edge_value(fr.n[0], qx, qy), d1 = edge_value(fr.n[1], qx, qy), d2 = edge_value(fr.n[2], qx, qy);
+  // d loss / d D_i = (gu (delta_i0 - u) + gv (delta_i1 - v)) / S + gz z_i / det
+  double g_d[3] = {0.0, 0.0, 0.0};
+  if (kBary) {
+    const double gu = g_bary[0], gv = g_bary[1];
+    const double inverse_total = 1.0 / (d0 + d1 + d2);
+    const double u = d0 * inverse_total, v = d1 * inverse_total;
+    const double shared = -(gu * u + gv * v) * inverse_total;
+    g_d[0] = gu * inverse_total + shared;
+    g_d[1] = gv * inverse_total + shared;
+    g_d[2] = shared;
+  }
+  if (kDepth) {
+    const double gz_det = static_cast<double>(*g_depth) * a.inverse_det;
+    const double zw = (d0 * a.z[0] + d1 * a.z[1] + d2 * a.z[2]) * a.inverse_det;
+    const double d[3] = {d0, d1, d2};
+    for (int i = 0; i < 3; ++i) {
+      g_d[i] += gz_det * a.z[i];
+      a.sum_g_z[i] += gz_det * d[i];
+    }
+    a.sum_g_det -= gz_det * zw;
+  }
+  for (int i = 0; i < 3; ++i) add_to(a.sum_gd_q[i], {g_d[i] * qx, g_d[i] * qy, g_d[i]});
+}
+
 at::Tensor mesh_raster_rasterize_backward(const at::Tensor& positions, const at::Tensor& faces,
-                                          const at::Tensor& ids, const at::Tensor& grad_bary,
-                                          const at::Tensor& grad_depth) {
+                                          const at::Tensor& ids, const std::optional<at::Tensor>& grad_bary,
+                                          const std::optional<at::Tensor>& grad_depth) {
   const char* op = "mesh_raster_rasterize_backward";
   check_tensor(positions, op, "clip_positions", at::kFloat, 3);
   const int64_t B = positions.size(0), V = positions.size(1), F = faces.size(0);
@@ -566,14 +641,23 @@ at::Tensor mesh_raster_rasterize_backward(const at::Tensor& positions, const at:
   check_ids(ids, F, op);
   TORCH_CHECK(ids.size(0) == B, op, ": triangle_id and clip_positions disagree on the batch");
   const int64_t H = ids.size(1), W = ids.size(2), N = B * H * W;
-  check_tensor(grad_bary, op, "grad_barycentrics", at::kFloat, 4);
-  check_tensor(grad_depth, op, "grad_depth", at::kFloat, 3);
-  TORCH_CHECK(grad_bary.numel() == 2 * N && grad_depth.numel() == N, op, ": gradient shapes do not match the raster");
+  // An absent gradient (None: that output was not used) contributes nothing and costs nothing.
+  const bool has_bary = grad_bary.has_value() && grad_bary->defined();
+  const bool has_depth = grad_depth.has_value() && grad_depth->defined();
+  if (has_bary) {
+    check_tensor(*grad_bary, op, "grad_barycentrics", at::kFloat, 4);
+    TORCH_CHECK(grad_bary->numel() == 2 * N, op, ": grad_barycentrics must be [B, H, W, 2] like the raster");
+  }
+  if (has_depth) {
+    check_tensor(*grad_depth, op, "grad_depth", at::kFloat, 3);
+    TORCH_CHECK(grad_depth->numel() == N, op, ": grad_depth must be [B, H, W] like the raster");
+  }
+  if (!has_bary && !has_depth) return at::zeros({B, V, 4}, positions.options());
   const float* pos = positions.data_ptr<float>();
   const int32_t* tri = faces.data_ptr<int32_t>();
   const int32_t* p_ids = ids.data_ptr<int32_t>();
-  const float* g_bary = grad_bary.data_ptr<float>();
-  const float* g_depth = grad_depth.data_ptr<float>();
+  const float* g_bary = has_bary ? grad_bary->data_ptr<float>() : nullptr;
+  const float* g_depth = has_depth ? grad_depth->data_ptr<float>() : nullptr;
   const TileGrid grid(H, W);
   const int64_t T = grid.count, BT = B * T;
   const PixelCentres centres(H, W);
@@ -583,88 +667,75 @@ at::Tensor mesh_raster_rasterize_backward(const at::Tensor& positions, const at:
   // linear in per-pixel sums: d/d e_k = n_k sum(g_det) + e_{k+1} x sum(gD_{k-1} q)
   // - e_{k+2} x sum(gD_{k+1} q), since e_k enters D_{k-1} = e_k . (e_{k+1} x q) and
   // D_{k+1} = e_k . (q x e_{k+2}), and d det / d e_k = n_k.
-  struct Accumulator {
-    Vec3 e[3];
-    Frame frame;
-    double z[3], inverse_det;
-    Vec3 sum_gd_q[3];
-    double sum_g_z[3], sum_g_det;
-  };
   std::vector<std::vector<int32_t>> tile_faces(BT);
   std::vector<std::vector<double>> tile_grads(BT);
+  auto run = [&](auto bary_flag, auto depth_flag) {
+    constexpr bool kBary = decltype(bary_flag)::value, kDepth = decltype(depth_flag)::value;
 #pragma omp parallel
-  {
-    TriangleSlots slots(F);
-    std::vector<Accumulator> accumulators(kTilePixels);
+    {
+      TriangleSlots slots(F);
+      RasterGradSums* sums = reusable_buffer<RasterGradSums, 0>(kTilePixels).data();
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t bt = 0; bt < BT; ++bt) {
-      const int64_t b = bt / T, t = bt % T;
-      const float* image_positions = pos + b * V * 4;
-      for (int64_t y = grid.y_begin(t); y < grid.y_end(t); ++y) {
-        const double qy = centres.y[y];
-        for (int64_t x = grid.x_begin(t); x < grid.x_end(t); ++x) {
-          const int64_t pix = (b * H + y) * W + x;
-          const int32_t f = p_ids[pix];
-          if (f < 0) continue;
-          bool added;
-          Accumulator& a = accumulators[slots.find_or_add(f, added)];
-          if (added) {
-            for (int k = 0; k < 3; ++k) {
-              const float* vertex = image_positions + static_cast<int64_t>(tri[3 * f + k]) * 4;
-              a.e[k] = load_xyw(vertex);
-              a.z[k] = vertex[2];
-              a.sum_gd_q[k] = {0.0, 0.0, 0.0};
-              a.sum_g_z[k] = 0.0;
+      for (int64_t bt = 0; bt < BT; ++bt) {
+        const int64_t b = bt / T, t = bt % T;
+        const float* image_positions = pos + b * V * 4;
+        for (int64_t y = grid.y_begin(t); y < grid.y_end(t); ++y) {
+          const double qy = centres.y[y];
+          for (int64_t x = grid.x_begin(t); x < grid.x_end(t); ++x) {
+            const int64_t pix = (b * H + y) * W + x;
+            const int32_t f = p_ids[pix];
+            if (f < 0) continue;
+            bool added;
+            RasterGradSums& a = sums[slots.find_or_add(f, added)];
+            if (added) {
+              for (int k = 0; k < 3; ++k) {
+                const float* vertex = image_positions + static_cast<int64_t>(tri[3 * f + k]) * 4;
+                a.e[k] = load_xyw(vertex);
+                a.z[k] = vertex[2];
+                a.sum_gd_q[k] = {0.0, 0.0, 0.0};
+                a.sum_g_z[k] = 0.0;
+              }
+              a.frame = make_frame(a.e);
+              a.inverse_det = 1.0 / a.frame.det;
+              a.sum_g_det = 0.0;
             }
-            a.frame = make_frame(a.e);
-            a.inverse_det = 1.0 / a.frame.det;
-            a.sum_g_det = 0.0;
+            add_pixel_terms<kBary, kDepth>(a, centres.x[x], qy, kBary ? g_bary + 2 * pix : nullptr,
+                                           kDepth ? g_depth + pix : nullptr);
           }
-          const Frame& fr = a.frame;
-          const double gu = g_bary[2 * pix], gv = g_bary[2 * pix + 1], gz = g_depth[pix];
-          const double qx = centres.x[x];
-          const double d0 = edge_value(fr.n[0], qx, qy), d1 = edge_value(fr.n[1], qx, qy),
-                       d2 = edge_value(fr.n[2], qx, qy);
-          const double inverse_total = 1.0 / (d0 + d1 + d2);
-          const double u = d0 * inverse_total, v = d1 * inverse_total;
-          const double zw = (d0 * a.z[0] + d1 * a.z[1] + d2 * a.z[2]) * a.inverse_det;
-          const double gz_det = gz * a.inverse_det;
-          // d loss / d D_i = (gu (delta_i0 - u) + gv (delta_i1 - v)) / S + gz z_i / det
-          const double shared = -(gu * u + gv * v) * inverse_total;
-          const double g_d[3] = {gu * inverse_total + shared + gz_det * a.z[0],
-                                 gv * inverse_total + shared + gz_det * a.z[1], shared + gz_det * a.z[2]};
-          const double d[3] = {d0, d1, d2};
-          for (int i = 0; i < 3; ++i) {
-            add_to(a.sum_gd_q[i], {g_d[i] * qx, g_d[i] * qy, g_d[i]});
-            a.sum_g_z[i] += gz_det * d[i];
+        }
+        const std::vector<int32_t>& seen = slots.faces();
+        tile_faces[bt] = seen;
+        std::vector<double>& out = tile_grads[bt];
+        out.resize(seen.size() * 12);
+        for (size_t s = 0; s < seen.size(); ++s) {
+          const RasterGradSums& a = sums[s];
+          for (int k = 0; k < 3; ++k) {
+            const int next = (k + 1) % 3, after = (k + 2) % 3;  // after == k - 1 (mod 3)
+            Vec3 g_e = scaled(a.frame.n[k], a.sum_g_det);
+            add_to(g_e, cross(a.e[next], a.sum_gd_q[after]));
+            add_to(g_e, scaled(cross(a.e[after], a.sum_gd_q[next]), -1.0));
+            double* o = out.data() + s * 12 + 4 * k;
+            o[0] = g_e.x;
+            o[1] = g_e.y;
+            o[2] = a.sum_g_z[k];
+            o[3] = g_e.w;
           }
-          a.sum_g_det -= gz_det * zw;
         }
+        slots.clear();
       }
-      const std::vector<int32_t>& seen = slots.faces();
-      tile_faces[bt] = seen;
-      std::vector<double>& out = tile_grads[bt];
-      out.resize(seen.size() * 12);
-      for (size_t s = 0; s < seen.size(); ++s) {
-        const Accumulator& a = accumulators[s];
-        for (int k = 0; k < 3; ++k) {
-          const int next = (k + 1) % 3, after = (k + 2) % 3;  // after == k - 1 (mod 3)
-          Vec3 g_e = scaled(a.frame.n[k], a.sum_g_det);
-          add_to(g_e, cross(a.e[next], a.sum_gd_q[after]));
-          add_to(g_e, scaled(cross(a.e[after], a.sum_gd_q[next]), -1.0));
-          double* o = out.data() + s * 12 + 4 * k;
-          o[0] = g_e.x;
-          o[1] = g_e.y;
-          o[2] = a.sum_g_z[k];
-          o[3] = g_e.w;
-        }
-      }
-      slots.clear();
     }
+  };
+  if (has_bary && has_depth) {
+    run(std::true_type(), std::true_type());
+  } else if (has_bary) {
+    run(std::true_type(), std::false_type());
+  } else {
+    run(std::false_type(), std::true_type());
   }
 
   // Sum into the vertices in tile order: one image per thread, so the order is fixed.
-  std::vector<double> sums(B * V * 4, 0.0);
+  std::vector<double>& sums = reusable_buffer<double, 0>(B * V * 4);
+  std::fill(sums.begin(), sums.begin() + B * V * 4, 0.0);
 #pragma omp parallel for schedule(static) if (B > 1)
   for (int64_t b = 0; b < B; ++b) {
     double* image_sums = sums.data() + b * V * 4;
@@ -783,7 +854,7 @@ std::tuple<at::Tensor, at::Tensor> mesh_raster_interpolate_backward(const at::Te
 #pragma omp parallel
     {
       TriangleSlots slots(need_attributes ? F : 0);
-      std::vector<double> accumulators;
+      std::vector<double>& accumulators = reusable_buffer<double, 1>(0);  // zero between uses
 #pragma omp for schedule(dynamic, 1)
       for (int64_t bt = 0; bt < BT; ++bt) {
         const int64_t b = bt / T, t = bt % T;
@@ -838,7 +909,8 @@ std::tuple<at::Tensor, at::Tensor> mesh_raster_interpolate_backward(const at::Te
 
     if (need_attributes) {
       // Serially in tile order (shared attributes sum over the images too).
-      std::vector<double> sums(A * V * C, 0.0);
+      std::vector<double>& sums = reusable_buffer<double, 0>(A * V * C);
+      std::fill(sums.begin(), sums.begin() + A * V * C, 0.0);
       for (int64_t bt = 0; bt < BT; ++bt) {
         double* image_sums = sums.data() + (A > 1 ? bt / T : 0) * V * C;
         const std::vector<int32_t>& seen = tile_faces[bt];
@@ -944,8 +1016,9 @@ inline void for_each_blended_pair(const int8_t* codes, int64_t b, int64_t y, int
 
 template <typename Index>
 void find_blends(const float* pos, const int32_t* tri, const Index* opposite, const int32_t* p_ids,
-                 const float* p_depth, const Frame* frames, int64_t B, int64_t H, int64_t W, int64_t P, int64_t V,
-                 int64_t F, const PixelCentres& centres, int8_t* p_codes, float* weights) {
+                 const float* p_depth, const Frame* frames, const int32_t* frame_index, int64_t B, int64_t H,
+                 int64_t W, int64_t P, int64_t V, int64_t F, const PixelCentres& centres, int8_t* p_codes,
+                 float* weights) {
 #pragma omp parallel for schedule(static)
   for (int64_t row = 0; row < B * 2 * H; ++row) {
     const int64_t b = row / (2 * H), direction = (row / H) % 2, y = row % H;
@@ -966,7 +1039,7 @@ void find_blends(const float* pos, const int32_t* tri, const Index* opposite, co
       const bool first_front = id2 < 0 || (id1 >= 0 && (z1 < z2 || (z1 == z2 && id1 < id2)));
       const int32_t f = first_front ? id1 : id2;
       const PairGeometry g = pair_geometry(b, direction, y, x, !first_front, H, W, centres);
-      const Frame& fr = frames[position_batch * F + f];
+      const Frame& fr = frames[frame_index[position_batch * F + f]];
       // The exit edges; t is only needed to choose among several and for the weight of a blend.
       double d_back[3];
       int exits = 0, best = -1;
@@ -1035,31 +1108,39 @@ std::tuple<at::Tensor, at::Tensor> mesh_raster_antialias_forward(const at::Tenso
   const float* p_color = color.data_ptr<float>();
 
   const PixelCentres centres(H, W);
-  // Edge normals of the triangles some pixel shows (only those can be a pair's front triangle).
-  std::vector<uint8_t> shown(P * F, 0);
+  // Edge normals of the triangles some pixel shows (only those can be a pair's front triangle),
+  // stored compactly: frame_index[p * F + f] is the row of (image p, face f) in frames.
+  int32_t* frame_index = reusable_buffer<int32_t, 1>(P * F).data();
+  std::fill(frame_index, frame_index + P * F, -1);
   for (int64_t b = 0; b < B; ++b) {
-    uint8_t* image_shown = shown.data() + (P > 1 ? b : 0) * F;
+    int32_t* image_index = frame_index + (P > 1 ? b : 0) * F;
     for (int64_t local = 0; local < H * W; ++local) {
       const int32_t f = p_ids[b * H * W + local];
-      if (f >= 0) image_shown[f] = 1;
+      if (f >= 0) image_index[f] = 0;
     }
   }
-  std::unique_ptr<Frame[]> frames(new Frame[P * F]);  // read only where shown
-#pragma omp parallel for schedule(static)
+  std::vector<int64_t> shown;  // flat (p, f) of the shown triangles
   for (int64_t pf = 0; pf < P * F; ++pf) {
-    if (shown[pf]) frames[pf] = frame_of(pos + (pf / F) * V * 4, tri + (pf % F) * 3);
+    if (frame_index[pf] < 0) continue;
+    frame_index[pf] = static_cast<int32_t>(shown.size());
+    shown.push_back(pf);
+  }
+  Frame* frames = reusable_buffer<Frame, 0>(shown.size()).data();
+#pragma omp parallel for schedule(static)
+  for (size_t i = 0; i < shown.size(); ++i) {
+    frames[i] = frame_of(pos + (shown[i] / F) * V * 4, tri + (shown[i] % F) * 3);
   }
 
   // Pass 1: which pairs blend, across which edge, with which weight.
   at::Tensor codes = at::empty({B, 2, H, W}, color.options().dtype(at::kChar));  // every slot is written
   int8_t* p_codes = codes.data_ptr<int8_t>();
-  std::unique_ptr<float[]> weights(new float[B * 2 * H * W]);  // read only where a code is set
+  float* weights = reusable_buffer<float, 0>(B * 2 * H * W).data();  // read only where a code is set
   if (long_topology) {
-    find_blends(pos, tri, topology.data_ptr<int64_t>(), p_ids, p_depth, frames.get(), B, H, W, P, V, F, centres,
-                p_codes, weights.get());
+    find_blends(pos, tri, topology.data_ptr<int64_t>(), p_ids, p_depth, frames, frame_index, B, H, W, P, V, F,
+                centres, p_codes, weights);
   } else {
-    find_blends(pos, tri, topology.data_ptr<int32_t>(), p_ids, p_depth, frames.get(), B, H, W, P, V, F, centres,
-                p_codes, weights.get());
+    find_blends(pos, tri, topology.data_ptr<int32_t>(), p_ids, p_depth, frames, frame_index, B, H, W, P, V, F,
+                centres, p_codes, weights);
   }
 
   // Pass 2: every pixel adds the blends it receives in slot order, the reference's order.
@@ -1109,7 +1190,7 @@ std::tuple<at::Tensor, at::Tensor> mesh_raster_antialias_backward(const at::Tens
   const int64_t A = static_cast<int64_t>(active.size());
 
   // Per blended pair: its weight, and d loss / d (x, y, w) of the edge's two endpoints.
-  std::unique_ptr<float[]> weights(new float[S]);  // read only where a code is set
+  float* weights = reusable_buffer<float, 0>(S).data();  // read only where a code is set
   std::vector<double> partial(A * 6, 0.0);
 #pragma omp parallel for schedule(static)
   for (int64_t k = 0; k < A; ++k) {
@@ -1169,7 +1250,8 @@ std::tuple<at::Tensor, at::Tensor> mesh_raster_antialias_backward(const at::Tens
   }
 
   // Positions: the pairs' partials summed into the vertices serially in slot order.
-  std::vector<double> sums(P * V * 4, 0.0);
+  std::vector<double>& sums = reusable_buffer<double, 0>(P * V * 4);
+  std::fill(sums.begin(), sums.begin() + P * V * 4, 0.0);
   for (int64_t k = 0; k < A; ++k) {
     const int64_t slot = active[k];
     const int code = p_codes[slot];
@@ -1200,7 +1282,7 @@ TORCH_LIBRARY_FRAGMENT(lift3d_cpu, m) {
       &mesh_raster_rasterize_forward);
   m.def(
       "mesh_raster_rasterize_backward(Tensor clip_positions, Tensor faces, Tensor triangle_id, "
-      "Tensor grad_barycentrics, Tensor grad_depth) -> Tensor",
+      "Tensor? grad_barycentrics, Tensor? grad_depth) -> Tensor",
       &mesh_raster_rasterize_backward);
   m.def(
       "mesh_raster_interpolate_forward(Tensor attributes, Tensor barycentrics, Tensor triangle_id, Tensor faces) "

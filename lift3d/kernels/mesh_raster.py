@@ -634,16 +634,28 @@ class _RasterizeNative(torch.autograd.Function):
         ids, bary, depth = forward(positions, faces, height, width)
         ctx.mark_non_differentiable(ids)
         ctx.save_for_backward(positions, faces, ids)
+        ctx.set_materialize_grads(False)  # an unused output (often depth) gets None, and costs nothing
         return ids, bary, depth
 
     @staticmethod
     @once_differentiable
     def backward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx, grad_ids: Tensor, grad_bary: Tensor, grad_depth: Tensor
+        ctx: torch.autograd.function.FunctionCtx,
+        grad_ids: Tensor | None,
+        grad_bary: Tensor | None,
+        grad_depth: Tensor | None,
     ) -> tuple[Tensor | None, ...]:
+        if grad_bary is None and grad_depth is None:
+            return None, None, None, None
         positions, faces, ids = ctx.saved_tensors
         backward = native_op("cpu", "mesh_raster_rasterize_backward", positions.device)
-        grad = backward(positions, faces, ids, grad_bary.contiguous().float(), grad_depth.contiguous().float())
+        grad = backward(
+            positions,
+            faces,
+            ids,
+            None if grad_bary is None else grad_bary.contiguous().float(),
+            None if grad_depth is None else grad_depth.contiguous().float(),
+        )
         return grad, None, None, None
 
 
