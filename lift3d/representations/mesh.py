@@ -372,10 +372,12 @@ class TexturedMesh(Representation):
             return mesh, lambda points: torch.full((len(points), 3), 0.5)
         if self.config.material == "pbr":
             def sample(points: Tensor, base_normals: Tensor) -> Tensor:
+                device = self.base_vertices.device  # the baker queries on its own device (CPU by default)
                 with torch.no_grad():
-                    material, normals = self.shading_normals(points, base_normals)
-                    return torch.cat([material["albedo"], material["roughness"][:, None],
-                                      material["metallic"][:, None], normals], dim=-1)
+                    material, normals = self.shading_normals(points.to(device), base_normals.to(device))
+                    out = torch.cat([material["albedo"], material["roughness"][:, None],
+                                     material["metallic"][:, None], normals], dim=-1)
+                return out.to(points.device)
 
             return mesh, PBRSurface(sample=sample, normal_map=self.config.pbr.bump)
         return mesh, self.color
