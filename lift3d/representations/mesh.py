@@ -25,7 +25,8 @@ environment built when the representation is (procedural sky or an HDR file, tim
 The linear radiance goes through the sRGB transfer function and is clamped to [0, 1] before the
 teacher sees it: Stable Diffusion was trained on sRGB-encoded photographs and the analytic teacher's
 palette is in display values, so a linear render would look too dark and too contrasty to either
-(nvdiffrec/Fantasia3D likewise compare sRGB; threestudio's pbr-material clamps linear values).
+(nvdiffrec's image losses likewise compare sRGB-tonemapped renders; not checked for Fantasia3D's
+SDS input; threestudio's pbr-material clamps linear values instead).
 
 Normals and the bump frame: the base shading normal N is the interpolated, renormalised
 area-weighted vertex normal of the (welded) mesh (``pbr.vertex_normals``; smooth, as nvdiffrec
@@ -35,7 +36,7 @@ UVs. The GLB export rewrites the same world-space shading normal relative to the
 of the exported atlas, and writes that frame as the ``TANGENT`` attribute with the same vertex
 normals as ``NORMAL``, so a glTF viewer rebuilds the trained normal (``lift3d.export.texture.bake_pbr_textures``).
 Bump offsets are bounded by ``bump_scale`` per axis before normalisation (tilts up to
-atan(sqrt(2) bump_scale)); Paint-it bounds them by 0.1, nvdiffrec/Fantasia3D by 1.
+atan(sqrt(2) bump_scale)); Paint-it bounds them by 0.1, nvdiffrec's defaults by 1 (x, y) and [0, 1] (z).
 
 Texture layout: row 0 of the texture image is its *top* (as written to PNG/GLB), UVs have their
 origin at the lower left (OpenGL / OBJ / xatlas), so a UV ``(u, v)`` reads row ``(1 - v) R``.
