@@ -388,8 +388,9 @@ struct TileBuffer {
   }
 };
 
-// The triangles of one tile's list, in order, depth-tested against the tile buffer (each triangle
-// over its box clipped to the tile), N pixels at a time.
+// One (image, tile) of the rasterizer: the tile's triangle list (in triangle order) is depth-tested
+// against the tile buffer (each triangle over its box clipped to the tile), N pixels at a time,
+// and the winners are written to the outputs.
 struct TileJob {
   const float* positions;  // the image's [V, 4]
   const int32_t* faces;
@@ -398,6 +399,10 @@ struct TileJob {
   int64_t count, x_begin, y_begin, x_end, y_end;
   const double* qx;
   const double* qy;
+  int64_t first_pixel, width;  // flat index of the image's pixel (0, 0); its row length
+  int32_t* ids;
+  float* bary;
+  float* depth;
 };
 
 template <int N>
@@ -405,33 +410,42 @@ MESH_RASTER_INLINE void raster_tile(const TileJob& job, TileBuffer& tile) {
   typedef typename Lanes<N>::D VecD;
   typedef decltype(VecD{} < VecD{}) VecL;  // comparison results: all-ones / all-zeros 64-bit lanes
   typedef typename std::remove_reference<decltype(VecL{}[0])>::type Lane;
+  // Locals, not job.* in the loops: the buffer stores could otherwise alias the job's fields.
+  const float* const positions = job.positions;
+  const int32_t* const faces = job.faces;
+  const Box* const boxes = job.boxes;
+  const int32_t* const list = job.list;
+  const int64_t count = job.count, x_begin = job.x_begin, y_begin = job.y_begin, x_end = job.x_end,
+                y_end = job.y_end;
+  const double* const qx = job.qx;
+  const double* const qy = job.qy;
   const VecD zero = splat<VecD>(0.0), minus_one = splat<VecD>(-1.0), one = splat<VecD>(1.0);
   VecD lanes;  // lane positions as doubles: double comparisons are single instructions everywhere
   for (int i = 0; i < N; ++i) lanes[i] = i;
-  double* best_depth = tile.depth.data();
-  int64_t* best_id = tile.id.data();
-  double* best_d0 = tile.d0.data();
-  double* best_d1 = tile.d1.data();
-  double* best_d2 = tile.d2.data();
-  for (int64_t j = 0; j < job.count; ++j) {
-    const int32_t f = job.list[j];
+  double* const best_depth = tile.depth.data();
+  int64_t* const best_id = tile.id.data();
+  double* const best_d0 = tile.d0.data();
+  double* const best_d1 = tile.d1.data();
+  double* const best_d2 = tile.d2.data();
+  for (int64_t j = 0; j < count; ++j) {
+    const int32_t f = list[j];
     Setup s;
-    if (!setup_triangle(job.positions, job.faces + 3 * static_cast<int64_t>(f), s)) continue;
-    const Box& box = job.boxes[f];
+    if (!setup_triangle(positions, faces + 3 * static_cast<int64_t>(f), s)) continue;
+    const Box box = boxes[f];
     const Frame& fr = s.frame;
-    const int64_t y0 = std::max<int64_t>(box.y0, job.y_begin), y1 = std::min<int64_t>(box.y1 + 1, job.y_end);
-    const int64_t x0 = std::max<int64_t>(box.x0, job.x_begin), x1 = std::min<int64_t>(box.x1 + 1, job.x_end);
+    const int64_t y0 = std::max<int64_t>(box.y0, y_begin), y1 = std::min<int64_t>(box.y1 + 1, y_end);
+    const int64_t x0 = std::max<int64_t>(box.x0, x_begin), x1 = std::min<int64_t>(box.x1 + 1, x_end);
     const VecD n0 = splat<VecD>(fr.n[0].x), n1 = splat<VecD>(fr.n[1].x), n2 = splat<VecD>(fr.n[2].x);
     const VecD z0 = splat<VecD>(s.z[0]), z1 = splat<VecD>(s.z[1]), z2 = splat<VecD>(s.z[2]);
     const VecD det = splat<VecD>(fr.det), end = splat<VecD>(static_cast<double>(x1));
     const VecL face = splat<VecL>(static_cast<Lane>(f));
     for (int64_t y = y0; y < y1; ++y) {
-      const VecD r0 = splat<VecD>(row_part(fr.n[0], job.qy[y])), r1 = splat<VecD>(row_part(fr.n[1], job.qy[y])),
-                 r2 = splat<VecD>(row_part(fr.n[2], job.qy[y]));
-      const int64_t row = (y - job.y_begin) * kTile - job.x_begin;  // buffer index of pixel x is row + x
+      const VecD r0 = splat<VecD>(row_part(fr.n[0], qy[y])), r1 = splat<VecD>(row_part(fr.n[1], qy[y])),
+                 r2 = splat<VecD>(row_part(fr.n[2], qy[y]));
+      const int64_t row = (y - y_begin) * kTile - x_begin;  // buffer index of pixel x is row + x
       for (int64_t x = x0; x < x1; x += N) {
         const int64_t i = row + x;
-        const VecD q = load_vec<VecD>(job.qx + x);
+        const VecD q = load_vec<VecD>(qx + x);
         const VecD d0 = q * n0 + r0, d1 = q * n1 + r1, d2 = q * n2 + r2;
         const VecD z = (d0 * z0 + d1 * z1 + d2 * z2) / det;
         const VecD best = load_vec<VecD>(best_depth + i);
@@ -444,6 +458,32 @@ MESH_RASTER_INLINE void raster_tile(const TileJob& job, TileBuffer& tile) {
         store_vec(best_d1 + i, select(take, d1, load_vec<VecD>(best_d1 + i)));
         store_vec(best_d2 + i, select(take, d2, load_vec<VecD>(best_d2 + i)));
       }
+    }
+  }
+
+  // The winners: ids, barycentrics (D0, D1) / (D0 + D1 + D2) and depth; zeros where empty.
+  const int64_t width = job.width;
+  int32_t* const ids = job.ids;
+  float* const bary = job.bary;
+  float* const depth = job.depth;
+  for (int64_t y = y_begin; y < y_end; ++y) {
+    const int64_t row = (y - y_begin) * kTile - x_begin, out_row = job.first_pixel + y * width;
+    for (int64_t x = x_begin; x < x_end; ++x) {
+      const int64_t local = row + x, pix = out_row + x;
+      const int64_t id = best_id[local];
+      if (id < 0) {
+        ids[pix] = -1;
+        bary[2 * pix] = 0.0f;
+        bary[2 * pix + 1] = 0.0f;
+        depth[pix] = 0.0f;
+        continue;
+      }
+      const double d0 = best_d0[local], d1 = best_d1[local], d2 = best_d2[local];
+      const double total = d0 + d1 + d2;
+      ids[pix] = static_cast<int32_t>(id);
+      bary[2 * pix] = static_cast<float>(d0 / total);
+      bary[2 * pix + 1] = static_cast<float>(d1 / total);
+      depth[pix] = static_cast<float>(best_depth[local]);
     }
   }
 }
@@ -560,32 +600,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mesh_raster_rasterize_forward(con
 #pragma omp for schedule(dynamic, 1)
     for (int64_t bt = 0; bt < BT; ++bt) {
       const int64_t b = bt / T, t = bt % T;
-      const int64_t x_begin = grid.x_begin(t), y_begin = grid.y_begin(t);
-      const int64_t x_end = grid.x_end(t), y_end = grid.y_end(t);
       tile.reset();
       const TileJob job{pos + b * V * 4, tri, boxes + b * F, tile_triangles + offsets[bt],
-                        offsets[bt + 1] - offsets[bt], x_begin, y_begin, x_end, y_end, qx, qy};
+                        offsets[bt + 1] - offsets[bt], grid.x_begin(t), grid.y_begin(t), grid.x_end(t),
+                        grid.y_end(t), qx, qy, b * H * W, W, p_ids, p_bary, p_depth};
       raster_tile(job, tile);
-      for (int64_t y = y_begin; y < y_end; ++y) {
-        for (int64_t x = x_begin; x < x_end; ++x) {
-          const int64_t local = (y - y_begin) * kTile + (x - x_begin);
-          const int64_t pix = (b * H + y) * W + x;
-          const int64_t id = tile.id[local];
-          if (id < 0) {
-            p_ids[pix] = -1;
-            p_bary[2 * pix] = 0.0f;
-            p_bary[2 * pix + 1] = 0.0f;
-            p_depth[pix] = 0.0f;
-            continue;
-          }
-          const double d0 = tile.d0[local], d1 = tile.d1[local], d2 = tile.d2[local];
-          const double total = d0 + d1 + d2;
-          p_ids[pix] = static_cast<int32_t>(id);
-          p_bary[2 * pix] = static_cast<float>(d0 / total);
-          p_bary[2 * pix + 1] = static_cast<float>(d1 / total);
-          p_depth[pix] = static_cast<float>(tile.depth[local]);
-        }
-      }
     }
   }
   return {ids, bary, depth};
@@ -629,6 +648,73 @@ MESH_RASTER_INLINE void add_pixel_terms(RasterGradSums& a, double qx, double qy,
     a.sum_g_det -= gz_det * zw;
   }
   for (int i = 0; i < 3; ++i) add_to(a.sum_gd_q[i], {g_d[i] * qx, g_d[i] * qy, g_d[i]});
+}
+
+// One (image, tile) of the rasterize backward: its pixels' terms summed per triangle (pixel order),
+// then each triangle's vertex gradients ([3 vertices][x, y, z, w]) in first-seen order.
+struct RasterBackwardJob {
+  const float* positions;  // the image's [V, 4]
+  const int32_t* faces;
+  const int32_t* ids;  // the image's [H, W]
+  const float* grad_bary;  // the image's [H, W, 2] (null without)
+  const float* grad_depth;  // the image's [H, W] (null without)
+  int64_t width, x_begin, y_begin, x_end, y_end;
+  const double* qx;
+  const double* qy;
+};
+
+template <bool kBary, bool kDepth>
+void raster_backward_tile(const RasterBackwardJob& job, TriangleSlots& slots, RasterGradSums* sums,
+                          std::vector<int32_t>& faces_out, std::vector<double>& grads_out) {
+  const float* const positions = job.positions;
+  const int32_t* const faces = job.faces;
+  const int32_t* const ids = job.ids;
+  const float* const grad_bary = job.grad_bary;
+  const float* const grad_depth = job.grad_depth;
+  const int64_t width = job.width, x_begin = job.x_begin, x_end = job.x_end;
+  const double* const qx = job.qx;
+  for (int64_t y = job.y_begin; y < job.y_end; ++y) {
+    const double qy = job.qy[y];
+    for (int64_t x = x_begin; x < x_end; ++x) {
+      const int64_t pix = y * width + x;
+      const int32_t f = ids[pix];
+      if (f < 0) continue;
+      bool added;
+      RasterGradSums& a = sums[slots.find_or_add(f, added)];
+      if (added) {
+        for (int k = 0; k < 3; ++k) {
+          const float* vertex = positions + static_cast<int64_t>(faces[3 * f + k]) * 4;
+          a.e[k] = load_xyw(vertex);
+          a.z[k] = vertex[2];
+          a.sum_gd_q[k] = {0.0, 0.0, 0.0};
+          a.sum_g_z[k] = 0.0;
+        }
+        a.frame = make_frame(a.e);
+        a.inverse_det = 1.0 / a.frame.det;
+        a.sum_g_det = 0.0;
+      }
+      add_pixel_terms<kBary, kDepth>(a, qx[x], qy, kBary ? grad_bary + 2 * pix : nullptr,
+                                     kDepth ? grad_depth + pix : nullptr);
+    }
+  }
+  const std::vector<int32_t>& seen = slots.faces();
+  faces_out = seen;
+  grads_out.resize(seen.size() * 12);
+  for (size_t s = 0; s < seen.size(); ++s) {
+    const RasterGradSums& a = sums[s];
+    for (int k = 0; k < 3; ++k) {
+      const int next = (k + 1) % 3, after = (k + 2) % 3;  // after == k - 1 (mod 3)
+      Vec3 g_e = scaled(a.frame.n[k], a.sum_g_det);
+      add_to(g_e, cross(a.e[next], a.sum_gd_q[after]));
+      add_to(g_e, scaled(cross(a.e[after], a.sum_gd_q[next]), -1.0));
+      double* o = grads_out.data() + s * 12 + 4 * k;
+      o[0] = g_e.x;
+      o[1] = g_e.y;
+      o[2] = a.sum_g_z[k];
+      o[3] = g_e.w;
+    }
+  }
+  slots.clear();
 }
 
 at::Tensor mesh_raster_rasterize_backward(const at::Tensor& positions, const at::Tensor& faces,
@@ -678,50 +764,10 @@ at::Tensor mesh_raster_rasterize_backward(const at::Tensor& positions, const at:
 #pragma omp for schedule(dynamic, 1)
       for (int64_t bt = 0; bt < BT; ++bt) {
         const int64_t b = bt / T, t = bt % T;
-        const float* image_positions = pos + b * V * 4;
-        for (int64_t y = grid.y_begin(t); y < grid.y_end(t); ++y) {
-          const double qy = centres.y[y];
-          for (int64_t x = grid.x_begin(t); x < grid.x_end(t); ++x) {
-            const int64_t pix = (b * H + y) * W + x;
-            const int32_t f = p_ids[pix];
-            if (f < 0) continue;
-            bool added;
-            RasterGradSums& a = sums[slots.find_or_add(f, added)];
-            if (added) {
-              for (int k = 0; k < 3; ++k) {
-                const float* vertex = image_positions + static_cast<int64_t>(tri[3 * f + k]) * 4;
-                a.e[k] = load_xyw(vertex);
-                a.z[k] = vertex[2];
-                a.sum_gd_q[k] = {0.0, 0.0, 0.0};
-                a.sum_g_z[k] = 0.0;
-              }
-              a.frame = make_frame(a.e);
-              a.inverse_det = 1.0 / a.frame.det;
-              a.sum_g_det = 0.0;
-            }
-            add_pixel_terms<kBary, kDepth>(a, centres.x[x], qy, kBary ? g_bary + 2 * pix : nullptr,
-                                           kDepth ? g_depth + pix : nullptr);
-          }
-        }
-        const std::vector<int32_t>& seen = slots.faces();
-        tile_faces[bt] = seen;
-        std::vector<double>& out = tile_grads[bt];
-        out.resize(seen.size() * 12);
-        for (size_t s = 0; s < seen.size(); ++s) {
-          const RasterGradSums& a = sums[s];
-          for (int k = 0; k < 3; ++k) {
-            const int next = (k + 1) % 3, after = (k + 2) % 3;  // after == k - 1 (mod 3)
-            Vec3 g_e = scaled(a.frame.n[k], a.sum_g_det);
-            add_to(g_e, cross(a.e[next], a.sum_gd_q[after]));
-            add_to(g_e, scaled(cross(a.e[after], a.sum_gd_q[next]), -1.0));
-            double* o = out.data() + s * 12 + 4 * k;
-            o[0] = g_e.x;
-            o[1] = g_e.y;
-            o[2] = a.sum_g_z[k];
-            o[3] = g_e.w;
-          }
-        }
-        slots.clear();
+        const RasterBackwardJob job{pos + b * V * 4, tri, p_ids + b * H * W, kBary ? g_bary + b * H * W * 2 : nullptr,
+                                    kDepth ? g_depth + b * H * W : nullptr, W, grid.x_begin(t), grid.y_begin(t),
+                                    grid.x_end(t), grid.y_end(t), centres.x.data(), centres.y.data()};
+        raster_backward_tile<kBary, kDepth>(job, slots, sums, tile_faces[bt], tile_grads[bt]);
       }
     }
   };
@@ -732,7 +778,6 @@ at::Tensor mesh_raster_rasterize_backward(const at::Tensor& positions, const at:
   } else {
     run(std::false_type(), std::true_type());
   }
-
   // Sum into the vertices in tile order: one image per thread, so the order is fixed.
   std::vector<double>& sums = reusable_buffer<double, 0>(B * V * 4);
   std::fill(sums.begin(), sums.begin() + B * V * 4, 0.0);
@@ -786,40 +831,120 @@ void with_channels(int64_t C, Body body) {
   }
 }
 
+// One row of interpolate: out = u a0 + v a1 + (1 - u - v) a2 of the pixel's triangle (0 if empty).
+template <int kC>
+void interpolate_row(const float* attr, const int32_t* faces, const int32_t* ids, const float* bary, float* out,
+                     int64_t width, int64_t channels) {
+  const int64_t C = kC > 0 ? kC : channels;
+  for (int64_t x = 0; x < width; ++x) {
+    const int32_t f = ids[x];
+    float* o = out + x * C;
+    if (f < 0) {
+      for (int64_t c = 0; c < C; ++c) o[c] = 0.0f;
+      continue;
+    }
+    const float* a0 = attr + static_cast<int64_t>(faces[3 * f]) * C;
+    const float* a1 = attr + static_cast<int64_t>(faces[3 * f + 1]) * C;
+    const float* a2 = attr + static_cast<int64_t>(faces[3 * f + 2]) * C;
+    const float u = bary[2 * x], v = bary[2 * x + 1];
+    const float w = 1.0f - u - v;
+    for (int64_t c = 0; c < C; ++c) o[c] = u * a0[c] + v * a1[c] + w * a2[c];
+  }
+}
+
 at::Tensor mesh_raster_interpolate_forward(const at::Tensor& attributes, const at::Tensor& bary,
                                            const at::Tensor& ids, const at::Tensor& faces) {
   const char* op = "mesh_raster_interpolate";
   check_interpolate(attributes, bary, ids, faces, op);
-  const int64_t A = attributes.size(0), V = attributes.size(1);
+  const int64_t A = attributes.size(0), V = attributes.size(1), C = attributes.size(2);
   const int64_t B = ids.size(0), H = ids.size(1), W = ids.size(2);
-  at::Tensor out = at::empty({B, H, W, attributes.size(2)}, attributes.options());  // every pixel is written below
+  at::Tensor out = at::empty({B, H, W, C}, attributes.options());  // every pixel is written below
   const float* attr = attributes.data_ptr<float>();
   const float* p_bary = bary.data_ptr<float>();
   const int32_t* p_ids = ids.data_ptr<int32_t>();
   const int32_t* tri = faces.data_ptr<int32_t>();
   float* p_out = out.data_ptr<float>();
-  with_channels(attributes.size(2), [&](auto channels) {
-    const int64_t C = decltype(channels)::value > 0 ? decltype(channels)::value : attributes.size(2);
+  with_channels(C, [&](auto channels) {
+    constexpr int kC = decltype(channels)::value;
 #pragma omp parallel for schedule(static)
     for (int64_t row = 0; row < B * H; ++row) {
-      const float* image_attr = attr + (A > 1 ? row / H : 0) * V * C;
-      for (int64_t pix = row * W; pix < (row + 1) * W; ++pix) {
-        const int32_t f = p_ids[pix];
-        float* o = p_out + pix * C;
-        if (f < 0) {
-          for (int64_t c = 0; c < C; ++c) o[c] = 0.0f;
-          continue;
-        }
-        const float* a0 = image_attr + static_cast<int64_t>(tri[3 * f]) * C;
-        const float* a1 = image_attr + static_cast<int64_t>(tri[3 * f + 1]) * C;
-        const float* a2 = image_attr + static_cast<int64_t>(tri[3 * f + 2]) * C;
-        const float u = p_bary[2 * pix], v = p_bary[2 * pix + 1];
-        const float w = 1.0f - u - v;
-        for (int64_t c = 0; c < C; ++c) o[c] = u * a0[c] + v * a1[c] + w * a2[c];
-      }
+      interpolate_row<kC>(attr + (A > 1 ? row / H : 0) * V * C, tri, p_ids + row * W, p_bary + row * W * 2,
+                          p_out + row * W * C, W, C);
     }
   });
   return out;
+}
+
+// One (image, tile) of the interpolate backward: d loss / d (u, v) per pixel (when grad_bary is set)
+// and, when faces_out is set, per triangle the sums over the tile's pixels (pixel order) of
+// weight_k * grad for its three vertices ([3, C] each, first-seen order).
+struct InterpolateBackwardJob {
+  const float* attr;  // the image's [V, C]
+  const int32_t* faces;
+  const int32_t* ids;  // the image's [H, W]
+  const float* bary;  // the image's [H, W, 2]
+  const float* grad;  // the image's [H, W, C]
+  float* grad_bary;  // the image's [H, W, 2], or null
+  int64_t width, x_begin, y_begin, x_end, y_end, channels;
+};
+
+template <int kC>
+void interpolate_backward_tile(const InterpolateBackwardJob& job, TriangleSlots* slots,
+                               std::vector<double>& accumulators, std::vector<int32_t>* faces_out,
+                               std::vector<double>* sums_out) {
+  const int64_t C = kC > 0 ? kC : job.channels;
+  const float* const attr = job.attr;
+  const int32_t* const faces = job.faces;
+  const int32_t* const ids = job.ids;
+  const float* const bary = job.bary;
+  const float* const grad = job.grad;
+  float* const grad_bary = job.grad_bary;
+  const int64_t width = job.width, x_begin = job.x_begin, x_end = job.x_end;
+  for (int64_t y = job.y_begin; y < job.y_end; ++y) {
+    for (int64_t x = x_begin; x < x_end; ++x) {
+      const int64_t pix = y * width + x;
+      const int32_t f = ids[pix];
+      if (f < 0) {
+        if (grad_bary) {
+          grad_bary[2 * pix] = 0.0f;
+          grad_bary[2 * pix + 1] = 0.0f;
+        }
+        continue;
+      }
+      const float* gp = grad + pix * C;
+      if (grad_bary) {
+        const float* a0 = attr + static_cast<int64_t>(faces[3 * f]) * C;
+        const float* a1 = attr + static_cast<int64_t>(faces[3 * f + 1]) * C;
+        const float* a2 = attr + static_cast<int64_t>(faces[3 * f + 2]) * C;
+        double gu = 0.0, gv = 0.0;
+        for (int64_t c = 0; c < C; ++c) {
+          const double gc = gp[c];
+          gu += gc * (static_cast<double>(a0[c]) - a2[c]);
+          gv += gc * (static_cast<double>(a1[c]) - a2[c]);
+        }
+        grad_bary[2 * pix] = static_cast<float>(gu);
+        grad_bary[2 * pix + 1] = static_cast<float>(gv);
+      }
+      if (slots) {
+        bool added;
+        const int32_t s = slots->find_or_add(f, added);
+        if (added && accumulators.size() < slots->faces().size() * 3 * C)
+          accumulators.resize(slots->faces().size() * 3 * C, 0.0);
+        double* acc = accumulators.data() + s * 3 * C;
+        const float u = bary[2 * pix], v = bary[2 * pix + 1];
+        const double weights[3] = {u, v, 1.0f - u - v};
+        for (int k = 0; k < 3; ++k)
+          for (int64_t c = 0; c < C; ++c) acc[k * C + c] += weights[k] * gp[c];
+      }
+    }
+  }
+  if (slots) {
+    const size_t used = slots->faces().size() * 3 * C;
+    *faces_out = slots->faces();
+    sums_out->assign(accumulators.begin(), accumulators.begin() + used);
+    std::fill(accumulators.begin(), accumulators.begin() + used, 0.0);  // zero between uses
+    slots->clear();
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor> mesh_raster_interpolate_backward(const at::Tensor& attributes,
@@ -829,10 +954,10 @@ std::tuple<at::Tensor, at::Tensor> mesh_raster_interpolate_backward(const at::Te
                                                                     bool need_attributes, bool need_bary) {
   const char* op = "mesh_raster_interpolate_backward";
   check_interpolate(attributes, bary, ids, faces, op);
-  const int64_t A = attributes.size(0), V = attributes.size(1);
+  const int64_t A = attributes.size(0), V = attributes.size(1), C = attributes.size(2);
   const int64_t B = ids.size(0), H = ids.size(1), W = ids.size(2), N = B * H * W, F = faces.size(0);
   check_tensor(grad_output, op, "grad_output", at::kFloat, 4);
-  TORCH_CHECK(grad_output.numel() == N * attributes.size(2), op, ": grad_output must be [B, H, W, C]");
+  TORCH_CHECK(grad_output.numel() == N * C, op, ": grad_output must be [B, H, W, C]");
   const float* attr = attributes.data_ptr<float>();
   const float* p_bary = bary.data_ptr<float>();
   const int32_t* p_ids = ids.data_ptr<int32_t>();
@@ -844,88 +969,48 @@ std::tuple<at::Tensor, at::Tensor> mesh_raster_interpolate_backward(const at::Te
   // Outputs not asked for are returned empty (the autograd wrapper drops them).
   at::Tensor grad_bary = at::empty({need_bary ? B : 0, H, W, 2}, attributes.options());
   float* p_gb = need_bary ? grad_bary.data_ptr<float>() : nullptr;
-  at::Tensor grad_attr = at::empty({need_attributes ? A : 0, V, attributes.size(2)}, attributes.options());
+  at::Tensor grad_attr = at::empty({need_attributes ? A : 0, V, C}, attributes.options());
   // Per (tile, triangle): sum over the tile's pixels of weight_k * grad for its three vertices
   // ([3, C]), added into the vertices in tile order below.
   std::vector<std::vector<int32_t>> tile_faces(need_attributes ? BT : 0);
   std::vector<std::vector<double>> tile_sums(need_attributes ? BT : 0);
-  with_channels(attributes.size(2), [&](auto channels) {
-    const int64_t C = decltype(channels)::value > 0 ? decltype(channels)::value : attributes.size(2);
+  with_channels(C, [&](auto channels) {
+    constexpr int kC = decltype(channels)::value;
 #pragma omp parallel
     {
-      TriangleSlots slots(need_attributes ? F : 0);
+      std::unique_ptr<TriangleSlots> slots(need_attributes ? new TriangleSlots(F) : nullptr);
       std::vector<double>& accumulators = reusable_buffer<double, 1>(0);  // zero between uses
 #pragma omp for schedule(dynamic, 1)
       for (int64_t bt = 0; bt < BT; ++bt) {
         const int64_t b = bt / T, t = bt % T;
-        const float* image_attr = attr + (A > 1 ? b : 0) * V * C;
-        for (int64_t y = grid.y_begin(t); y < grid.y_end(t); ++y) {
-          for (int64_t x = grid.x_begin(t); x < grid.x_end(t); ++x) {
-            const int64_t pix = (b * H + y) * W + x;
-            const int32_t f = p_ids[pix];
-            if (f < 0) {
-              if (need_bary) {
-                p_gb[2 * pix] = 0.0f;
-                p_gb[2 * pix + 1] = 0.0f;
-              }
-              continue;
-            }
-            const float* gp = g + pix * C;
-            if (need_bary) {
-              const float* a0 = image_attr + static_cast<int64_t>(tri[3 * f]) * C;
-              const float* a1 = image_attr + static_cast<int64_t>(tri[3 * f + 1]) * C;
-              const float* a2 = image_attr + static_cast<int64_t>(tri[3 * f + 2]) * C;
-              double gu = 0.0, gv = 0.0;
-              for (int64_t c = 0; c < C; ++c) {
-                const double gc = gp[c];
-                gu += gc * (static_cast<double>(a0[c]) - a2[c]);
-                gv += gc * (static_cast<double>(a1[c]) - a2[c]);
-              }
-              p_gb[2 * pix] = static_cast<float>(gu);
-              p_gb[2 * pix + 1] = static_cast<float>(gv);
-            }
-            if (need_attributes) {
-              bool added;
-              const int32_t s = slots.find_or_add(f, added);
-              if (added && accumulators.size() < slots.faces().size() * 3 * C)
-                accumulators.resize(slots.faces().size() * 3 * C, 0.0);
-              double* acc = accumulators.data() + s * 3 * C;
-              const float u = p_bary[2 * pix], v = p_bary[2 * pix + 1];
-              const double weights[3] = {u, v, 1.0f - u - v};
-              for (int k = 0; k < 3; ++k)
-                for (int64_t c = 0; c < C; ++c) acc[k * C + c] += weights[k] * gp[c];
-            }
-          }
-        }
-        if (need_attributes) {
-          const size_t used = slots.faces().size() * 3 * C;
-          tile_faces[bt] = slots.faces();
-          tile_sums[bt].assign(accumulators.begin(), accumulators.begin() + used);
-          std::fill(accumulators.begin(), accumulators.begin() + used, 0.0);
-          slots.clear();
-        }
+        const InterpolateBackwardJob job{attr + (A > 1 ? b : 0) * V * C, tri, p_ids + b * H * W,
+                                         p_bary + b * H * W * 2, g + b * H * W * C,
+                                         need_bary ? p_gb + b * H * W * 2 : nullptr, W, grid.x_begin(t),
+                                         grid.y_begin(t), grid.x_end(t), grid.y_end(t), C};
+        interpolate_backward_tile<kC>(job, slots.get(), accumulators, need_attributes ? &tile_faces[bt] : nullptr,
+                                      need_attributes ? &tile_sums[bt] : nullptr);
       }
-    }
-
-    if (need_attributes) {
-      // Serially in tile order (shared attributes sum over the images too).
-      std::vector<double>& sums = reusable_buffer<double, 0>(A * V * C);
-      std::fill(sums.begin(), sums.begin() + A * V * C, 0.0);
-      for (int64_t bt = 0; bt < BT; ++bt) {
-        double* image_sums = sums.data() + (A > 1 ? bt / T : 0) * V * C;
-        const std::vector<int32_t>& seen = tile_faces[bt];
-        const double* in = tile_sums[bt].data();
-        for (size_t s = 0; s < seen.size(); ++s) {
-          for (int k = 0; k < 3; ++k, in += C) {
-            double* target = image_sums + static_cast<int64_t>(tri[3 * seen[s] + k]) * C;
-            for (int64_t c = 0; c < C; ++c) target[c] += in[c];
-          }
-        }
-      }
-      float* p_ga = grad_attr.data_ptr<float>();
-      for (int64_t i = 0; i < A * V * C; ++i) p_ga[i] = static_cast<float>(sums[i]);
     }
   });
+
+  if (need_attributes) {
+    // Serially in tile order (shared attributes sum over the images too).
+    std::vector<double>& sums = reusable_buffer<double, 0>(A * V * C);
+    std::fill(sums.begin(), sums.begin() + A * V * C, 0.0);
+    for (int64_t bt = 0; bt < BT; ++bt) {
+      double* image_sums = sums.data() + (A > 1 ? bt / T : 0) * V * C;
+      const std::vector<int32_t>& seen = tile_faces[bt];
+      const double* in = tile_sums[bt].data();
+      for (size_t s = 0; s < seen.size(); ++s) {
+        for (int k = 0; k < 3; ++k, in += C) {
+          double* target = image_sums + static_cast<int64_t>(tri[3 * seen[s] + k]) * C;
+          for (int64_t c = 0; c < C; ++c) target[c] += in[c];
+        }
+      }
+    }
+    float* p_ga = grad_attr.data_ptr<float>();
+    for (int64_t i = 0; i < A * V * C; ++i) p_ga[i] = static_cast<float>(sums[i]);
+  }
   return {grad_attr, grad_bary};
 }
 
@@ -1014,71 +1099,86 @@ inline void for_each_blended_pair(const int8_t* codes, int64_t b, int64_t y, int
   }
 }
 
+// Pass 1 of antialias for one row of pair slots (b, direction, y): which pairs blend, across which
+// edge, with which weight (codes: -1 or the blend's code; weights: only where a code is set).
+struct BlendRowJob {
+  const float* positions;  // the image's [V, 4]
+  const int32_t* ids;  // the image's [H, W]
+  const float* depth;  // the image's [H, W]
+  const Frame* frames;
+  const int32_t* frame_index;  // the image's [F]
+  int64_t direction, y, height, width;
+  const double* qx;
+  const double* qy;
+  int8_t* codes;  // the row's [W]
+  float* weights;  // the row's [W]
+};
+
 template <typename Index>
-void find_blends(const float* pos, const int32_t* tri, const Index* opposite, const int32_t* p_ids,
-                 const float* p_depth, const Frame* frames, const int32_t* frame_index, int64_t B, int64_t H,
-                 int64_t W, int64_t P, int64_t V, int64_t F, const PixelCentres& centres, int8_t* p_codes,
-                 float* weights) {
-#pragma omp parallel for schedule(static)
-  for (int64_t row = 0; row < B * 2 * H; ++row) {
-    const int64_t b = row / (2 * H), direction = (row / H) % 2, y = row % H;
-    int8_t* codes = p_codes + row * W;
-    if (direction == 1 && y + 1 >= H) {
-      std::fill(codes, codes + W, static_cast<int8_t>(-1));
-      continue;
+void find_blends_row(const BlendRowJob& job, const Index* opposite) {
+  const float* const positions = job.positions;
+  const int32_t* const ids = job.ids;
+  const float* const depth = job.depth;
+  const Frame* const frames = job.frames;
+  const int32_t* const frame_index = job.frame_index;
+  const int64_t direction = job.direction, y = job.y, W = job.width;
+  const double* const qx = job.qx;
+  const double* const qy = job.qy;
+  int8_t* const codes = job.codes;
+  float* const weights = job.weights;
+  std::fill(codes, codes + W, static_cast<int8_t>(-1));
+  if (direction == 1 && y + 1 >= job.height) return;
+  const int64_t step = direction == 0 ? 1 : W, last = direction == 0 ? W - 1 : W;
+  for (int64_t x = 0; x < last; ++x) {
+    const int64_t first = y * W + x, second = first + step;
+    const int32_t id1 = ids[first], id2 = ids[second];
+    if (id1 == id2) continue;
+    const float z1 = depth[first], z2 = depth[second];
+    const bool first_front = id2 < 0 || (id1 >= 0 && (z1 < z2 || (z1 == z2 && id1 < id2)));
+    const int32_t f = first_front ? id1 : id2;
+    // Pixel centres of the front and back pixels.
+    const int64_t x2 = direction == 0 ? x + 1 : x, y2 = direction == 0 ? y : y + 1;
+    const double qfx = qx[first_front ? x : x2], qfy = qy[first_front ? y : y2];
+    const double qbx = qx[first_front ? x2 : x], qby = qy[first_front ? y2 : y];
+    const Frame& fr = frames[frame_index[f]];
+    // The exit edges; t is only needed to choose among several and for the weight of a blend.
+    double d_back[3];
+    int exits = 0, best = -1;
+    for (int i = 0; i < 3; ++i) {
+      d_back[i] = edge_value(fr.n[i], qbx, qby);
+      if (fr.det > 0 ? d_back[i] < 0 : (fr.det < 0 && d_back[i] > 0)) {
+        ++exits;
+        best = i;
+      }
     }
-    const int64_t position_batch = P > 1 ? b : 0;
-    for (int64_t x = 0; x < W; ++x) {
-      codes[x] = -1;
-      if (direction == 0 && x + 1 >= W) continue;
-      const int64_t first = (b * H + y) * W + x;
-      const int64_t second = direction == 0 ? first + 1 : first + W;
-      const int32_t id1 = p_ids[first], id2 = p_ids[second];
-      if (id1 == id2) continue;
-      const float z1 = p_depth[first], z2 = p_depth[second];
-      const bool first_front = id2 < 0 || (id1 >= 0 && (z1 < z2 || (z1 == z2 && id1 < id2)));
-      const int32_t f = first_front ? id1 : id2;
-      const PairGeometry g = pair_geometry(b, direction, y, x, !first_front, H, W, centres);
-      const Frame& fr = frames[frame_index[position_batch * F + f]];
-      // The exit edges; t is only needed to choose among several and for the weight of a blend.
-      double d_back[3];
-      int exits = 0, best = -1;
+    if (exits == 0) continue;
+    double best_t = std::numeric_limits<double>::infinity();
+    if (exits > 1) {
+      best = -1;
       for (int i = 0; i < 3; ++i) {
-        d_back[i] = edge_value(fr.n[i], g.qbx, g.qby);
-        if (fr.det > 0 ? d_back[i] < 0 : (fr.det < 0 && d_back[i] > 0)) {
-          ++exits;
+        if (!(fr.det > 0 ? d_back[i] < 0 : d_back[i] > 0)) continue;
+        const double d_front = edge_value(fr.n[i], qfx, qfy);
+        const double t = d_front / (d_front - d_back[i]);
+        if (t < best_t) {  // strict: ties keep the smaller edge index
+          best_t = t;
           best = i;
         }
       }
-      if (exits == 0) continue;
-      double best_t = std::numeric_limits<double>::infinity();
-      if (exits > 1) {
-        best = -1;
-        for (int i = 0; i < 3; ++i) {
-          if (!(fr.det > 0 ? d_back[i] < 0 : d_back[i] > 0)) continue;
-          const double d_front = edge_value(fr.n[i], g.qfx, g.qfy);
-          const double t = d_front / (d_front - d_back[i]);
-          if (t < best_t) {  // strict: ties keep the smaller edge index
-            best_t = t;
-            best = i;
-          }
-        }
-        if (best < 0) continue;
-      }
-      const int64_t far_vertex = opposite[static_cast<int64_t>(f) * 3 + best];
-      if (far_vertex >= 0) {
-        const double side = dot(load_xyw(pos + (position_batch * V + far_vertex) * 4), fr.n[best]);
-        const bool folded = fr.det > 0 ? side >= 0 : side <= 0;
-        if (!folded) continue;  // the surface goes on across this edge: not a silhouette
-      }
-      if (exits == 1) {
-        const double d_front = edge_value(fr.n[best], g.qfx, g.qfy);
-        best_t = d_front / (d_front - d_back[best]);
-      }
-      const bool to_front = best_t < 0.5;
-      codes[x] = static_cast<int8_t>(best + (first_front ? 0 : 3) + (to_front ? 6 : 0));
-      weights[row * W + x] = blend_weight(best_t);
+      if (best < 0) continue;
     }
+    const int64_t far_vertex = opposite[static_cast<int64_t>(f) * 3 + best];
+    if (far_vertex >= 0) {
+      const double side = dot(load_xyw(positions + far_vertex * 4), fr.n[best]);
+      const bool folded = fr.det > 0 ? side >= 0 : side <= 0;
+      if (!folded) continue;  // the surface goes on across this edge: not a silhouette
+    }
+    if (exits == 1) {
+      const double d_front = edge_value(fr.n[best], qfx, qfy);
+      best_t = d_front / (d_front - d_back[best]);
+    }
+    const bool to_front = best_t < 0.5;
+    codes[x] = static_cast<int8_t>(best + (first_front ? 0 : 3) + (to_front ? 6 : 0));
+    weights[x] = blend_weight(best_t);
   }
 }
 
@@ -1135,12 +1235,19 @@ std::tuple<at::Tensor, at::Tensor> mesh_raster_antialias_forward(const at::Tenso
   at::Tensor codes = at::empty({B, 2, H, W}, color.options().dtype(at::kChar));  // every slot is written
   int8_t* p_codes = codes.data_ptr<int8_t>();
   float* weights = reusable_buffer<float, 0>(B * 2 * H * W).data();  // read only where a code is set
-  if (long_topology) {
-    find_blends(pos, tri, topology.data_ptr<int64_t>(), p_ids, p_depth, frames, frame_index, B, H, W, P, V, F,
-                centres, p_codes, weights);
-  } else {
-    find_blends(pos, tri, topology.data_ptr<int32_t>(), p_ids, p_depth, frames, frame_index, B, H, W, P, V, F,
-                centres, p_codes, weights);
+  const void* opposite = long_topology ? static_cast<const void*>(topology.data_ptr<int64_t>())
+                                       : static_cast<const void*>(topology.data_ptr<int32_t>());
+#pragma omp parallel for schedule(static)
+  for (int64_t row = 0; row < B * 2 * H; ++row) {
+    const int64_t b = row / (2 * H), p = P > 1 ? b : 0;
+    const BlendRowJob job{pos + p * V * 4, p_ids + b * H * W, p_depth + b * H * W, frames, frame_index + p * F,
+                          (row / H) % 2, row % H, H, W, centres.x.data(), centres.y.data(), p_codes + row * W,
+                          weights + row * W};
+    if (long_topology) {
+      find_blends_row(job, static_cast<const int64_t*>(opposite));
+    } else {
+      find_blends_row(job, static_cast<const int32_t*>(opposite));
+    }
   }
 
   // Pass 2: every pixel adds the blends it receives in slot order, the reference's order.
