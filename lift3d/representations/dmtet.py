@@ -164,21 +164,12 @@ class DMTet(Representation):
     # ------------------------------------------------------------------------------ geometry
 
     def _sdf_from_nerf(self, source: str) -> Tensor:
-        from lift3d.checkpoint import load_checkpoint, resolve_init_from, run_dir_of_checkpoint
-        from lift3d.config import load_config
+        from lift3d.checkpoint import load_run_representation
         from lift3d.export.mesh import auto_density_level
-        from lift3d.train import build_representation
 
-        checkpoint = resolve_init_from(source)
-        run_dir = run_dir_of_checkpoint(checkpoint)
-        if not (run_dir / "config.yaml").is_file():
-            raise FileNotFoundError(f"representation.init_from: no config.yaml in the run folder {run_dir}")
-        run_config = load_config(run_dir / "config.yaml")
-        nerf = build_representation(run_config, torch.device("cpu"))
-        nerf.load_state_dict(load_checkpoint(checkpoint)["representation"])
+        nerf = load_run_representation(source)
         if not hasattr(nerf, "density"):
             raise ValueError(f"representation.init_from={source}: a {type(nerf).__name__} has no density field")
-        nerf.eval()
         with torch.no_grad():
             density = torch.cat([nerf.density(chunk) for chunk in self.grid_vertices.split(65536)])
         level = auto_density_level(density.numpy())

@@ -153,7 +153,10 @@ def test_init_from_a_dmtet_run_takes_its_surface_as_the_geometry(tmp_path):
     assert torch.equal(again.base_vertices, model.base_vertices)
 
 
-def test_fantasia3d_appearance_preset_runs_on_the_tiny_sd_model(tmp_path):
+def test_fantasia3d_pipeline_runs_geometry_then_appearance_on_the_tiny_sd_model(tmp_path):
+    """configs/fantasia3d.yaml end to end: the geometry stage trains the neural-SDF DMTet on
+    [normal, mask] latents (step 1) and then VAE-encoded normal maps (step 2); the appearance stage
+    puts a PBR material on that stage's mesh and exports a PBR GLB."""
     pytest.importorskip("diffusers")
     pytest.importorskip("transformers")
     sys.path.insert(0, str(ROOT / "tests" / "teachers"))
@@ -163,25 +166,31 @@ def test_fantasia3d_appearance_preset_runs_on_the_tiny_sd_model(tmp_path):
 
     model = save_tiny_sd(tmp_path / "tiny-sd")
     out = tmp_path / "run"
+    geometry = ["geometry.representation.grid_resolution=16", "geometry.representation.normal_latent_steps=1",
+                "geometry.representation.sdf_encoding.n_levels=4", "geometry.representation.sdf_encoding.log2_hashmap_size=12",
+                "geometry.representation.sdf_hidden_dim=16", "geometry.representation.init_radius=0.7"]
+    appearance = [f"appearance.{item}" for item in SMALL_OVERRIDES if "pbr" in item or "kernel_tier" in item]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the tiny model is all overhead
     try:
         assert main([
-            "run", str(ROOT / "configs" / "fantasia3d-appearance.yaml"), "--out", str(out),
-            f"representation.path={ROOT / 'configs' / 'sketches' / 'sphere-on-box.obj'}", *SMALL_OVERRIDES,
-            f"teacher.model={model}", "teacher.image_size=16", f"teacher.prompting.cache_dir={tmp_path / 'cache'}",
-            "teacher.dtype=float32", "trainer.steps=2", "trainer.cameras.width=16", "trainer.cameras.height=16",
-            "trainer.cameras.batch_size=1", "trainer.eval.width=16", "trainer.eval.height=16",
-            "trainer.eval.num_views=2", "trainer.log_every=1", "trainer.progress_bar=false",
-            "export.formats=[glb]", "export.texture_size=32",
+            "run", str(ROOT / "configs" / "fantasia3d.yaml"), "--out", str(out), *geometry, *appearance,
+            "representation.encoding.n_levels=4", "representation.encoding.log2_hashmap_size=12",
+            "representation.hidden_dim=16", f"teacher.model={model}", "teacher.image_size=16",
+            f"teacher.prompting.cache_dir={tmp_path / 'cache'}", "teacher.dtype=float32", "trainer.steps=2",
+            "trainer.cameras.width=16", "trainer.cameras.height=16", "trainer.cameras.batch_size=1",
+            "trainer.eval.width=16", "trainer.eval.height=16", "trainer.eval.num_views=2", "trainer.log_every=1",
+            "trainer.progress_bar=false", "appearance.export.formats=[glb]", "export.texture_size=32",
         ]) == 0
     finally:
         torch.set_num_threads(threads)
-    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in metrics] == [1, 2] and all(math.isfinite(m["loss"]) for m in metrics)
-    state = torch.load(out / "ckpt" / "last.pt", weights_only=True)["representation"]
-    initial = build_representation(load_config(out / "config.yaml"), torch.device("cpu")).state_dict()  # same seed
+    for stage in ("geometry", "appearance"):
+        metrics = [json.loads(line) for line in (out / stage / "metrics.jsonl").read_text().splitlines()]
+        assert [m["step"] for m in metrics] == [1, 2] and all(math.isfinite(m["loss"]) for m in metrics)
+    geometry_state = torch.load(out / "geometry" / "ckpt" / "last.pt", weights_only=True)["representation"]
+    assert geometry_state["sdf_network.2.weight"].abs().sum() > 0  # the normal maps moved the SDF
+    state = torch.load(out / "appearance" / "ckpt" / "last.pt", weights_only=True)["representation"]
+    initial = build_representation(load_config(out / "appearance" / "config.yaml"), torch.device("cpu")).state_dict()
     assert not torch.equal(state["network.2.bias"], initial["network.2.bias"])  # the teacher moved the material
-    material = __import__("trimesh").load(out / "export" / "model.glb", force="mesh").visual.material
+    material = __import__("trimesh").load(out / "appearance" / "export" / "model.glb", force="mesh").visual.material
     assert material.normalTexture is not None and material.metallicRoughnessTexture is not None
-
