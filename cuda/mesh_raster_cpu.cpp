@@ -673,27 +673,32 @@ void raster_backward_tile(const RasterBackwardJob& job, TriangleSlots& slots, Ra
   const float* const grad_depth = job.grad_depth;
   const int64_t width = job.width, x_begin = job.x_begin, x_end = job.x_end;
   const double* const qx = job.qx;
+  int32_t current = -1;  // neighbouring pixels mostly show the same triangle: skip the lookup then
+  RasterGradSums* a = nullptr;
   for (int64_t y = job.y_begin; y < job.y_end; ++y) {
     const double qy = job.qy[y];
     for (int64_t x = x_begin; x < x_end; ++x) {
       const int64_t pix = y * width + x;
       const int32_t f = ids[pix];
       if (f < 0) continue;
-      bool added;
-      RasterGradSums& a = sums[slots.find_or_add(f, added)];
-      if (added) {
-        for (int k = 0; k < 3; ++k) {
-          const float* vertex = positions + static_cast<int64_t>(faces[3 * f + k]) * 4;
-          a.e[k] = load_xyw(vertex);
-          a.z[k] = vertex[2];
-          a.sum_gd_q[k] = {0.0, 0.0, 0.0};
-          a.sum_g_z[k] = 0.0;
+      if (f != current) {
+        current = f;
+        bool added;
+        a = &sums[slots.find_or_add(f, added)];
+        if (added) {
+          for (int k = 0; k < 3; ++k) {
+            const float* vertex = positions + static_cast<int64_t>(faces[3 * f + k]) * 4;
+            a->e[k] = load_xyw(vertex);
+            a->z[k] = vertex[2];
+            a->sum_gd_q[k] = {0.0, 0.0, 0.0};
+            a->sum_g_z[k] = 0.0;
+          }
+          a->frame = make_frame(a->e);
+          a->inverse_det = 1.0 / a->frame.det;
+          a->sum_g_det = 0.0;
         }
-        a.frame = make_frame(a.e);
-        a.inverse_det = 1.0 / a.frame.det;
-        a.sum_g_det = 0.0;
       }
-      add_pixel_terms<kBary, kDepth>(a, qx[x], qy, kBary ? grad_bary + 2 * pix : nullptr,
+      add_pixel_terms<kBary, kDepth>(*a, qx[x], qy, kBary ? grad_bary + 2 * pix : nullptr,
                                      kDepth ? grad_depth + pix : nullptr);
     }
   }
@@ -889,9 +894,8 @@ struct InterpolateBackwardJob {
 };
 
 template <int kC>
-void interpolate_backward_tile(const InterpolateBackwardJob& job, TriangleSlots* slots,
-                               std::vector<double>& accumulators, std::vector<int32_t>* faces_out,
-                               std::vector<double>* sums_out) {
+void interpolate_backward_tile(const InterpolateBackwardJob& job, TriangleSlots& slots, std::vector<double>& scratch,
+                               std::vector<int32_t>* faces_out, std::vector<double>* sums_out) {
   const int64_t C = kC > 0 ? kC : job.channels;
   const float* const attr = job.attr;
   const int32_t* const faces = job.faces;
@@ -899,7 +903,14 @@ void interpolate_backward_tile(const InterpolateBackwardJob& job, TriangleSlots*
   const float* const bary = job.bary;
   const float* const grad = job.grad;
   float* const grad_bary = job.grad_bary;
+  const bool sums_wanted = faces_out != nullptr;
   const int64_t width = job.width, x_begin = job.x_begin, x_end = job.x_end;
+  // Per slot: the sums [3][C], then a0 - a2 and a1 - a2 [C] each (the same for all its pixels).
+  const int64_t stride = 5 * C;
+  if (scratch.size() < static_cast<size_t>(kTilePixels * stride)) scratch.resize(kTilePixels * stride);
+  double* const slot_data = scratch.data();
+  int32_t current = -1;  // neighbouring pixels mostly show the same triangle: skip the lookup then
+  double* sums = nullptr;
   for (int64_t y = job.y_begin; y < job.y_end; ++y) {
     for (int64_t x = x_begin; x < x_end; ++x) {
       const int64_t pix = y * width + x;
@@ -911,40 +922,48 @@ void interpolate_backward_tile(const InterpolateBackwardJob& job, TriangleSlots*
         }
         continue;
       }
+      if (f != current) {
+        current = f;
+        bool added;
+        sums = slot_data + slots.find_or_add(f, added) * stride;
+        if (added) {
+          const float* a0 = attr + static_cast<int64_t>(faces[3 * f]) * C;
+          const float* a1 = attr + static_cast<int64_t>(faces[3 * f + 1]) * C;
+          const float* a2 = attr + static_cast<int64_t>(faces[3 * f + 2]) * C;
+          for (int64_t c = 0; c < 3 * C; ++c) sums[c] = 0.0;
+          for (int64_t c = 0; c < C; ++c) {
+            sums[3 * C + c] = static_cast<double>(a0[c]) - a2[c];
+            sums[4 * C + c] = static_cast<double>(a1[c]) - a2[c];
+          }
+        }
+      }
       const float* gp = grad + pix * C;
       if (grad_bary) {
-        const float* a0 = attr + static_cast<int64_t>(faces[3 * f]) * C;
-        const float* a1 = attr + static_cast<int64_t>(faces[3 * f + 1]) * C;
-        const float* a2 = attr + static_cast<int64_t>(faces[3 * f + 2]) * C;
         double gu = 0.0, gv = 0.0;
         for (int64_t c = 0; c < C; ++c) {
           const double gc = gp[c];
-          gu += gc * (static_cast<double>(a0[c]) - a2[c]);
-          gv += gc * (static_cast<double>(a1[c]) - a2[c]);
+          gu += gc * sums[3 * C + c];
+          gv += gc * sums[4 * C + c];
         }
         grad_bary[2 * pix] = static_cast<float>(gu);
         grad_bary[2 * pix + 1] = static_cast<float>(gv);
       }
-      if (slots) {
-        bool added;
-        const int32_t s = slots->find_or_add(f, added);
-        if (added && accumulators.size() < slots->faces().size() * 3 * C)
-          accumulators.resize(slots->faces().size() * 3 * C, 0.0);
-        double* acc = accumulators.data() + s * 3 * C;
+      if (sums_wanted) {
         const float u = bary[2 * pix], v = bary[2 * pix + 1];
         const double weights[3] = {u, v, 1.0f - u - v};
         for (int k = 0; k < 3; ++k)
-          for (int64_t c = 0; c < C; ++c) acc[k * C + c] += weights[k] * gp[c];
+          for (int64_t c = 0; c < C; ++c) sums[k * C + c] += weights[k] * gp[c];
       }
     }
   }
-  if (slots) {
-    const size_t used = slots->faces().size() * 3 * C;
-    *faces_out = slots->faces();
-    sums_out->assign(accumulators.begin(), accumulators.begin() + used);
-    std::fill(accumulators.begin(), accumulators.begin() + used, 0.0);  // zero between uses
-    slots->clear();
+  const std::vector<int32_t>& seen = slots.faces();
+  if (sums_wanted) {
+    *faces_out = seen;
+    sums_out->resize(seen.size() * 3 * C);
+    for (size_t s = 0; s < seen.size(); ++s)
+      std::copy(slot_data + s * stride, slot_data + s * stride + 3 * C, sums_out->data() + s * 3 * C);
   }
+  slots.clear();
 }
 
 std::tuple<at::Tensor, at::Tensor> mesh_raster_interpolate_backward(const at::Tensor& attributes,
@@ -978,8 +997,8 @@ std::tuple<at::Tensor, at::Tensor> mesh_raster_interpolate_backward(const at::Te
     constexpr int kC = decltype(channels)::value;
 #pragma omp parallel
     {
-      std::unique_ptr<TriangleSlots> slots(need_attributes ? new TriangleSlots(F) : nullptr);
-      std::vector<double>& accumulators = reusable_buffer<double, 1>(0);  // zero between uses
+      TriangleSlots slots(F);
+      std::vector<double>& scratch = reusable_buffer<double, 1>(0);
 #pragma omp for schedule(dynamic, 1)
       for (int64_t bt = 0; bt < BT; ++bt) {
         const int64_t b = bt / T, t = bt % T;
@@ -987,7 +1006,7 @@ std::tuple<at::Tensor, at::Tensor> mesh_raster_interpolate_backward(const at::Te
                                          p_bary + b * H * W * 2, g + b * H * W * C,
                                          need_bary ? p_gb + b * H * W * 2 : nullptr, W, grid.x_begin(t),
                                          grid.y_begin(t), grid.x_end(t), grid.y_end(t), C};
-        interpolate_backward_tile<kC>(job, slots.get(), accumulators, need_attributes ? &tile_faces[bt] : nullptr,
+        interpolate_backward_tile<kC>(job, slots, scratch, need_attributes ? &tile_faces[bt] : nullptr,
                                       need_attributes ? &tile_sums[bt] : nullptr);
       }
     }
@@ -1101,12 +1120,37 @@ inline void for_each_blended_pair(const int8_t* codes, int64_t b, int64_t y, int
 
 // Pass 1 of antialias for one row of pair slots (b, direction, y): which pairs blend, across which
 // edge, with which weight (codes: -1 or the blend's code; weights: only where a code is set).
+// A triangle some pixel shows: its frame, and which of its edges are silhouettes (bit i: no single
+// neighbour across edge i, or the neighbour's far vertex lies on this triangle's side of it, i.e.
+// the surface folds over there). That test depends on the triangle and edge only, not on the pixel
+// pair, so it is done once per shown triangle instead of once per pair.
+struct ShownTriangle {
+  Frame frame;
+  int silhouette;
+};
+
+template <typename Index>
+ShownTriangle shown_triangle(const float* positions, const int32_t* face, const Index* opposite) {
+  ShownTriangle t;
+  t.frame = frame_of(positions, face);
+  t.silhouette = 0;
+  for (int i = 0; i < 3; ++i) {
+    const int64_t far_vertex = opposite[i];
+    bool folded = true;
+    if (far_vertex >= 0) {
+      const double side = dot(load_xyw(positions + far_vertex * 4), t.frame.n[i]);
+      folded = t.frame.det > 0 ? side >= 0 : side <= 0;
+    }
+    if (folded) t.silhouette |= 1 << i;
+  }
+  return t;
+}
+
 struct BlendRowJob {
-  const float* positions;  // the image's [V, 4]
   const int32_t* ids;  // the image's [H, W]
   const float* depth;  // the image's [H, W]
-  const Frame* frames;
-  const int32_t* frame_index;  // the image's [F]
+  const ShownTriangle* shown;
+  const int32_t* shown_index;  // the image's [F]: row in `shown` of each shown face
   int64_t direction, y, height, width;
   const double* qx;
   const double* qy;
@@ -1114,13 +1158,11 @@ struct BlendRowJob {
   float* weights;  // the row's [W]
 };
 
-template <typename Index>
-void find_blends_row(const BlendRowJob& job, const Index* opposite) {
-  const float* const positions = job.positions;
+void find_blends_row(const BlendRowJob& job) {
   const int32_t* const ids = job.ids;
   const float* const depth = job.depth;
-  const Frame* const frames = job.frames;
-  const int32_t* const frame_index = job.frame_index;
+  const ShownTriangle* const shown = job.shown;
+  const int32_t* const shown_index = job.shown_index;
   const int64_t direction = job.direction, y = job.y, W = job.width;
   const double* const qx = job.qx;
   const double* const qy = job.qy;
@@ -1135,12 +1177,13 @@ void find_blends_row(const BlendRowJob& job, const Index* opposite) {
     if (id1 == id2) continue;
     const float z1 = depth[first], z2 = depth[second];
     const bool first_front = id2 < 0 || (id1 >= 0 && (z1 < z2 || (z1 == z2 && id1 < id2)));
-    const int32_t f = first_front ? id1 : id2;
+    const ShownTriangle& triangle = shown[shown_index[first_front ? id1 : id2]];
+    if (triangle.silhouette == 0) continue;  // no exit edge can be a silhouette
+    const Frame& fr = triangle.frame;
     // Pixel centres of the front and back pixels.
     const int64_t x2 = direction == 0 ? x + 1 : x, y2 = direction == 0 ? y : y + 1;
     const double qfx = qx[first_front ? x : x2], qfy = qy[first_front ? y : y2];
     const double qbx = qx[first_front ? x2 : x], qby = qy[first_front ? y2 : y];
-    const Frame& fr = frames[frame_index[f]];
     // The exit edges; t is only needed to choose among several and for the weight of a blend.
     double d_back[3];
     int exits = 0, best = -1;
@@ -1166,12 +1209,7 @@ void find_blends_row(const BlendRowJob& job, const Index* opposite) {
       }
       if (best < 0) continue;
     }
-    const int64_t far_vertex = opposite[static_cast<int64_t>(f) * 3 + best];
-    if (far_vertex >= 0) {
-      const double side = dot(load_xyw(positions + far_vertex * 4), fr.n[best]);
-      const bool folded = fr.det > 0 ? side >= 0 : side <= 0;
-      if (!folded) continue;  // the surface goes on across this edge: not a silhouette
-    }
+    if (!(triangle.silhouette & (1 << best))) continue;  // the surface goes on across this edge
     if (exits == 1) {
       const double d_front = edge_value(fr.n[best], qfx, qfy);
       best_t = d_front / (d_front - d_back[best]);
@@ -1208,46 +1246,43 @@ std::tuple<at::Tensor, at::Tensor> mesh_raster_antialias_forward(const at::Tenso
   const float* p_color = color.data_ptr<float>();
 
   const PixelCentres centres(H, W);
-  // Edge normals of the triangles some pixel shows (only those can be a pair's front triangle),
-  // stored compactly: frame_index[p * F + f] is the row of (image p, face f) in frames.
-  int32_t* frame_index = reusable_buffer<int32_t, 1>(P * F).data();
-  std::fill(frame_index, frame_index + P * F, -1);
+  // The triangles some pixel shows (only those can be a pair's front triangle), stored compactly:
+  // shown_index[p * F + f] is the row of (image p, face f) in `shown`.
+  int32_t* shown_index = reusable_buffer<int32_t, 1>(P * F).data();
+  std::fill(shown_index, shown_index + P * F, -1);
   for (int64_t b = 0; b < B; ++b) {
-    int32_t* image_index = frame_index + (P > 1 ? b : 0) * F;
+    int32_t* image_index = shown_index + (P > 1 ? b : 0) * F;
     for (int64_t local = 0; local < H * W; ++local) {
       const int32_t f = p_ids[b * H * W + local];
       if (f >= 0) image_index[f] = 0;
     }
   }
-  std::vector<int64_t> shown;  // flat (p, f) of the shown triangles
+  std::vector<int64_t> shown_faces;  // flat (p, f) of the shown triangles
   for (int64_t pf = 0; pf < P * F; ++pf) {
-    if (frame_index[pf] < 0) continue;
-    frame_index[pf] = static_cast<int32_t>(shown.size());
-    shown.push_back(pf);
+    if (shown_index[pf] < 0) continue;
+    shown_index[pf] = static_cast<int32_t>(shown_faces.size());
+    shown_faces.push_back(pf);
   }
-  Frame* frames = reusable_buffer<Frame, 0>(shown.size()).data();
+  ShownTriangle* shown = reusable_buffer<ShownTriangle, 0>(shown_faces.size()).data();
+  const int64_t* opposite_long = long_topology ? topology.data_ptr<int64_t>() : nullptr;
+  const int32_t* opposite_int = long_topology ? nullptr : topology.data_ptr<int32_t>();
 #pragma omp parallel for schedule(static)
-  for (size_t i = 0; i < shown.size(); ++i) {
-    frames[i] = frame_of(pos + (shown[i] / F) * V * 4, tri + (shown[i] % F) * 3);
+  for (size_t i = 0; i < shown_faces.size(); ++i) {
+    const int64_t p = shown_faces[i] / F, f = shown_faces[i] % F;
+    shown[i] = opposite_long ? shown_triangle(pos + p * V * 4, tri + f * 3, opposite_long + f * 3)
+                             : shown_triangle(pos + p * V * 4, tri + f * 3, opposite_int + f * 3);
   }
 
   // Pass 1: which pairs blend, across which edge, with which weight.
   at::Tensor codes = at::empty({B, 2, H, W}, color.options().dtype(at::kChar));  // every slot is written
   int8_t* p_codes = codes.data_ptr<int8_t>();
   float* weights = reusable_buffer<float, 0>(B * 2 * H * W).data();  // read only where a code is set
-  const void* opposite = long_topology ? static_cast<const void*>(topology.data_ptr<int64_t>())
-                                       : static_cast<const void*>(topology.data_ptr<int32_t>());
 #pragma omp parallel for schedule(static)
   for (int64_t row = 0; row < B * 2 * H; ++row) {
     const int64_t b = row / (2 * H), p = P > 1 ? b : 0;
-    const BlendRowJob job{pos + p * V * 4, p_ids + b * H * W, p_depth + b * H * W, frames, frame_index + p * F,
-                          (row / H) % 2, row % H, H, W, centres.x.data(), centres.y.data(), p_codes + row * W,
-                          weights + row * W};
-    if (long_topology) {
-      find_blends_row(job, static_cast<const int64_t*>(opposite));
-    } else {
-      find_blends_row(job, static_cast<const int32_t*>(opposite));
-    }
+    find_blends_row(BlendRowJob{p_ids + b * H * W, p_depth + b * H * W, shown, shown_index + p * F, (row / H) % 2,
+                                row % H, H, W, centres.x.data(), centres.y.data(), p_codes + row * W,
+                                weights + row * W});
   }
 
   // Pass 2: every pixel adds the blends it receives in slot order, the reference's order.
