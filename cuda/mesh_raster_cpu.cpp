@@ -18,15 +18,17 @@
 // tests four pixels at once with GCC/Clang vector extensions: the same IEEE operations per lane.
 //
 // Layout and parallelism (a fixed 32x32 tile grid: the work split never depends on the thread count):
-//  - rasterize: per-vertex projection, then per-triangle setup and tile counts over fixed chunks of
+//  - rasterize: per-vertex projection, then per-triangle boxes and tile counts over fixed chunks of
 //    triangles, a counting sort into per-tile lists (in triangle order), then one OpenMP work item
-//    per (image, tile) with a tile-local depth buffer.
+//    per (image, tile) that sets up its triangles and depth-tests them in a tile-local buffer.
 //  - rasterize / interpolate backward: one work item per (image, tile) sums its pixels per triangle
 //    (pixel order within the tile); the per-(tile, triangle) sums are then added into the vertices
 //    in tile order.
 //  - antialias: OpenMP over rows to find the blended pixel pairs; each pixel then gathers the
 //    blends of its (up to four) pairs in pair order, which is the order the reference adds them.
-//  No float atomics anywhere: results are bit-identical run to run and for any thread count.
+//  Loops are scheduled dynamically (a thread that loses its core to another process does not hold
+//  the others up for its whole static share). No float atomics anywhere: results are bit-identical
+//  run to run and for any thread count.
 
 #include <torch/extension.h>
 
@@ -542,7 +544,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mesh_raster_rasterize_forward(con
   };
 #pragma omp parallel
   {
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 1024)
     for (int64_t bv = 0; bv < B * V; ++bv) projected[bv] = project_vertex(pos + bv * 4, H, W);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t c = 0; c < chunks; ++c) {
@@ -871,7 +873,7 @@ at::Tensor mesh_raster_interpolate_forward(const at::Tensor& attributes, const a
   float* p_out = out.data_ptr<float>();
   with_channels(C, [&](auto channels) {
     constexpr int kC = decltype(channels)::value;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(dynamic, 8)
     for (int64_t row = 0; row < B * H; ++row) {
       interpolate_row<kC>(attr + (A > 1 ? row / H : 0) * V * C, tri, p_ids + row * W, p_bary + row * W * 2,
                           p_out + row * W * C, W, C);
@@ -1266,7 +1268,7 @@ std::tuple<at::Tensor, at::Tensor> mesh_raster_antialias_forward(const at::Tenso
   ShownTriangle* shown = reusable_buffer<ShownTriangle, 0>(shown_faces.size()).data();
   const int64_t* opposite_long = long_topology ? topology.data_ptr<int64_t>() : nullptr;
   const int32_t* opposite_int = long_topology ? nullptr : topology.data_ptr<int32_t>();
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(dynamic, 256)
   for (size_t i = 0; i < shown_faces.size(); ++i) {
     const int64_t p = shown_faces[i] / F, f = shown_faces[i] % F;
     shown[i] = opposite_long ? shown_triangle(pos + p * V * 4, tri + f * 3, opposite_long + f * 3)
@@ -1277,7 +1279,7 @@ std::tuple<at::Tensor, at::Tensor> mesh_raster_antialias_forward(const at::Tenso
   at::Tensor codes = at::empty({B, 2, H, W}, color.options().dtype(at::kChar));  // every slot is written
   int8_t* p_codes = codes.data_ptr<int8_t>();
   float* weights = reusable_buffer<float, 0>(B * 2 * H * W).data();  // read only where a code is set
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(dynamic, 8)
   for (int64_t row = 0; row < B * 2 * H; ++row) {
     const int64_t b = row / (2 * H), p = P > 1 ? b : 0;
     find_blends_row(BlendRowJob{p_ids + b * H * W, p_depth + b * H * W, shown, shown_index + p * F, (row / H) % 2,
@@ -1288,7 +1290,7 @@ std::tuple<at::Tensor, at::Tensor> mesh_raster_antialias_forward(const at::Tenso
   // Pass 2: every pixel adds the blends it receives in slot order, the reference's order.
   at::Tensor out = color.clone();
   float* p_out = out.data_ptr<float>();
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(dynamic, 8)
   for (int64_t row = 0; row < B * H; ++row) {
     for_each_blended_pair(p_codes, row / H, row % H, H, W,
                           [&](int64_t pix, int64_t slot, int64_t other, bool pixel_is_first, int code) {
@@ -1334,7 +1336,7 @@ std::tuple<at::Tensor, at::Tensor> mesh_raster_antialias_backward(const at::Tens
   // Per blended pair: its weight, and d loss / d (x, y, w) of the edge's two endpoints.
   float* weights = reusable_buffer<float, 0>(S).data();  // read only where a code is set
   std::vector<double> partial(A * 6, 0.0);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(dynamic, 64)
   for (int64_t k = 0; k < A; ++k) {
     const int64_t slot = active[k];
     const int code = p_codes[slot];
@@ -1377,7 +1379,7 @@ std::tuple<at::Tensor, at::Tensor> mesh_raster_antialias_backward(const at::Tens
   // order (a pair takes its destination's gradient away and hands it to its source).
   at::Tensor grad_color = grad_output.clone();
   float* p_gc = grad_color.data_ptr<float>();
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(dynamic, 8)
   for (int64_t row = 0; row < B * H; ++row) {
     for_each_blended_pair(p_codes, row / H, row % H, H, W,
                           [&](int64_t pix, int64_t slot, int64_t other, bool pixel_is_first, int code) {
