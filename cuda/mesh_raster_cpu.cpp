@@ -213,10 +213,11 @@ inline void pixel_span(double low, double high, int64_t size, int32_t& first, in
   const double lowest = -2.0, highest = static_cast<double>(size + 1);
   const double start = std::min(std::max(low - 0.5 - kBoxSlack, lowest), highest);
   const double end = std::min(std::max(high - 0.5 + kBoxSlack, lowest), highest);
+  // Branch-free: whether a value has a fractional part is a coin toss, so branches mispredict.
   int64_t up = static_cast<int64_t>(start);  // truncation towards zero
-  if (static_cast<double>(up) < start) ++up;  // ceil
+  up += static_cast<double>(up) < start;  // ceil
   int64_t down = static_cast<int64_t>(end);
-  if (static_cast<double>(down) > end) --down;  // floor
+  down -= static_cast<double>(down) > end;  // floor
   first = static_cast<int32_t>(std::min<int64_t>(std::max<int64_t>(up, 0), size - 1));
   last = static_cast<int32_t>(std::min<int64_t>(std::max<int64_t>(down, 0), size - 1));
 }
@@ -470,22 +471,17 @@ MESH_RASTER_INLINE void raster_tile(const TileJob& job, TileBuffer& tile) {
   float* const depth = job.depth;
   for (int64_t y = y_begin; y < y_end; ++y) {
     const int64_t row = (y - y_begin) * kTile - x_begin, out_row = job.first_pixel + y * width;
+    // Branch-free (empty pixels compute and discard a quotient) so the compiler vectorises it.
     for (int64_t x = x_begin; x < x_end; ++x) {
       const int64_t local = row + x, pix = out_row + x;
       const int64_t id = best_id[local];
-      if (id < 0) {
-        ids[pix] = -1;
-        bary[2 * pix] = 0.0f;
-        bary[2 * pix + 1] = 0.0f;
-        depth[pix] = 0.0f;
-        continue;
-      }
+      const bool covered = id >= 0;
       const double d0 = best_d0[local], d1 = best_d1[local], d2 = best_d2[local];
       const double total = d0 + d1 + d2;
-      ids[pix] = static_cast<int32_t>(id);
-      bary[2 * pix] = static_cast<float>(d0 / total);
-      bary[2 * pix + 1] = static_cast<float>(d1 / total);
-      depth[pix] = static_cast<float>(best_depth[local]);
+      ids[pix] = static_cast<int32_t>(id);  // -1 where empty
+      bary[2 * pix] = covered ? static_cast<float>(d0 / total) : 0.0f;
+      bary[2 * pix + 1] = covered ? static_cast<float>(d1 / total) : 0.0f;
+      depth[pix] = covered ? static_cast<float>(best_depth[local]) : 0.0f;
     }
   }
 }
