@@ -166,8 +166,8 @@ struct Setup {
   double z[3];
 };
 
-// Its inclusive pixel box, kept apart from the setup so binning streams through 16 bytes per
-// triangle; x0 > x1 marks "never drawn".
+// A triangle's inclusive pixel box (16 bytes: the binning passes stream through these); x0 > x1
+// marks "never drawn".
 struct Box {
   int32_t x0, x1, y0, y1;
 };
