@@ -35,6 +35,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <memory>
@@ -496,9 +497,11 @@ __attribute__((target("avx2"))) void raster_tile_avx2(const TileJob& job, TileBu
 
 using RasterTileFn = void (*)(const TileJob&, TileBuffer&);
 
+// LIFT3D_KERNELS_NO_AVX2=1 forces the baseline loop (read per call, so a test can compare both).
 RasterTileFn raster_tile_for_this_cpu() {
 #ifdef MESH_RASTER_X86
-  if (__builtin_cpu_supports("avx2")) return raster_tile_avx2;
+  const char* no_avx2 = std::getenv("LIFT3D_KERNELS_NO_AVX2");
+  if (!(no_avx2 && std::strcmp(no_avx2, "1") == 0) && __builtin_cpu_supports("avx2")) return raster_tile_avx2;
 #endif
   return raster_tile_baseline;
 }

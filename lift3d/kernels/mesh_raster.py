@@ -65,7 +65,8 @@ native tier is needed for a four-tap gather.
 
 Tiers: ``reference`` (pure torch, autograd; the definition), ``cpu`` (C++/OpenMP in
 ``cuda/mesh_raster_cpu.cpp``: tiled rasterizer, hand-written backwards, bit-for-bit deterministic
-for any thread count). There is no cuda tier yet: cuda tensors use the reference.
+for any thread count; its tile loop takes 4 pixels per step with AVX2 where the CPU has it, and
+``LIFT3D_KERNELS_NO_AVX2=1`` forces the 2-pixel baseline, which gives the same bits). There is no cuda tier yet: cuda tensors use the reference.
 """
 
 from __future__ import annotations

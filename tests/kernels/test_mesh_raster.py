@@ -353,6 +353,49 @@ def test_cpu_matches_reference(cpu_tier: None, shared_attributes: bool) -> None:
         assert error <= 1e-4, f"{name}: relative error {error:.2e}"
 
 
+@pytest.mark.parametrize("used", ["colour", "depth"])
+def test_cpu_matches_reference_when_one_raster_output_is_unused(cpu_tier: None, used: str) -> None:
+    # The cpu backward skips the terms of an unused output (its gradient arrives as None): only
+    # the antialiased colour (depth unused, the common case) or only the depth reaches the loss.
+    positions, faces = random_mesh_scene(seed=11)
+    attributes = torch.rand(positions.shape[1], 3, generator=torch.Generator().manual_seed(12))
+    results = {}
+    for tier_name in TIERS:
+        pos = positions.clone().requires_grad_(True)
+        raster = rasterize(pos, faces, (48, 56), tier=tier_name)
+        if used == "colour":
+            out = antialias(interpolate(attributes, raster, faces, tier=tier_name), raster, pos, faces, tier=tier_name)
+        else:
+            out = raster.depth
+        upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(13))
+        (grad,) = torch.autograd.grad((out * upstream).sum(), pos)
+        results[tier_name] = (out.detach(), grad)
+    for a, e in zip(results["cpu"], results["reference"]):
+        assert relative_error(a, e) <= 1e-4
+
+
+def test_cpu_baseline_loop_matches_avx2_bit_for_bit(cpu_tier: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The tile loop runs 4 pixels per step with AVX2 where the CPU has it and 2 otherwise; both
+    # round every lane alike, so the results must not differ in a single bit.
+    positions, faces = random_mesh_scene(seed=14)
+    attributes = torch.rand(positions.shape[1], 3, generator=torch.Generator().manual_seed(15))
+    default = pipeline(positions, attributes, faces, (37, 45), "cpu")
+    monkeypatch.setenv("LIFT3D_KERNELS_NO_AVX2", "1")
+    baseline = pipeline(positions, attributes, faces, (37, 45), "cpu")
+    for name in default:
+        assert torch.equal(default[name], baseline[name]), name
+
+
+def test_cpu_reads_int32_and_int64_topology_alike(cpu_tier: None) -> None:
+    positions, faces = random_mesh_scene(seed=16, views=1)
+    attributes = torch.rand(positions.shape[1], 3, generator=torch.Generator().manual_seed(17))
+    topology = edge_topology(faces)
+    wide = pipeline(positions, attributes, faces, (40, 40), "cpu", topology=topology)
+    narrow = pipeline(positions, attributes, faces, (40, 40), "cpu", topology=topology.to(torch.int32))
+    for name in wide:
+        assert torch.equal(wide[name], narrow[name]), name
+
+
 def test_cpu_antialias_color_gradient_matches_reference(cpu_tier: None) -> None:
     positions, faces = random_mesh_scene(seed=5, views=1)
     raster = rasterize(positions, faces, (48, 40), tier="reference")
