@@ -523,7 +523,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mesh_raster_rasterize_forward(con
 
   // Triangle boxes are computed and counted per tile in fixed chunks (so the counting sort below
   // is the same for any thread count); each tile's list comes out in triangle order.
-  const int64_t chunks = std::min<int64_t>(std::max<int64_t>((BF + 4095) / 4096, 1), 64);
+  const int64_t chunks = std::min<int64_t>(std::max<int64_t>((BF + 1023) / 1024, 1), 64);  // balance 2+ threads
   const int64_t chunk_size = (BF + chunks - 1) / chunks;
   ProjectedVertex* projected = reusable_buffer<ProjectedVertex, 0>(B * V).data();
   Box* boxes = reusable_buffer<Box, 0>(BF).data();  // every entry is written below
