@@ -51,7 +51,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     runner = run_pipeline if is_pipeline(args.config) else run
     result = runner(args.config, overrides, prompt=args.prompt, out=args.out, resume=resume)
-    summary = ", ".join(f"{k}={v:.3f}" for k, v in result.metrics.items())
+    summary = ", ".join(f"{k}={v:.4g}" for k, v in result.metrics.items())
     logger.info("finished %d steps in %s%s -> %s", result.step, elapsed(start), f" ({summary})" if summary else "", result.run_dir)
     return 0
 
