@@ -251,10 +251,11 @@ inline bool setup_triangle(const float* positions, const int32_t* face, Setup& s
   const Vec3 e[3] = {load_xyw(c[0]), load_xyw(c[1]), load_xyw(c[2])};
   s.frame = make_frame(e);
   if (!(s.frame.det != 0.0)) return false;
-  if (s.frame.det < 0) {
-    for (int i = 0; i < 3; ++i) s.frame.n[i] = scaled(s.frame.n[i], -1.0);
-    s.frame.det = -s.frame.det;
-  }
+  // Branch-free (half the triangles of a closed mesh face away: a coin toss for the predictor);
+  // multiplying by -1 or 1 is exact.
+  const double sign = s.frame.det < 0 ? -1.0 : 1.0;
+  for (int i = 0; i < 3; ++i) s.frame.n[i] = scaled(s.frame.n[i], sign);
+  s.frame.det *= sign;
   for (int k = 0; k < 3; ++k) s.z[k] = c[k][2];
   return true;
 }
@@ -1157,6 +1158,7 @@ struct BlendRowJob {
   const double* qy;
   int8_t* codes;  // the row's [W]
   float* weights;  // the row's [W]
+  int32_t* scratch;  // [W]
 };
 
 void find_blends_row(const BlendRowJob& job) {
@@ -1172,10 +1174,18 @@ void find_blends_row(const BlendRowJob& job) {
   std::fill(codes, codes + W, static_cast<int8_t>(-1));
   if (direction == 1 && y + 1 >= job.height) return;
   const int64_t step = direction == 0 ? 1 : W, last = direction == 0 ? W - 1 : W;
+  // The pairs with different ids, listed branch-free first: whether neighbours differ is close to
+  // a coin toss on a finely tessellated mesh, which a branch per pair mispredicts.
+  int32_t* const differ = job.scratch;
+  int64_t count = 0;
   for (int64_t x = 0; x < last; ++x) {
+    differ[count] = static_cast<int32_t>(x);
+    count += ids[y * W + x] != ids[y * W + x + step];
+  }
+  for (int64_t k = 0; k < count; ++k) {
+    const int64_t x = differ[k];
     const int64_t first = y * W + x, second = first + step;
     const int32_t id1 = ids[first], id2 = ids[second];
-    if (id1 == id2) continue;
     const float z1 = depth[first], z2 = depth[second];
     const bool first_front = id2 < 0 || (id1 >= 0 && (z1 < z2 || (z1 == z2 && id1 < id2)));
     const ShownTriangle& triangle = shown[shown_index[first_front ? id1 : id2]];
@@ -1278,12 +1288,16 @@ std::tuple<at::Tensor, at::Tensor> mesh_raster_antialias_forward(const at::Tenso
   at::Tensor codes = at::empty({B, 2, H, W}, color.options().dtype(at::kChar));  // every slot is written
   int8_t* p_codes = codes.data_ptr<int8_t>();
   float* weights = reusable_buffer<float, 0>(B * 2 * H * W).data();  // read only where a code is set
-#pragma omp parallel for schedule(dynamic, 8)
-  for (int64_t row = 0; row < B * 2 * H; ++row) {
-    const int64_t b = row / (2 * H), p = P > 1 ? b : 0;
-    find_blends_row(BlendRowJob{p_ids + b * H * W, p_depth + b * H * W, shown, shown_index + p * F, (row / H) % 2,
-                                row % H, H, W, centres.x.data(), centres.y.data(), p_codes + row * W,
-                                weights + row * W});
+#pragma omp parallel
+  {
+    int32_t* scratch = reusable_buffer<int32_t, 2>(W).data();
+#pragma omp for schedule(dynamic, 8)
+    for (int64_t row = 0; row < B * 2 * H; ++row) {
+      const int64_t b = row / (2 * H), p = P > 1 ? b : 0;
+      find_blends_row(BlendRowJob{p_ids + b * H * W, p_depth + b * H * W, shown, shown_index + p * F, (row / H) % 2,
+                                  row % H, H, W, centres.x.data(), centres.y.data(), p_codes + row * W,
+                                  weights + row * W, scratch});
+    }
   }
 
   // Pass 2: every pixel adds the blends it receives in slot order, the reference's order.
