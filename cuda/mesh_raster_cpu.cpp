@@ -15,7 +15,8 @@
 // exact negatives across a shared edge. Sums of products are rounded like torch's separate ops as
 // long as the compiler does not contract them into FMAs (it does not for the default x86-64 target;
 // on targets with FMA by default, near-ties can in rare cases resolve differently). The tile loop
-// tests four pixels at once with GCC/Clang vector extensions: the same IEEE operations per lane.
+// tests four pixels at once (AVX2; two on the baseline) with GCC/Clang vector extensions: the same
+// IEEE operations per lane. The backward skips the terms of an output whose gradient is absent.
 //
 // Layout and parallelism (a fixed 32x32 tile grid: the work split never depends on the thread count):
 //  - rasterize: per-vertex projection, then per-triangle boxes and tile counts over fixed chunks of
@@ -27,8 +28,8 @@
 //  - antialias: OpenMP over rows to find the blended pixel pairs; each pixel then gathers the
 //    blends of its (up to four) pairs in pair order, which is the order the reference adds them.
 //  Loops are scheduled dynamically (a thread that loses its core to another process does not hold
-//  the others up for its whole static share). No float atomics anywhere: results are bit-identical
-//  run to run and for any thread count.
+//  the others up for its whole static share); scratch buffers are per thread and kept between
+//  calls. No float atomics anywhere: results are bit-identical run to run and for any thread count.
 
 #include <torch/extension.h>
 
@@ -285,7 +286,7 @@ struct TileGrid {
 class TriangleSlots {
  public:
   // Uses the calling thread's reusable face -> slot table (all -1 between uses).
-  explicit TriangleSlots(int64_t faces) : slot_of_(thread_table(faces)), faces_(thread_faces()) { faces_.clear(); }
+  explicit TriangleSlots(int64_t faces) : slot_of_(thread_table(faces)), faces_(thread_faces()) { clear(); }
   ~TriangleSlots() { clear(); }
   TriangleSlots(const TriangleSlots&) = delete;
   TriangleSlots& operator=(const TriangleSlots&) = delete;
