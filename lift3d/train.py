@@ -333,8 +333,9 @@ def export_run(trainer: Trainer, formats: list[str]) -> tuple[list[Path], "trime
             mesh = trimesh_of(vertices, faces)
         else:
             mesh, color_fn = trainer.representation.surface()
+            # Query the colour field where it lives (a GPU run's field cannot take CPU points).
             written += export_textured_mesh(directory, mesh, color_fn, formats=mesh_formats,
-                                            texture_size=cfg.texture_size)
+                                            texture_size=cfg.texture_size, device=str(trainer.device))
     size = cfg.video_resolution
     eval_cfg = trainer.config.trainer.eval
     if "png" in formats:
