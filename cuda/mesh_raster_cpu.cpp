@@ -25,8 +25,9 @@
 //  - rasterize / interpolate backward: one work item per (image, tile) sums its pixels per triangle
 //    (pixel order within the tile); the per-(tile, triangle) sums are then added into the vertices
 //    in tile order.
-//  - antialias: OpenMP over rows to find the blended pixel pairs; each pixel then gathers the
-//    blends of its (up to four) pairs in pair order, which is the order the reference adds them.
+//  - antialias: silhouette edges decided once per shown triangle, then OpenMP over rows to find
+//    the blended pixel pairs; the few blends (silhouettes only) are applied and differentiated
+//    serially in slot order, the order the reference adds them.
 //  Loops are scheduled dynamically (a thread that loses its core to another process does not hold
 //  the others up for its whole static share); scratch buffers are per thread and kept between
 //  calls. No float atomics anywhere: results are bit-identical run to run and for any thread count.
@@ -1102,23 +1103,30 @@ inline PairGeometry slot_geometry(int64_t slot, int code, int64_t H, int64_t W, 
 // Whether the blend of a pair goes to its first pixel.
 inline bool blend_to_first(int code) { return code_to_front(code) != code_second_front(code); }
 
-// For every pixel of row (b, y) with a blended pair, calls visit(pixel, slot, other, pixel_is_first,
-// code) for its pairs in slot order: left, right, below, above. That is the order the reference adds
-// a pixel's blends, so a pixel that gathers them this way sums them in the same order.
-template <typename Visit>
-inline void for_each_blended_pair(const int8_t* codes, int64_t b, int64_t y, int64_t H, int64_t W, Visit visit) {
-  const int64_t horizontal = (b * 2 * H + y) * W, above = ((b * 2 + 1) * H + y) * W, below = above - W;
-  const int64_t row = (b * H + y) * W;
-  for (int64_t x = 0; x < W; ++x) {
-    const int left = x > 0 ? codes[horizontal + x - 1] : -1, right = x + 1 < W ? codes[horizontal + x] : -1;
-    const int down = y > 0 ? codes[below + x] : -1, up = y + 1 < H ? codes[above + x] : -1;
-    if ((left & right & down & up) < 0) continue;  // all four -1: most pixels
-    const int64_t pix = row + x;
-    if (left >= 0) visit(pix, horizontal + x - 1, pix - 1, false, left);
-    if (right >= 0) visit(pix, horizontal + x, pix + 1, true, right);
-    if (down >= 0) visit(pix, below + x, pix - W, false, down);
-    if (up >= 0) visit(pix, above + x, pix + W, true, up);
+// The slots with a blend (code >= 0), in slot order. Codes are -1 almost everywhere, so whole
+// 8-byte words of -1 are skipped at once.
+std::vector<int64_t> blended_slots(const int8_t* codes, int64_t count) {
+  std::vector<int64_t> slots;
+  int64_t i = 0;
+  for (; i + 8 <= count; i += 8) {
+    uint64_t word;
+    std::memcpy(&word, codes + i, sizeof word);
+    if (word == ~uint64_t{0}) continue;
+    for (int64_t j = i; j < i + 8; ++j) {
+      if (codes[j] >= 0) slots.push_back(j);
+    }
   }
+  for (; i < count; ++i) {
+    if (codes[i] >= 0) slots.push_back(i);
+  }
+  return slots;
+}
+
+// The two pixels of a pair slot ([B, 2, H, W]; direction 0 pairs (x, y) with (x + 1, y), 1 with (x, y + 1)).
+inline void slot_pixels(int64_t slot, int64_t H, int64_t W, int64_t& first, int64_t& second) {
+  const int64_t x = slot % W, y = (slot / W) % H, direction = (slot / (H * W)) % 2, b = slot / (2 * H * W);
+  first = (b * H + y) * W + x;
+  second = first + (direction == 0 ? 1 : W);
 }
 
 // Pass 1 of antialias for one row of pair slots (b, direction, y): which pairs blend, across which
@@ -1301,20 +1309,21 @@ std::tuple<at::Tensor, at::Tensor> mesh_raster_antialias_forward(const at::Tenso
     }
   }
 
-  // Pass 2: every pixel adds the blends it receives in slot order, the reference's order.
+  // Pass 2: the blends, applied serially in slot order (there are few: silhouette pairs only), so
+  // a pixel's deltas add up in the reference's order (left, right, below, above pair).
   at::Tensor out = color.clone();
   float* p_out = out.data_ptr<float>();
-#pragma omp parallel for schedule(dynamic, 8)
-  for (int64_t row = 0; row < B * H; ++row) {
-    for_each_blended_pair(p_codes, row / H, row % H, H, W,
-                          [&](int64_t pix, int64_t slot, int64_t other, bool pixel_is_first, int code) {
-                            if (blend_to_first(code) != pixel_is_first) return;  // the pair blends into `other`
-                            const float weight = weights[slot];
-                            const float* own = p_color + pix * C;
-                            const float* source = p_color + other * C;
-                            float* o = p_out + pix * C;
-                            for (int64_t c = 0; c < C; ++c) o[c] += weight * (source[c] - own[c]);
-                          });
+  for (const int64_t slot : blended_slots(p_codes, B * 2 * H * W)) {
+    const int code = p_codes[slot];
+    int64_t first, second;
+    slot_pixels(slot, H, W, first, second);
+    const int64_t destination = blend_to_first(code) ? first : second;
+    const int64_t source = blend_to_first(code) ? second : first;
+    const float weight = weights[slot];
+    const float* own = p_color + destination * C;
+    const float* from = p_color + source * C;
+    float* o = p_out + destination * C;
+    for (int64_t c = 0; c < C; ++c) o[c] += weight * (from[c] - own[c]);
   }
   return {out, codes};
 }
@@ -1341,14 +1350,11 @@ std::tuple<at::Tensor, at::Tensor> mesh_raster_antialias_backward(const at::Tens
   check_index_range(p_codes, S, -1, 11, op, "pair_codes (from mesh_raster_antialias_forward)");
 
   const PixelCentres centres(H, W);
-  std::vector<int64_t> active;  // blended slots, in slot order
-  for (int64_t slot = 0; slot < S; ++slot) {
-    if (p_codes[slot] >= 0) active.push_back(slot);
-  }
+  const std::vector<int64_t> active = blended_slots(p_codes, S);  // in slot order
   const int64_t A = static_cast<int64_t>(active.size());
 
   // Per blended pair: its weight, and d loss / d (x, y, w) of the edge's two endpoints.
-  float* weights = reusable_buffer<float, 0>(S).data();  // read only where a code is set
+  std::vector<float> weights(A);
   std::vector<double> partial(A * 6, 0.0);
 #pragma omp parallel for schedule(dynamic, 64)
   for (int64_t k = 0; k < A; ++k) {
@@ -1364,7 +1370,7 @@ std::tuple<at::Tensor, at::Tensor> mesh_raster_antialias_backward(const at::Tens
                               d_front, d_back);
     const bool to_front = code_to_front(code);
     const float weight = blend_weight(t);
-    weights[slot] = weight;
+    weights[k] = weight;
     const int64_t destination = to_front ? geo.front : geo.back, source = to_front ? geo.back : geo.front;
     // out[dest] += w(t) (color[src] - color[dest]); dw/dt = -1 towards the front, +1 towards the back.
     double g_weight = 0.0;
@@ -1389,22 +1395,21 @@ std::tuple<at::Tensor, at::Tensor> mesh_raster_antialias_backward(const at::Tens
     out[5] = g_end.w;
   }
 
-  // Colour: the identity plus each blend's two terms; every pixel gathers its pairs' terms in slot
-  // order (a pair takes its destination's gradient away and hands it to its source).
+  // Colour: the identity plus each blend's two terms, applied serially in slot order (a pair takes
+  // its destination's gradient away and hands it to its source).
   at::Tensor grad_color = grad_output.clone();
   float* p_gc = grad_color.data_ptr<float>();
-#pragma omp parallel for schedule(dynamic, 8)
-  for (int64_t row = 0; row < B * H; ++row) {
-    for_each_blended_pair(p_codes, row / H, row % H, H, W,
-                          [&](int64_t pix, int64_t slot, int64_t other, bool pixel_is_first, int code) {
-                            const float weight = weights[slot];
-                            float* o = p_gc + pix * C;
-                            if (blend_to_first(code) == pixel_is_first) {  // this pixel is the destination
-                              for (int64_t c = 0; c < C; ++c) o[c] -= weight * g[pix * C + c];
-                            } else {
-                              for (int64_t c = 0; c < C; ++c) o[c] += weight * g[other * C + c];
-                            }
-                          });
+  for (int64_t k = 0; k < A; ++k) {
+    const int code = p_codes[active[k]];
+    int64_t first, second;
+    slot_pixels(active[k], H, W, first, second);
+    const int64_t destination = blend_to_first(code) ? first : second;
+    const int64_t source = blend_to_first(code) ? second : first;
+    const float* g_destination = g + destination * C;
+    for (int64_t c = 0; c < C; ++c) {
+      p_gc[destination * C + c] -= weights[k] * g_destination[c];
+      p_gc[source * C + c] += weights[k] * g_destination[c];
+    }
   }
 
   // Positions: the pairs' partials summed into the vertices serially in slot order.
