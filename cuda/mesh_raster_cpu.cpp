@@ -1286,7 +1286,8 @@ std::tuple<at::Tensor, at::Tensor> mesh_raster_antialias_forward(const at::Tenso
   ShownTriangle* shown = reusable_buffer<ShownTriangle, 0>(shown_faces.size()).data();
   const int64_t* opposite_long = long_topology ? topology.data_ptr<int64_t>() : nullptr;
   const int32_t* opposite_int = long_topology ? nullptr : topology.data_ptr<int32_t>();
-#pragma omp parallel for schedule(dynamic, 256)
+// Below ~16k shown triangles (~0.1 ms) waking a thread team costs more than it saves.
+#pragma omp parallel for schedule(dynamic, 256) if (shown_faces.size() > 16384)
   for (size_t i = 0; i < shown_faces.size(); ++i) {
     const int64_t p = shown_faces[i] / F, f = shown_faces[i] % F;
     shown[i] = opposite_long ? shown_triangle(pos + p * V * 4, tri + f * 3, opposite_long + f * 3)
@@ -1356,7 +1357,8 @@ std::tuple<at::Tensor, at::Tensor> mesh_raster_antialias_backward(const at::Tens
   // Per blended pair: its weight, and d loss / d (x, y, w) of the edge's two endpoints.
   std::vector<float> weights(A);
   std::vector<double> partial(A * 6, 0.0);
-#pragma omp parallel for schedule(dynamic, 64)
+// Silhouette pairs only: usually too few to be worth waking a thread team.
+#pragma omp parallel for schedule(dynamic, 64) if (A > 16384)
   for (int64_t k = 0; k < A; ++k) {
     const int64_t slot = active[k];
     const int code = p_codes[slot];
