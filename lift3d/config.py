@@ -329,17 +329,27 @@ def build_run_config(data: dict) -> RunConfig:
     )
 
 
+def read_yaml(path: Path, what: str = "") -> dict:
+    """A YAML file's top-level mapping; ``ConfigError`` (prefixed by ``what``) if it is missing,
+    not valid YAML or not a mapping."""
+    prefix = f"{what}: " if what else ""
+    if not path.is_file():
+        raise ConfigError(f"{prefix}config file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML ({error})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
 def load_config(path: str | Path | None, overrides: list[str] = (), prompt: str | None = None) -> RunConfig:
     """Read a YAML preset (or start empty), apply overrides and validate."""
     data: dict = {}
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as error:
-            raise ConfigError(f"{path}: not valid YAML ({error})") from None
+        data = read_yaml(path)
         data.setdefault("name", path.stem)
     for text in overrides:
         keys, value = parse_override(text)

@@ -35,7 +35,7 @@ from typing import Any
 
 import yaml
 
-from lift3d.config import ConfigError, RunConfig, apply_override, build_run_config, parse_override
+from lift3d.config import ConfigError, RunConfig, apply_override, build_run_config, parse_override, read_yaml
 
 logger = logging.getLogger(__name__)
 
@@ -82,18 +82,6 @@ def is_pipeline(path: str | Path | None) -> bool:
     return isinstance(data, dict) and "stages" in data
 
 
-def _read_yaml(path: Path, what: str) -> dict:
-    if not path.is_file():
-        raise ConfigError(f"{what}: config file {str(path)!r} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML ({error})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
-    return data
-
-
 def _merge(base: dict, update: dict) -> dict:
     """Deep merge; a section whose ``type`` changes is replaced, not merged (its fields differ)."""
     merged = copy.deepcopy(base)
@@ -107,7 +95,7 @@ def _merge(base: dict, update: dict) -> dict:
 def load_pipeline(path: str | Path, overrides: list[str] = (), prompt: str | None = None) -> Pipeline:
     """Read a pipeline file, resolve each stage's config and apply the overrides; validates every stage."""
     path = Path(path)
-    data = _read_yaml(path, "pipeline")
+    data = read_yaml(path, "pipeline")
     unknown = sorted(set(data) - {"name", "prompt", "negative_prompt", "stages"})
     if unknown:
         raise ConfigError(f"{path}: unknown pipeline key(s) {unknown}; valid: name, prompt, negative_prompt, stages")
@@ -127,7 +115,7 @@ def load_pipeline(path: str | Path, overrides: list[str] = (), prompt: str | Non
             raise ConfigError(f"{where}: stage names must be unique, without '/', and not one of {RUN_SECTIONS}")
         stage_data: dict = {}
         if raw.get("config"):
-            stage_data = _read_yaml(path.parent / str(raw["config"]), where)
+            stage_data = read_yaml(path.parent / str(raw["config"]), where)
         stage_data = _merge(stage_data, {k: v for k, v in raw.items() if k in RUN_SECTIONS[3:]})
         stage_data["name"] = f"{data.get('name', path.stem)}-{name}"
         for key in ("prompt", "negative_prompt"):
