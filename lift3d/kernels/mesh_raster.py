@@ -60,8 +60,10 @@ seen edge-on), the exit edge is shared and that pair is not blended.
 
 **texture**: bilinear sampling, ``uv`` in ``[0, 1]`` with texel centres at ``(i + 0.5) / size``
 (``u`` along the width, ``v`` along the rows, ``v = 0`` at row 0), ``wrap`` or ``clamp``
-boundary. One tier only (vectorised torch gathers, differentiable w.r.t. texture and uv): no
-native tier is needed for a four-tap gather.
+boundary; differentiable w.r.t. texture and uv (``floor`` has no gradient). Tiers: ``reference``
+(vectorised torch gathers) and ``cpu`` (``cuda/mesh_texture_cpu.cpp``: same float32 operations in
+the same order; the texture gradient is scattered per fixed pixel chunk and summed in chunk order,
+so it does not depend on the thread count).
 
 Tiers: ``reference`` (pure torch, autograd; the definition), ``cpu`` (C++/OpenMP in
 ``cuda/mesh_raster_cpu.cpp``: tiled rasterizer, hand-written backwards, bit-for-bit deterministic
@@ -86,6 +88,7 @@ logger = logging.getLogger(__name__)
 RASTERIZE_OP = "mesh_raster_rasterize_forward"
 INTERPOLATE_OP = "mesh_raster_interpolate_forward"
 ANTIALIAS_OP = "mesh_raster_antialias_forward"
+TEXTURE_OP = "mesh_raster_texture_forward"
 
 BOUNDARY_MODES = ("wrap", "clamp")
 
@@ -267,8 +270,8 @@ def edge_topology(faces: Tensor) -> Tensor:
     return opposite.view(F, 3)
 
 
-def texture(tex: Tensor, uv: Tensor, boundary_mode: str = "wrap") -> Tensor:
-    """Bilinear texture lookup (one tier: vectorised torch, differentiable w.r.t. ``tex`` and ``uv``).
+def texture(tex: Tensor, uv: Tensor, boundary_mode: str = "wrap", tier: str | None = None) -> Tensor:
+    """Bilinear texture lookup, differentiable w.r.t. ``tex`` and ``uv``.
 
     Args:
         tex: [B, Ht, Wt, C] or [1, Ht, Wt, C] (shared) texture; row 0 is ``v`` near 0.
@@ -276,6 +279,7 @@ def texture(tex: Tensor, uv: Tensor, boundary_mode: str = "wrap") -> Tensor:
             ``((i + 0.5) / Wt, (j + 0.5) / Ht)``.
         boundary_mode: ``wrap`` (repeat: coordinates are taken modulo 1) or ``clamp`` (clamp to
             the border texels).
+        tier: ``reference`` or ``cpu``; None picks the fastest live tier.
 
     Returns:
         [B, H, W, C] samples.
@@ -286,30 +290,18 @@ def texture(tex: Tensor, uv: Tensor, boundary_mode: str = "wrap") -> Tensor:
         raise ValueError(f"tex must be a floating [B, Ht, Wt, C] tensor, got {tuple(tex.shape)} {tex.dtype}")
     if uv.dim() != 4 or uv.shape[-1] != 2 or not uv.is_floating_point():
         raise ValueError(f"uv must be a floating [B, H, W, 2] tensor, got {tuple(uv.shape)} {uv.dtype}")
-    B, H, W, _ = uv.shape
-    Bt, Ht, Wt, C = tex.shape
-    if Bt not in (1, B):
-        raise ValueError(f"tex has batch {Bt}, uv has {B}: they must match or tex must have batch 1")
-    x = uv[..., 0] * Wt - 0.5
-    y = uv[..., 1] * Ht - 0.5
-    x0, y0 = torch.floor(x), torch.floor(y)
-    fx, fy = (x - x0).unsqueeze(-1), (y - y0).unsqueeze(-1)  # floor has no gradient: d fx / d x = 1
-    ix0, iy0 = x0.long(), y0.long()
-
-    def wrap_or_clamp(index: Tensor, size: int) -> Tensor:
-        return torch.remainder(index, size) if boundary_mode == "wrap" else index.clamp(0, size - 1)
-
-    ix = [wrap_or_clamp(ix0, Wt), wrap_or_clamp(ix0 + 1, Wt)]
-    iy = [wrap_or_clamp(iy0, Ht), wrap_or_clamp(iy0 + 1, Ht)]
-    flat = tex.reshape(Bt, Ht * Wt, C).expand(B, Ht * Wt, C)
-
-    def tap(row: Tensor, column: Tensor) -> Tensor:
-        index = (row * Wt + column).reshape(B, H * W, 1).expand(B, H * W, C)
-        return torch.gather(flat, 1, index).view(B, H, W, C)
-
-    top = tap(iy[0], ix[0]) * (1 - fx) + tap(iy[0], ix[1]) * fx
-    bottom = tap(iy[1], ix[0]) * (1 - fx) + tap(iy[1], ix[1]) * fx
-    return top * (1 - fy) + bottom * fy
+    if tex.shape[0] not in (1, uv.shape[0]):
+        raise ValueError(f"tex has batch {tex.shape[0]}, uv has {uv.shape[0]}: they must match or tex must have batch 1")
+    if min(tex.shape[1:]) < 1:
+        raise ValueError(f"tex must be non-empty, got {tuple(tex.shape)}")
+    chosen = select_tier(TEXTURE_OP, tex.device, tier)
+    if chosen == "reference":
+        return _texture_reference(tex, uv, boundary_mode)
+    if chosen == "cpu":
+        _require_float32(tex, "tex")
+        _require_float32(uv, "uv")
+        return _TextureNative.apply(tex.contiguous(), uv.contiguous(), boundary_mode == "wrap")
+    raise NotImplementedError(f"the {chosen!r} tier of texture is not wired up yet")
 
 
 # --------------------------------------------------------------------------------------------
@@ -536,6 +528,32 @@ def _interpolate_reference(attributes: Tensor, raster: RasterOutput, faces: Tens
     return torch.where(covered, out, torch.zeros_like(out))
 
 
+def _texture_reference(tex: Tensor, uv: Tensor, boundary_mode: str) -> Tensor:
+    """Bilinear lookup with torch gathers (the definition every tier follows, op for op)."""
+    B, H, W, _ = uv.shape
+    Bt, Ht, Wt, C = tex.shape
+    x = uv[..., 0] * Wt - 0.5
+    y = uv[..., 1] * Ht - 0.5
+    x0, y0 = torch.floor(x), torch.floor(y)
+    fx, fy = (x - x0).unsqueeze(-1), (y - y0).unsqueeze(-1)  # floor has no gradient: d fx / d x = 1
+    ix0, iy0 = x0.long(), y0.long()
+
+    def wrap_or_clamp(index: Tensor, size: int) -> Tensor:
+        return torch.remainder(index, size) if boundary_mode == "wrap" else index.clamp(0, size - 1)
+
+    ix = [wrap_or_clamp(ix0, Wt), wrap_or_clamp(ix0 + 1, Wt)]
+    iy = [wrap_or_clamp(iy0, Ht), wrap_or_clamp(iy0 + 1, Ht)]
+    flat = tex.reshape(Bt, Ht * Wt, C).expand(B, Ht * Wt, C)
+
+    def tap(row: Tensor, column: Tensor) -> Tensor:
+        index = (row * Wt + column).reshape(B, H * W, 1).expand(B, H * W, C)
+        return torch.gather(flat, 1, index).view(B, H, W, C)
+
+    top = tap(iy[0], ix[0]) * (1 - fx) + tap(iy[0], ix[1]) * fx
+    bottom = tap(iy[1], ix[0]) * (1 - fx) + tap(iy[1], ix[1]) * fx
+    return top * (1 - fy) + bottom * fy
+
+
 @dataclass
 class _Crossings:
     """Pixel pairs that antialias blends: flat pixel indices, the front triangle and its exit edge."""
@@ -619,7 +637,7 @@ def _antialias_reference(
 
 
 # --------------------------------------------------------------------------------------------
-# cpu tier: C++/OpenMP (cuda/mesh_raster_cpu.cpp), hand-written backwards
+# cpu tier: C++/OpenMP (cuda/mesh_raster_cpu.cpp, cuda/mesh_texture_cpu.cpp), hand-written backwards
 # --------------------------------------------------------------------------------------------
 
 
@@ -715,3 +733,27 @@ class _AntialiasNative(torch.autograd.Function):
             color, positions, ids, faces, pair_codes, grad_output.contiguous().float()
         )
         return grad_color, grad_positions, None, None, None, None
+
+
+class _TextureNative(torch.autograd.Function):
+    """``lift3d_cpu.mesh_raster_texture_{forward,backward}`` (cuda/mesh_texture_cpu.cpp)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, tex: Tensor, uv: Tensor, wrap: bool
+    ) -> Tensor:
+        forward = native_op("cpu", "mesh_raster_texture_forward", tex.device)
+        ctx.save_for_backward(tex, uv)
+        ctx.wrap = wrap
+        return forward(tex, uv, wrap)
+
+    @staticmethod
+    @once_differentiable
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, grad_output: Tensor
+    ) -> tuple[Tensor | None, ...]:
+        tex, uv = ctx.saved_tensors
+        need_tex, need_uv = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        backward = native_op("cpu", "mesh_raster_texture_backward", tex.device)
+        grad_tex, grad_uv = backward(tex, uv, grad_output.contiguous().float(), ctx.wrap, need_tex, need_uv)
+        return (grad_tex if need_tex else None, grad_uv if need_uv else None, None)

@@ -16,6 +16,7 @@ from lift3d.kernels.mesh_raster import (
     ANTIALIAS_OP,
     INTERPOLATE_OP,
     RASTERIZE_OP,
+    TEXTURE_OP,
     RasterOutput,
     antialias,
     edge_topology,
@@ -29,7 +30,7 @@ TIERS = ["reference", "cpu"]
 
 @pytest.fixture(scope="module")
 def cpu_tier() -> None:
-    require_cpu_ops(RASTERIZE_OP, INTERPOLATE_OP, ANTIALIAS_OP)
+    require_cpu_ops(RASTERIZE_OP, INTERPOLATE_OP, ANTIALIAS_OP, TEXTURE_OP)
 
 
 @pytest.fixture(params=TIERS)
@@ -177,15 +178,15 @@ def test_edge_topology() -> None:
     assert torch.equal(edge_topology(torch.tensor([[0, 1, 2], [1, 0, 3], [0, 1, 4]])), torch.full((3, 3), -1))
 
 
-def test_texture_bilinear_wrap_and_clamp() -> None:
+def test_texture_bilinear_wrap_and_clamp(tier: str) -> None:
     tex = torch.tensor([[[[0.0], [1.0]], [[2.0], [3.0]]]])  # [1, 2, 2, 1]: rows v, columns u
     centres = torch.tensor([[[[0.25, 0.25], [0.75, 0.25], [0.25, 0.75], [0.75, 0.75]]]])
-    torch.testing.assert_close(texture(tex, centres).flatten(), torch.tensor([0.0, 1.0, 2.0, 3.0]))
+    torch.testing.assert_close(texture(tex, centres, tier=tier).flatten(), torch.tensor([0.0, 1.0, 2.0, 3.0]))
     corner = torch.zeros(1, 1, 1, 2)
-    torch.testing.assert_close(texture(tex, corner, "wrap").flatten(), torch.tensor([1.5]))  # mean of all four
-    torch.testing.assert_close(texture(tex, corner, "clamp").flatten(), torch.tensor([0.0]))
+    torch.testing.assert_close(texture(tex, corner, "wrap", tier=tier).flatten(), torch.tensor([1.5]))  # mean of all four
+    torch.testing.assert_close(texture(tex, corner, "clamp", tier=tier).flatten(), torch.tensor([0.0]))
     middle = torch.tensor([[[[0.5, 0.25]]]])
-    torch.testing.assert_close(texture(tex, middle, "clamp").flatten(), torch.tensor([0.5]))
+    torch.testing.assert_close(texture(tex, middle, "clamp", tier=tier).flatten(), torch.tensor([0.5]))
 
 
 # --------------------------------------------------------------------------------------------
@@ -241,7 +242,7 @@ def test_reference_gradcheck_texture() -> None:
     tex = torch.rand(2, 4, 5, 3, dtype=torch.float64, generator=g, requires_grad=True)
     uv = (torch.rand(2, 3, 3, 2, dtype=torch.float64, generator=g) * 1.4 - 0.2).requires_grad_(True)
     for mode in ("wrap", "clamp"):
-        assert torch.autograd.gradcheck(lambda t, c: texture(t, c, mode), (tex, uv))
+        assert torch.autograd.gradcheck(lambda t, c: texture(t, c, mode, tier="reference"), (tex, uv))
 
 
 # --------------------------------------------------------------------------------------------
@@ -413,6 +414,75 @@ def test_cpu_antialias_color_gradient_matches_reference(cpu_tier: None) -> None:
         assert relative_error(a, e) <= 1e-5
 
 
+def texture_case(seed: int, batch: int, shared: bool, tex_size: tuple[int, int], size: tuple[int, int],
+                 channels: int) -> tuple[Tensor, Tensor, Tensor]:
+    """float32 texture, uv and upstream gradient; uv spans [-1.3, 2.3] (outside [0, 1] both ways),
+    and a quarter of the coordinates sit exactly on texel borders or centres (integer/half x, y)."""
+    g = torch.Generator().manual_seed(seed)
+    Ht, Wt = tex_size
+    tex = torch.rand(1 if shared else batch, Ht, Wt, channels, generator=g)
+    uv = torch.rand(batch, *size, 2, generator=g) * 3.6 - 1.3
+    on_grid = torch.rand(batch, *size, generator=g) < 0.25
+    steps = torch.randint(-2 * max(Ht, Wt), 4 * max(Ht, Wt), (batch, *size, 2), generator=g).float() / 2
+    scale = torch.tensor([Wt, Ht], dtype=torch.float32)
+    uv = torch.where(on_grid.unsqueeze(-1), (steps + 0.5) / scale, uv)  # x = u * Wt - 0.5 is a multiple of 0.5
+    upstream = torch.randn(batch, *size, channels, generator=g)
+    return tex, uv, upstream
+
+
+@pytest.mark.parametrize("mode", ["wrap", "clamp"])
+@pytest.mark.parametrize(
+    "batch, shared, tex_size, size, channels",
+    [(3, True, (7, 5), (9, 11), 3), (2, False, (5, 9), (13, 7), 4), (1, True, (1, 1), (5, 3), 2),
+     (2, True, (33, 65), (96, 80), 1)],  # the last one is large enough for several grad_tex chunks
+)
+def test_cpu_texture_matches_reference(
+    cpu_tier: None, mode: str, batch: int, shared: bool, tex_size: tuple[int, int], size: tuple[int, int],
+    channels: int,
+) -> None:
+    tex, uv, upstream = texture_case(9, batch, shared, tex_size, size, channels)
+    results = {}
+    for tier_name in TIERS:
+        leaves = (tex.clone().requires_grad_(True), uv.clone().requires_grad_(True))
+        out = texture(*leaves, mode, tier=tier_name)
+        grads = torch.autograd.grad((out * upstream).sum(), leaves)
+        results[tier_name] = (out.detach(), *grads)
+    for name, a, e in zip(("values", "grad_tex", "grad_uv"), results["cpu"], results["reference"]):
+        assert a.shape == e.shape, name
+        assert relative_error(a, e) <= 1e-5, name
+
+
+def test_cpu_texture_gradient_to_one_input_only(cpu_tier: None) -> None:
+    tex, uv, upstream = texture_case(10, 2, True, (6, 6), (8, 8), 3)
+    leaf = tex.clone().requires_grad_(True)
+    (grad_tex,) = torch.autograd.grad((texture(leaf, uv, tier="cpu") * upstream).sum(), leaf)
+    (expected,) = torch.autograd.grad((texture(leaf, uv, tier="reference") * upstream).sum(), leaf)
+    assert relative_error(grad_tex, expected) <= 1e-5
+    leaf = uv.clone().requires_grad_(True)
+    (grad_uv,) = torch.autograd.grad((texture(tex, leaf, "clamp", tier="cpu") * upstream).sum(), leaf)
+    (expected,) = torch.autograd.grad((texture(tex, leaf, "clamp", tier="reference") * upstream).sum(), leaf)
+    assert relative_error(grad_uv, expected) <= 1e-5
+
+
+def test_cpu_texture_is_deterministic(cpu_tier: None) -> None:
+    tex, uv, upstream = texture_case(11, 2, True, (33, 65), (96, 80), 3)
+
+    def run() -> tuple[Tensor, ...]:
+        leaves = (tex.clone().requires_grad_(True), uv.clone().requires_grad_(True))
+        out = texture(*leaves, "wrap", tier="cpu")
+        return (out.detach(), *torch.autograd.grad((out * upstream).sum(), leaves))
+
+    first = run()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1 if threads > 1 else 2)  # another thread count must not change a bit
+        second = run()
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
 def test_cpu_is_deterministic(cpu_tier: None) -> None:
     positions, faces = random_mesh_scene(seed=7)
     attributes = torch.rand(positions.shape[1], 3, generator=torch.Generator().manual_seed(8))
@@ -463,5 +533,7 @@ def test_bad_inputs_name_the_argument() -> None:
 
 def test_cpu_rejects_float64(cpu_tier: None) -> None:
     positions, faces = tiny_scene()
+    with pytest.raises(TypeError, match="float32 tex"):
+        texture(torch.rand(1, 4, 4, 3, dtype=torch.float64), torch.rand(1, 2, 2, 2), tier="cpu")
     with pytest.raises(TypeError, match="float32 clip_positions"):
         rasterize(positions, faces, (4, 4), tier="cpu")
