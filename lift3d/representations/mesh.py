@@ -248,7 +248,8 @@ class TexturedMesh(Representation):
         return (self.base_vertices + self.offsets)[self.vmapping]
 
     def _texel_values(self, uv: Tensor) -> Tensor:
-        values = mesh_raster.texture(self.texture, uv.view(1, -1, 1, 2), boundary_mode="clamp").view(-1, self.texture.shape[-1])
+        values = mesh_raster.texture(self.texture, uv.view(1, -1, 1, 2), boundary_mode="clamp",
+                                     tier=self.config.kernel_tier or None).view(-1, self.texture.shape[-1])
         return values if self.config.latent else torch.sigmoid(values)
 
     def _field(self, points: Tensor) -> Tensor:
