@@ -2,6 +2,7 @@
 wall time per prompt, and write JSON.
 
     python benchmarks/quality.py --config configs/quickstart.yaml --prompts prompts/analytic-5.txt
+    python benchmarks/quality.py --config configs/quickstart-mesh.yaml mesh.export.formats=[glb]   # a pipeline
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 
 from lift3d.config import load_config
+from lift3d.pipeline import is_pipeline, run_pipeline
 from lift3d.prompts import read_prompt_file, slugify
 from lift3d.train import Trainer
 
@@ -38,10 +40,13 @@ def main(argv: list[str] | None = None) -> int:
         for prompt in read_prompt_file(args.prompts):
             # No media exports (they cost time and say nothing); a mesh export stays if asked for.
             defaults = ["trainer.progress_bar=false", "export.formats=[]"]
-            config = load_config(args.config, [*defaults, *args.overrides], prompt=prompt)
+            overrides = [*defaults, *args.overrides]
+            run_dir = Path(scratch) / slugify(prompt)
             start = time.perf_counter()
-            trainer = Trainer(config, run_dir=Path(scratch) / slugify(prompt))
-            result = trainer.fit()
+            if is_pipeline(args.config):  # every stage; the last one's metrics
+                result = run_pipeline(args.config, overrides, prompt=prompt, out=str(run_dir))
+            else:
+                result = Trainer(load_config(args.config, overrides, prompt=prompt), run_dir=run_dir).fit()
             seconds = time.perf_counter() - start
             rows.append({"prompt": prompt, "seconds": round(seconds, 1), **{k: round(v, 5) for k, v in result.metrics.items()}})
             chamfer = result.metrics.get("eval/chamfer")

@@ -189,14 +189,16 @@ def run_pipeline(
     result = None
     for number, stage in enumerate(pipeline.stages, start=1):
         stage_dir = run_dir / stage.name
-        metrics = finished_metrics(stage_dir)
+        # Only a resume reuses what a stage folder holds; a fresh run starts every stage anew.
+        metrics = finished_metrics(stage_dir) if resume else None
         if metrics is not None:
             logger.info("stage %d/%d %s: already finished (%s)", number, len(pipeline.stages), stage.name, stage_dir)
             result = RunResult(stage_dir, build_run_config(stage.data).trainer.steps, metrics)
         else:
             logger.info("stage %d/%d %s -> %s", number, len(pipeline.stages), stage.name, stage_dir)
             config = stage_config(stage, previous)
-            has_checkpoint = (stage_dir / "ckpt" / "last.pt").is_file()
+            (stage_dir / DONE_FILE).unlink(missing_ok=True)
+            has_checkpoint = bool(resume) and (stage_dir / "ckpt" / "last.pt").is_file()
             trainer = Trainer(config, run_dir=stage_dir, resume=stage_dir if has_checkpoint else None)
             result = trainer.fit()
             (stage_dir / DONE_FILE).write_text(json.dumps(result.metrics))
