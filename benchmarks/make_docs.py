@@ -72,6 +72,7 @@ def main() -> None:
     text = text.replace("{{ACCEPTANCE}}", acceptance())
     text = text.replace("{{GUIDANCE}}", report("guidance-gaussians.json", "guidance-gaussians-2.json", "guidance-nerf-quick.json"))
     text = text.replace("{{JANUS}}", janus()).replace("{{KERNELS}}", kernels()).replace("{{NERF}}", quality("quality-nerf.json"))
+    text = text.replace("{{MESH}}", quality("quality-mesh.json") if (R / "quality-mesh.json").is_file() else "(not measured)")
     gaussians = json.loads((R / "quality-gaussians.json").read_text())
     text = text.replace("{{GAUSSIANS}}", quality("quality-gaussians.json") if gaussians.get("mean_chamfer") else "")
     OUTPUT.write_text(text)
