@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -28,10 +29,17 @@ class SurfacePixels:
 
     normals: Tensor
     """[N, 3] unit world-space normals of the faces seen (differentiable in the vertices)."""
-    view_dirs: Tensor
-    """[N, 3] unit world-space directions from the surface towards the camera."""
-    batch_index: Tensor
-    """[N] which camera of the batch each pixel belongs to."""
+    cameras: Cameras
+    """The B cameras rendered."""
+    covered: Tensor
+    """[B, H, W] bool: the pixels a face covers, in the order of the N rows."""
+
+    @cached_property
+    def view_dirs(self) -> Tensor:
+        """[N, 3] unit world-space directions from the surface towards the camera (computed on first
+        use: most shade functions never ask)."""
+        _, directions = self.cameras.rays()
+        return -torch.nn.functional.normalize(directions.to(self.normals)[self.covered], dim=-1)
 
 
 ShadeFn = Callable[[Tensor, SurfacePixels], Tensor]
@@ -95,12 +103,7 @@ def render_mesh(
     pixel_normals = torch.zeros(B, H, W, 3, dtype=vertices.dtype, device=vertices.device)
     if bool(covered.any()):
         normals = face_normals(vertices, faces)[raster.triangle_id[covered].long()]
-        _, directions = cameras.rays()
-        pixels = SurfacePixels(
-            normals=normals,
-            view_dirs=-torch.nn.functional.normalize(directions.to(vertices)[covered], dim=-1),
-            batch_index=covered.nonzero()[:, 0],
-        )
+        pixels = SurfacePixels(normals=normals, cameras=cameras, covered=covered)
         colour = colour.index_put((covered,), shade(interpolated[covered], pixels).to(colour.dtype))
         pixel_normals = pixel_normals.index_put((covered,), normals)
     mask = raster.coverage()
