@@ -27,6 +27,7 @@ stages, resumes the interrupted one from its last checkpoint and goes on.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass, field
@@ -35,7 +36,9 @@ from typing import Any
 
 import yaml
 
-from lift3d.config import ConfigError, RunConfig, apply_override, build_run_config, parse_override, read_yaml
+from lift3d.config import (
+    ConfigError, RunConfig, apply_override, build_run_config, parse_override, read_yaml, registered_name,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +58,8 @@ class Stage:
     """The stage's run config as plain data (preset + inline sections + overrides)."""
     init_from_previous: bool = True
     """Start the representation from the previous stage's run folder."""
+    config: RunConfig | None = None
+    """``data`` built and validated, once, by ``load_pipeline`` after the overrides (before any stage runs)."""
 
 
 @dataclass
@@ -65,10 +70,6 @@ class Pipeline:
     """The pipeline's name (the run folder's parent under outputs/)."""
     stages: list[Stage] = field(default_factory=list)
     """The stages in order."""
-
-    @property
-    def prompt(self) -> str:
-        return str(self.stages[-1].data.get("prompt", ""))
 
 
 def is_pipeline(path: str | Path | None) -> bool:
@@ -140,7 +141,7 @@ def load_pipeline(path: str | Path, overrides: list[str] = (), prompt: str | Non
     pipeline = Pipeline(str(data.get("name", path.stem)), stages)
     for stage in stages:  # fail before any stage runs
         try:
-            build_run_config(stage.data)
+            stage.config = build_run_config(stage.data)
         except ConfigError as error:
             raise ConfigError(f"stage {stage.name!r}: {error} (prefix an override with '{stage.name}.' to reach this stage only)") from None
     return pipeline
@@ -148,12 +149,12 @@ def load_pipeline(path: str | Path, overrides: list[str] = (), prompt: str | Non
 
 def stage_config(stage: Stage, previous_run: Path | None) -> RunConfig:
     """The stage's run config, started from ``previous_run`` when it chains."""
-    config = build_run_config(copy.deepcopy(stage.data))
+    config = copy.deepcopy(stage.config)
     if previous_run is None or not stage.init_from_previous:
         return config
     if not hasattr(config.representation, "init_from"):
         raise ConfigError(
-            f"stage {stage.name!r}: representation {stage.data['representation'].get('type')!r} cannot start from "
+            f"stage {stage.name!r}: representation {registered_name('representation', config.representation)!r} cannot start from "
             f"the previous stage (it has no init_from); set init_from_previous: false"
         )
     if not config.representation.init_from:
@@ -179,7 +180,7 @@ def run_pipeline(
         if not (run_dir / PIPELINE_FILE).is_file():
             raise FileNotFoundError(f"resume={resume}: not a pipeline run folder (no {PIPELINE_FILE})")
     else:
-        run_dir = Path(out) if out else default_run_dir(build_run_config({**pipeline.stages[-1].data, "name": pipeline.name}))
+        run_dir = Path(out) if out else default_run_dir(dataclasses.replace(pipeline.stages[-1].config, name=pipeline.name))
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / PIPELINE_FILE).write_text(yaml.safe_dump(
         {"name": pipeline.name, "stages": [{"name": s.name, "init_from_previous": s.init_from_previous} for s in pipeline.stages]},
@@ -193,7 +194,7 @@ def run_pipeline(
         metrics = finished_metrics(stage_dir) if resume else None
         if metrics is not None:
             logger.info("stage %d/%d %s: already finished (%s)", number, len(pipeline.stages), stage.name, stage_dir)
-            result = RunResult(stage_dir, build_run_config(stage.data).trainer.steps, metrics)
+            result = RunResult(stage_dir, stage.config.trainer.steps, metrics)
         else:
             logger.info("stage %d/%d %s -> %s", number, len(pipeline.stages), stage.name, stage_dir)
             config = stage_config(stage, previous)
