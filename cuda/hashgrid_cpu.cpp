@@ -8,23 +8,28 @@
 //   hashed: (cx ^ cy 2654435761 ^ cz 805459861) % size   (uint32, tcnn's coherent prime hash)
 // and blended trilinearly. Output [N, L*F] level-major; levels >= active_levels are zeros.
 //
-// Parallelism and determinism:
-//  - forward: OpenMP over points (a contiguous range per thread), levels one after another, so one
-//    level's slice of the table stays cache-resident (as tcnn does); every output is written by
-//    exactly one thread, into a level-major buffer transposed at the end.
+// Layout of the work: the positions are clamped once per call into a structure of arrays. A
+// level is then visited in blocks of 16 points: the corner rows and weights of a whole block are
+// computed together (plain loops over the block that the compiler vectorises; an AVX2 build is
+// picked at run time where the CPU has it, LIFT3D_KERNELS_NO_AVX2=1 forces the baseline), and the
+// 128 rows of the next block are prefetched while the current one reads or updates the table.
+// The kernels are bound by those random table accesses (a hashed level's slice is 4 MB at
+// T = 2^19), so the aim is many of them in flight and few instructions around them.
+//
+// Parallelism and determinism (no float atomics; bit-identical for any thread count, and between
+// the AVX2 and baseline builds: the same IEEE operations in the same order, nothing contracted):
+//  - forward: level by level, so one level's slice of the table stays cache-resident (as tcnn
+//    does); within a level, OpenMP over chunks of points. Outputs go to a level-major buffer
+//    (each level streams its own), transposed to [N, L*F] at the end.
 //  - backward, table: OpenMP over levels. A level's slice of the gradient is written by one thread
-//    visiting the points in index order, so every entry is summed in a fixed order: no float
-//    atomics, bit-identical results for any thread count. (Parallelism is capped at L = 16 by
-//    default, plenty for a CPU; per-thread partial tables would cost L * T * F floats each.)
-//  - backward, positions: OpenMP over points; each point sums its levels in order.
-//  Corner rows are located a few points ahead and prefetched, so several points' random table
-//  accesses are in flight at once: the kernels are bound by the latency of those accesses.
+//    visiting the points in index order, so every entry is summed in a fixed order.
+//  - backward, positions: level by level, OpenMP over chunks of points; each point sums its
+//    levels in order.
 
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
 #include <omp.h>
-#include <sys/mman.h>
 
 #include <algorithm>
 #include <cmath>
@@ -33,6 +38,9 @@
 #include <tuple>
 #include <type_traits>
 #include <vector>
+
+#include "cpu_features.h"
+#include "cpu_output_pool.h"
 
 namespace {
 
@@ -47,60 +55,6 @@ struct Level {
   int64_t offset;  // first row of the slice
   bool hashed;
 };
-
-// One point at one level: the 8 corner rows (absolute, in the table) and the fractions.
-struct Cell {
-  int64_t row[8];
-  float t[3];
-  bool inside[3];  // x_d within [0, 1] (clamp passes the gradient); false for NaN
-};
-
-__attribute__((always_inline)) inline void locate(const Level& lv, const float* x, Cell& cell) {
-  uint32_t g[3];
-  for (int d = 0; d < 3; ++d) {
-    const float v = x[d];
-    cell.inside[d] = v >= 0.0f && v <= 1.0f;
-    const float clamped = v > 0.0f ? (v < 1.0f ? v : 1.0f) : 0.0f;  // NaN -> 0
-    const float p = clamped * lv.scale + 0.5f;
-    // p >= 0.5, so truncation is floor (and avoids a libm call: baseline x86-64 has no roundss).
-    g[d] = static_cast<uint32_t>(static_cast<int32_t>(p));
-    cell.t[d] = p - static_cast<float>(g[d]);
-  }
-  uint32_t ax[2], ay[2], az[2];  // per-axis terms of the index for the low and high corner
-  if (lv.hashed) {
-    ax[0] = g[0];
-    ax[1] = g[0] + 1u;
-    ay[0] = g[1] * kPrimeY;
-    ay[1] = (g[1] + 1u) * kPrimeY;
-    az[0] = g[2] * kPrimeZ;
-    az[1] = (g[2] + 1u) * kPrimeZ;
-    for (int c = 0; c < 8; ++c) {
-      cell.row[c] = lv.offset + ((ax[c & 1] ^ ay[(c >> 1) & 1] ^ az[(c >> 2) & 1]) & lv.mask);
-    }
-  } else {
-    const uint32_t r = lv.resolution, r2 = r * r;
-    ax[0] = g[0];
-    ax[1] = g[0] + 1u;
-    ay[0] = g[1] * r;
-    ay[1] = (g[1] + 1u) * r;
-    az[0] = g[2] * r2;
-    az[1] = (g[2] + 1u) * r2;
-    for (int c = 0; c < 8; ++c) {
-      // Corners reach at most res per axis, so the dense index is < 2 size (checked in make_levels):
-      // one conditional subtraction is the modulo.
-      const uint32_t i = ax[c & 1] + ay[(c >> 1) & 1] + az[(c >> 2) & 1];
-      cell.row[c] = lv.offset + (i >= lv.size ? i - lv.size : i);
-    }
-  }
-}
-
-// Trilinear weights w_c = wx * wy * wz in the reference's multiplication order.
-inline void corner_weights(const float t[3], float w[8]) {
-  const float wx[2] = {1.0f - t[0], t[0]};
-  const float wy[2] = {1.0f - t[1], t[1]};
-  const float wz[2] = {1.0f - t[2], t[2]};
-  for (int c = 0; c < 8; ++c) w[c] = wx[c & 1] * wy[(c >> 1) & 1] * wz[(c >> 2) & 1];
-}
 
 std::vector<Level> make_levels(c10::ArrayRef<double> scales, at::IntArrayRef resolutions, at::IntArrayRef offsets,
                                at::IntArrayRef hashed, int64_t table_rows) {
@@ -165,71 +119,313 @@ void dispatch_features(int64_t F, Fn&& fn) {
   }
 }
 
-// Fresh multi-megabyte buffers come from mmap and are faulted in page by page on first touch;
-// at 2^18 points the outputs and scratch buffers (~150 MB per forward + backward) cost tens of
-// milliseconds of page faults. Two remedies: 2 MiB pages where the kernel grants them (a hint,
-// THP "madvise" mode), and a per-thread scratch buffer kept between calls.
-inline void advise_huge_pages(void* data, size_t bytes) {
-#ifdef MADV_HUGEPAGE
-  constexpr uintptr_t kHuge = uintptr_t{1} << 21;
-  const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + bytes) & ~(kHuge - 1);
-  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);  // failure is harmless
-#else
-  (void)data;
-  (void)bytes;
-#endif
-}
+// Scratch buffers are per thread and kept between calls, in 2 MiB pages where granted: fresh
+// memory costs a page fault and a zeroing per page on first touch (see cpu_output_pool.h, which
+// recycles the outputs for the same reason).
+enum class Scratch { kLevelMajor, kPoints };
 
-// The calling thread's scratch of at least `count` floats (grown, never shrunk, reused).
-inline float* thread_scratch(size_t count) {
+// The calling thread's scratch buffer `kind` of at least `count` floats (grown, never shrunk, reused).
+template <Scratch kind>
+float* thread_scratch(size_t count) {
   thread_local std::vector<float> buffer;
   if (buffer.size() < count) {
     buffer = std::vector<float>();
     buffer.reserve(count);
-    advise_huge_pages(buffer.data(), count * sizeof(float));
+    lift3d_cpu::advise_huge_pages(buffer.data(), count * sizeof(float));
     buffer.resize(count);
   }
   return buffer.data();
 }
 
-constexpr int64_t kAhead = 8;  // points located ahead of the one being processed (power of two)
+#define HASHGRID_INLINE inline __attribute__((always_inline))
 
-inline void prefetch_rows(const Cell& cell, const float* base, int64_t F, bool for_write) {
-  if (base == nullptr) return;
-  for (int c = 0; c < 8; ++c) {
-    if (for_write) {
-      __builtin_prefetch(base + cell.row[c] * F, 1, 3);
+constexpr int64_t kBlock = 16;  // points located together: two AVX2 vectors (four SSE ones) of floats
+constexpr int64_t kChunk = 4096;  // points per OpenMP work item in the point-parallel loops
+
+// Clamped positions as a structure of arrays, padded with zeros past N up to whole blocks (a block
+// may start anywhere below N and always reads kBlock points), and per point the axes where the
+// clamp passes the gradient (bit d: x_d within [0, 1]; NaN is outside).
+struct Points {
+  const float* coord[3];
+  const uint8_t* inside;
+};
+
+inline int64_t padded_points(int64_t N) { return (N + 2 * kBlock - 1) / kBlock * kBlock; }
+
+Points prepare_points(const float* __restrict__ x, int64_t N) {
+  const int64_t padded = padded_points(N);
+  // 3 coordinate arrays and the flags (a quarter of the 4th float array's bytes).
+  float* buffer = thread_scratch<Scratch::kPoints>(static_cast<size_t>(4 * padded));
+  float* coord[3] = {buffer, buffer + padded, buffer + 2 * padded};
+  uint8_t* inside = reinterpret_cast<uint8_t*>(buffer + 3 * padded);
+  at::parallel_for(0, padded, kChunk, [&](int64_t first, int64_t last) {
+    for (int64_t i = first; i < last; ++i) {
+      uint8_t flags = 0;
+      for (int d = 0; d < 3; ++d) {
+        const float v = i < N ? x[3 * i + d] : 0.0f;
+        if (v >= 0.0f && v <= 1.0f) flags |= static_cast<uint8_t>(1u << d);
+        coord[d][i] = v > 0.0f ? (v < 1.0f ? v : 1.0f) : 0.0f;  // NaN -> 0
+      }
+      inside[i] = flags;
+    }
+  });
+  return {{coord[0], coord[1], coord[2]}, inside};
+}
+
+// One block of points at one level: per corner the row within the level's slice and the
+// trilinear weight, and the fractions t (structure of arrays: the loops below vectorise).
+struct alignas(64) Block {
+  uint32_t index[8][kBlock];
+  float weight[8][kBlock];
+  float t[3][kBlock];
+};
+
+template <bool kHashed>
+HASHGRID_INLINE void locate_block(const Level& lv, const Points& points, int64_t first, Block& block) {
+  int32_t cell[3][kBlock];
+  for (int d = 0; d < 3; ++d) {
+    const float* coord = points.coord[d] + first;
+    for (int64_t k = 0; k < kBlock; ++k) {
+      const float p = coord[k] * lv.scale + 0.5f;
+      // p >= 0.5, so truncation is floor (and avoids a libm call: baseline x86-64 has no roundss).
+      cell[d][k] = static_cast<int32_t>(p);
+      block.t[d][k] = p - static_cast<float>(cell[d][k]);
+    }
+  }
+  for (int64_t k = 0; k < kBlock; ++k) {
+    // Per-axis terms of the index for the low (0) and high (1) corner; uint32 arithmetic wraps as tcnn's does.
+    const uint32_t x0 = static_cast<uint32_t>(cell[0][k]), x1 = x0 + 1u;
+    uint32_t y0, y1, z0, z1;
+    if constexpr (kHashed) {
+      y0 = static_cast<uint32_t>(cell[1][k]) * kPrimeY;
+      y1 = y0 + kPrimeY;
+      z0 = static_cast<uint32_t>(cell[2][k]) * kPrimeZ;
+      z1 = z0 + kPrimeZ;
+      const uint32_t m = lv.mask;
+      block.index[0][k] = (x0 ^ y0 ^ z0) & m;
+      block.index[1][k] = (x1 ^ y0 ^ z0) & m;
+      block.index[2][k] = (x0 ^ y1 ^ z0) & m;
+      block.index[3][k] = (x1 ^ y1 ^ z0) & m;
+      block.index[4][k] = (x0 ^ y0 ^ z1) & m;
+      block.index[5][k] = (x1 ^ y0 ^ z1) & m;
+      block.index[6][k] = (x0 ^ y1 ^ z1) & m;
+      block.index[7][k] = (x1 ^ y1 ^ z1) & m;
     } else {
-      __builtin_prefetch(base + cell.row[c] * F, 0, 3);
+      const uint32_t r = lv.resolution, size = lv.size;
+      y0 = static_cast<uint32_t>(cell[1][k]) * r;
+      y1 = y0 + r;
+      z0 = static_cast<uint32_t>(cell[2][k]) * (r * r);
+      z1 = z0 + r * r;
+      const uint32_t sums[8] = {x0 + y0 + z0, x1 + y0 + z0, x0 + y1 + z0, x1 + y1 + z0,
+                                x0 + y0 + z1, x1 + y0 + z1, x0 + y1 + z1, x1 + y1 + z1};
+      // Corners reach at most res per axis, so the dense index is < 2 size (checked in
+      // make_levels): one conditional subtraction is the modulo.
+      for (int c = 0; c < 8; ++c) block.index[c][k] = sums[c] >= size ? sums[c] - size : sums[c];
+    }
+    // w_c = wx * wy * wz, multiplied in the reference's order.
+    const float tx = block.t[0][k], ty = block.t[1][k], tz = block.t[2][k];
+    const float x_lo = 1.0f - tx, y_lo = 1.0f - ty, z_lo = 1.0f - tz;
+    const float xy[4] = {x_lo * y_lo, tx * y_lo, x_lo * ty, tx * ty};
+    for (int c = 0; c < 4; ++c) {
+      block.weight[c][k] = xy[c] * z_lo;
+      block.weight[c + 4][k] = xy[c] * tz;
     }
   }
 }
 
-// Visits points [begin, end) of one level in order, calling body(i, cell). Cells are located
-// kAhead points early and their rows prefetched from `read` (and `write` for writing), so the
-// random table accesses of several points are in flight at once instead of one after another.
-template <typename Body>
-inline void for_each_cell(const Level& lv, const float* x, int64_t begin, int64_t end, const float* read,
-                          const float* write, int64_t F, Body&& body) {
-  Cell ring[kAhead];
-  const int64_t warm = std::min(end - begin, kAhead);
-  for (int64_t k = 0; k < warm; ++k) {
-    locate(lv, x + 3 * (begin + k), ring[k]);
-    prefetch_rows(ring[k], read, F, false);
-    prefetch_rows(ring[k], write, F, true);
-  }
-  for (int64_t i = begin; i < end; ++i) {
-    Cell& slot = ring[(i - begin) & (kAhead - 1)];
-    const Cell cell = slot;
-    if (i + kAhead < end) {
-      locate(lv, x + 3 * (i + kAhead), slot);
-      prefetch_rows(slot, read, F, false);
-      prefetch_rows(slot, write, F, true);
-    }
-    body(i, cell);
+// Prefetches the rows of the first `count` points of a block (for writing if kWrite).
+template <bool kWrite>
+HASHGRID_INLINE void prefetch_block(const Block& block, const float* rows, int64_t F, int64_t count) {
+  for (int c = 0; c < 8; ++c) {
+    for (int64_t k = 0; k < count; ++k) __builtin_prefetch(rows + static_cast<int64_t>(block.index[c][k]) * F, kWrite, 3);
   }
 }
+
+// Visits points [begin, end) of one level block by block, in order: body(first, count, block).
+// The next block is located and its rows (in `rows`, the level's slice) prefetched before the
+// current block's body runs, so 128 random accesses are in flight while it works.
+template <bool kHashed, bool kWrite, typename Body>
+HASHGRID_INLINE void for_each_block_of(const Level& lv, const Points& points, int64_t begin, int64_t end,
+                                       const float* rows, int64_t F, Body&& body) {
+  if (begin >= end) return;
+  Block blocks[2];
+  locate_block<kHashed>(lv, points, begin, blocks[0]);
+  prefetch_block<kWrite>(blocks[0], rows, F, std::min(kBlock, end - begin));
+  int current = 0;
+  for (int64_t first = begin; first < end; first += kBlock, current ^= 1) {
+    const int64_t next = first + kBlock;
+    // The coordinates are streamed, but the table's random accesses crowd out the hardware
+    // prefetcher: fetch them a few blocks early (past the padding is harmless, prefetches do not fault).
+    for (int d = 0; d < 3; ++d) __builtin_prefetch(points.coord[d] + first + 4 * kBlock, 0, 3);
+    if (next < end) {
+      locate_block<kHashed>(lv, points, next, blocks[current ^ 1]);
+      prefetch_block<kWrite>(blocks[current ^ 1], rows, F, std::min(kBlock, end - next));
+    }
+    body(first, std::min(kBlock, end - first), blocks[current]);
+  }
+}
+
+template <bool kWrite, typename Body>
+HASHGRID_INLINE void for_each_block(const Level& lv, const Points& points, int64_t begin, int64_t end,
+                                    const float* rows, int64_t F, Body&& body) {
+  if (lv.hashed) {
+    for_each_block_of<true, kWrite>(lv, points, begin, end, rows, F, body);
+  } else {
+    for_each_block_of<false, kWrite>(lv, points, begin, end, rows, F, body);
+  }
+}
+
+// Forward of points [begin, end) at one level into the level-major output of that level.
+template <int kF>
+HASHGRID_INLINE void forward_range(const Level& lv, const Points& points, const float* __restrict__ table,
+                                   float* __restrict__ level_out, int64_t begin, int64_t end, int64_t F_runtime) {
+  const int64_t F = kF > 0 ? kF : F_runtime;
+  const float* rows = table + lv.offset * F;
+  for_each_block</*kWrite=*/false>(lv, points, begin, end, rows, F, [&](int64_t first, int64_t count, const Block& b) {
+    for (int64_t k = 0; k < count; ++k) {
+      float* out = level_out + (first + k) * F;
+      if constexpr (kF > 0) {
+        float acc[kF] = {};
+        for (int c = 0; c < 8; ++c) {
+          const float* row = rows + static_cast<int64_t>(b.index[c][k]) * kF;
+          const float w = b.weight[c][k];
+          for (int f = 0; f < kF; ++f) acc[f] += w * row[f];
+        }
+        for (int f = 0; f < kF; ++f) out[f] = acc[f];
+      } else {
+        for (int64_t f = 0; f < F; ++f) out[f] = 0.0f;
+        for (int c = 0; c < 8; ++c) {
+          const float* row = rows + static_cast<int64_t>(b.index[c][k]) * F;
+          const float w = b.weight[c][k];
+          for (int64_t f = 0; f < F; ++f) out[f] += w * row[f];
+        }
+      }
+    }
+  });
+}
+
+// Table gradient of points [begin, end) at one level: w_c * grad added into the level's slice of
+// grad_table, points in index order (the caller gives a level's slice to one thread).
+template <int kF>
+HASHGRID_INLINE void scatter_range(const Level& lv, const Points& points, const float* __restrict__ grad_level,
+                                   float* __restrict__ grad_table, int64_t begin, int64_t end, int64_t F_runtime) {
+  const int64_t F = kF > 0 ? kF : F_runtime;
+  float* rows = grad_table + lv.offset * F;
+  for_each_block</*kWrite=*/true>(lv, points, begin, end, rows, F, [&](int64_t first, int64_t count, const Block& b) {
+    for (int64_t k = 0; k < count; ++k) {
+      const float* g = grad_level + (first + k) * F;
+      if constexpr (kF > 0) {
+        float gk[kF];  // in registers: the row updates below cannot alias it
+        for (int f = 0; f < kF; ++f) gk[f] = g[f];
+        for (int c = 0; c < 8; ++c) {
+          float* row = rows + static_cast<int64_t>(b.index[c][k]) * kF;
+          const float w = b.weight[c][k];
+          for (int f = 0; f < kF; ++f) row[f] += w * gk[f];
+        }
+      } else {
+        for (int c = 0; c < 8; ++c) {
+          float* row = rows + static_cast<int64_t>(b.index[c][k]) * F;
+          const float w = b.weight[c][k];
+          for (int64_t f = 0; f < F; ++f) row[f] += w * g[f];
+        }
+      }
+    }
+  });
+}
+
+// Position gradient of points [begin, end) at one level, added to grad_positions:
+// d out / d x_d = scale * sum_c (d w_c / d t_d) <grad, feature_c>, zero where the clamp is active.
+template <int kF>
+HASHGRID_INLINE void position_range(const Level& lv, const Points& points, const float* __restrict__ table,
+                                    const float* __restrict__ grad_level, float* __restrict__ grad_positions,
+                                    int64_t begin, int64_t end, int64_t F_runtime) {
+  const int64_t F = kF > 0 ? kF : F_runtime;
+  const float* rows = table + lv.offset * F;
+  for_each_block</*kWrite=*/false>(lv, points, begin, end, rows, F, [&](int64_t first, int64_t count, const Block& b) {
+    for (int64_t k = 0; k < count; ++k) {
+      const int64_t i = first + k;
+      const float* g = grad_level + i * F;
+      const float wx[2] = {1.0f - b.t[0][k], b.t[0][k]};
+      const float wy[2] = {1.0f - b.t[1][k], b.t[1][k]};
+      const float wz[2] = {1.0f - b.t[2][k], b.t[2][k]};
+      float dt[3] = {0.0f, 0.0f, 0.0f};
+      for (int c = 0; c < 8; ++c) {
+        const float* row = rows + static_cast<int64_t>(b.index[c][k]) * F;
+        float s = 0.0f;  // <grad, feature of corner c>
+        for (int64_t f = 0; f < F; ++f) s += g[f] * row[f];
+        // d w_c / d t_d is +-1 (upper / lower corner along d) times the other two factors.
+        const int bx = c & 1, by = (c >> 1) & 1, bz = (c >> 2) & 1;
+        dt[0] += (bx ? s : -s) * (wy[by] * wz[bz]);
+        dt[1] += (by ? s : -s) * (wx[bx] * wz[bz]);
+        dt[2] += (bz ? s : -s) * (wx[bx] * wy[by]);
+      }
+      const uint8_t inside = points.inside[i];
+      for (int d = 0; d < 3; ++d) {
+        if (inside & (1u << d)) grad_positions[3 * i + d] += dt[d] * lv.scale;
+      }
+    }
+  });
+}
+
+// Each range kernel is compiled twice, for baseline x86-64 and for AVX2, and picked per call.
+using ForwardFn = void (*)(const Level&, const Points&, const float*, float*, int64_t, int64_t, int64_t);
+using ScatterFn = void (*)(const Level&, const Points&, const float*, float*, int64_t, int64_t, int64_t);
+using PositionFn = void (*)(const Level&, const Points&, const float*, const float*, float*, int64_t, int64_t,
+                            int64_t);
+
+template <int kF>
+void forward_baseline(const Level& lv, const Points& p, const float* table, float* out, int64_t begin, int64_t end,
+                      int64_t F) {
+  forward_range<kF>(lv, p, table, out, begin, end, F);
+}
+template <int kF>
+void scatter_baseline(const Level& lv, const Points& p, const float* grad, float* grad_table, int64_t begin,
+                      int64_t end, int64_t F) {
+  scatter_range<kF>(lv, p, grad, grad_table, begin, end, F);
+}
+template <int kF>
+void position_baseline(const Level& lv, const Points& p, const float* table, const float* grad, float* grad_positions,
+                       int64_t begin, int64_t end, int64_t F) {
+  position_range<kF>(lv, p, table, grad, grad_positions, begin, end, F);
+}
+
+#ifdef LIFT3D_CPU_X86
+template <int kF>
+__attribute__((target("avx2"))) void forward_avx2(const Level& lv, const Points& p, const float* table, float* out,
+                                                  int64_t begin, int64_t end, int64_t F) {
+  forward_range<kF>(lv, p, table, out, begin, end, F);
+}
+template <int kF>
+__attribute__((target("avx2"))) void scatter_avx2(const Level& lv, const Points& p, const float* grad,
+                                                  float* grad_table, int64_t begin, int64_t end, int64_t F) {
+  scatter_range<kF>(lv, p, grad, grad_table, begin, end, F);
+}
+template <int kF>
+__attribute__((target("avx2"))) void position_avx2(const Level& lv, const Points& p, const float* table,
+                                                   const float* grad, float* grad_positions, int64_t begin,
+                                                   int64_t end, int64_t F) {
+  position_range<kF>(lv, p, table, grad, grad_positions, begin, end, F);
+}
+#endif
+
+template <int kF>
+struct RangeKernels {
+  ForwardFn forward = forward_baseline<kF>;
+  ScatterFn scatter = scatter_baseline<kF>;
+  PositionFn position = position_baseline<kF>;
+
+  static RangeKernels for_this_cpu() {
+    RangeKernels kernels;
+#ifdef LIFT3D_CPU_X86
+    if (lift3d_cpu::use_avx2()) {
+      kernels.forward = forward_avx2<kF>;
+      kernels.scatter = scatter_avx2<kF>;
+      kernels.position = position_avx2<kF>;
+    }
+#endif
+    return kernels;
+  }
+};
 
 // Moves level-major values [A, N, F] to point-major rows [N, L*F], levels >= A as zeros
 // (kToPoints), or point-major rows back to level-major for the first A levels. Blocks of points
@@ -260,42 +456,6 @@ void transpose_levels(const float* __restrict__ src, float* __restrict__ dst, in
   });
 }
 
-// Writes level-major features [L, N, F]: each level's outputs are contiguous (the caller
-// transposes), so a level pass streams its output instead of touching every row of [N, L*F].
-template <int kF>
-void forward_kernel(const float* __restrict__ x, const float* __restrict__ table, float* __restrict__ out, int64_t N,
-                    int64_t F_runtime, const std::vector<Level>& levels, int64_t active) {
-  const int64_t F = kF > 0 ? kF : F_runtime;
-#pragma omp parallel num_threads(at::get_num_threads())
-  {
-    const int64_t threads = omp_get_num_threads(), thread = omp_get_thread_num();
-    const int64_t begin = N * thread / threads, end = N * (thread + 1) / threads;
-    // Level by level, so one level's slice of the table stays cache-resident (as tcnn does).
-    for (int64_t l = 0; l < active; ++l) {
-      float* level_out = out + l * N * F;
-      for_each_cell(levels[l], x, begin, end, table, nullptr, F, [&](int64_t i, const Cell& cell) {
-        float w[8];
-        corner_weights(cell.t, w);
-        float* o = level_out + i * F;
-        if constexpr (kF > 0) {
-          float acc[kF] = {};
-          for (int c = 0; c < 8; ++c) {
-            const float* row = table + cell.row[c] * kF;
-            for (int f = 0; f < kF; ++f) acc[f] += w[c] * row[f];
-          }
-          for (int f = 0; f < kF; ++f) o[f] = acc[f];
-        } else {
-          for (int64_t f = 0; f < F; ++f) o[f] = 0.0f;
-          for (int c = 0; c < 8; ++c) {
-            const float* row = table + cell.row[c] * F;
-            for (int64_t f = 0; f < F; ++f) o[f] += w[c] * row[f];
-          }
-        }
-      });
-    }
-  }
-}
-
 at::Tensor hashgrid_forward(const at::Tensor& positions, const at::Tensor& table, c10::ArrayRef<double> scales,
                             at::IntArrayRef resolutions, at::IntArrayRef offsets, at::IntArrayRef hashed,
                             int64_t active_levels) {
@@ -304,69 +464,30 @@ at::Tensor hashgrid_forward(const at::Tensor& positions, const at::Tensor& table
   const int64_t L = static_cast<int64_t>(levels.size());
   TORCH_CHECK(active_levels >= 0 && active_levels <= L, "hashgrid (cpu tier): active_levels out of range");
   const int64_t N = positions.size(0), F = table.size(1);
-  at::Tensor features = at::empty({N, L * F}, positions.options());
+  at::Tensor features = lift3d_cpu::OutputPool::take({N, L * F}, positions.options()).tensor;
   if (N == 0) return features;
-  advise_huge_pages(features.data_ptr<float>(), sizeof(float) * static_cast<size_t>(features.numel()));
   // Level-major scratch for the active levels only (one level pass then streams its output).
-  float* level_major = thread_scratch(static_cast<size_t>(std::max<int64_t>(active_levels, 1) * N * F));
+  float* level_major = thread_scratch<Scratch::kLevelMajor>(static_cast<size_t>(std::max<int64_t>(active_levels, 1) * N * F));
+  const float* tab = table.data_ptr<float>();
   dispatch_features(F, [&](auto kF) {
     constexpr int kFeatures = decltype(kF)::value;
     if (active_levels > 0) {
-      forward_kernel<kFeatures>(positions.data_ptr<float>(), table.data_ptr<float>(), level_major, N, F, levels,
-                                active_levels);
+      const Points points = prepare_points(positions.data_ptr<float>(), N);
+      const ForwardFn forward = RangeKernels<kFeatures>::for_this_cpu().forward;
+      const int64_t chunks = (N + kChunk - 1) / kChunk;
+#pragma omp parallel num_threads(at::get_num_threads())
+      for (int64_t l = 0; l < active_levels; ++l) {
+        // All threads on one level at a time, so its slice of the table stays cache-resident
+        // (as tcnn does); the loop's barrier keeps them together.
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+          forward(levels[l], points, tab, level_major + l * N * F, chunk * kChunk, std::min(N, (chunk + 1) * kChunk), F);
+        }
+      }
     }
     transpose_levels<kFeatures, /*kToPoints=*/true>(level_major, features.data_ptr<float>(), N, L, active_levels, F);
   });
   return features;
-}
-
-// Table gradient of one level: scatter w_c * grad into the level's slice, points in index order.
-template <int kF>
-void scatter_level(const Level& lv, const float* __restrict__ x, const float* __restrict__ grad_level,
-                   float* __restrict__ grad_table, int64_t N, int64_t F_runtime) {
-  const int64_t F = kF > 0 ? kF : F_runtime;
-  for_each_cell(lv, x, 0, N, nullptr, grad_table, F, [&](int64_t i, const Cell& cell) {
-    const float* g = grad_level + i * F;
-    bool any = false;
-    for (int64_t f = 0; f < F; ++f) any |= g[f] != 0.0f;
-    if (!any) return;  // nothing flows back from this point at this level
-    float w[8];
-    corner_weights(cell.t, w);
-    for (int c = 0; c < 8; ++c) {
-      float* row = grad_table + cell.row[c] * F;
-      for (int64_t f = 0; f < F; ++f) row[f] += w[c] * g[f];
-    }
-  });
-}
-
-// Position gradient of points [begin, end) at one level, added to grad_positions:
-// d out / d x_d = scale * sum_c (d w_c / d t_d) feature_c, zero where the clamp is active.
-template <int kF>
-void position_grad_level(const Level& lv, const float* __restrict__ x, const float* __restrict__ table,
-                         const float* __restrict__ grad_level, float* __restrict__ grad_positions, int64_t begin,
-                         int64_t end, int64_t F_runtime) {
-  const int64_t F = kF > 0 ? kF : F_runtime;
-  for_each_cell(lv, x, begin, end, table, nullptr, F, [&](int64_t i, const Cell& cell) {
-    const float* g = grad_level + i * F;
-    const float* t = cell.t;
-    const float wx[2] = {1.0f - t[0], t[0]};
-    const float wy[2] = {1.0f - t[1], t[1]};
-    const float wz[2] = {1.0f - t[2], t[2]};
-    float dt[3] = {0.0f, 0.0f, 0.0f};
-    for (int c = 0; c < 8; ++c) {
-      const float* row = table + cell.row[c] * F;
-      float s = 0.0f;  // <grad, feature of corner c>
-      for (int64_t f = 0; f < F; ++f) s += g[f] * row[f];
-      // d w_c / d t_d is +-1 (upper / lower corner along d) times the other two factors.
-      const int bx = c & 1, by = (c >> 1) & 1, bz = (c >> 2) & 1;
-      dt[0] += (bx ? s : -s) * (wy[by] * wz[bz]);
-      dt[1] += (by ? s : -s) * (wx[bx] * wz[bz]);
-      dt[2] += (bz ? s : -s) * (wx[bx] * wy[by]);
-    }
-    for (int d = 0; d < 3; ++d) {
-      if (cell.inside[d]) grad_positions[3 * i + d] += dt[d] * lv.scale;
-    }
-  });
 }
 
 std::tuple<at::Tensor, at::Tensor> hashgrid_backward(const at::Tensor& grad_features, const at::Tensor& positions,
@@ -383,47 +504,58 @@ std::tuple<at::Tensor, at::Tensor> hashgrid_backward(const at::Tensor& grad_feat
                   grad_features.size(1) == L * F,
               "hashgrid (cpu tier): grad_features must be float32 [N, L*F], got ", grad_features.sizes());
 
-  at::Tensor grad_table = need_table ? at::empty_like(table) : at::empty({0}, table.options());
-  if (need_table) advise_huge_pages(grad_table.data_ptr<float>(), sizeof(float) * static_cast<size_t>(grad_table.numel()));
-  at::Tensor grad_positions = need_positions ? at::zeros({N, 3}, positions.options()) : at::empty({0}, positions.options());
+  using lift3d_cpu::OutputPool;
+  const OutputPool::Buffer grad_table_buffer =
+      need_table ? OutputPool::take(table.sizes(), table.options()) : OutputPool::Buffer{at::empty({0}, table.options()), true};
+  const at::Tensor& grad_table = grad_table_buffer.tensor;
+  at::Tensor grad_positions = at::empty({0}, positions.options());
+  if (need_positions) {
+    const OutputPool::Buffer buffer = OutputPool::take({N, 3}, positions.options());
+    grad_positions = buffer.tensor;
+    if (!buffer.zeroed) grad_positions.zero_();
+  }
   const bool work = active_levels > 0 && N > 0;
   // Level-major copy of the active levels' gradients, so each level pass reads a contiguous stream.
   const at::Tensor grad_point_major = grad_features.contiguous();
-  float* grad_levels = work ? thread_scratch(static_cast<size_t>(active_levels * N * F)) : nullptr;
+  float* grad_levels = work ? thread_scratch<Scratch::kLevelMajor>(static_cast<size_t>(active_levels * N * F)) : nullptr;
+  Points points{};
   if (work) {
     dispatch_features(F, [&](auto kF) {
       transpose_levels<decltype(kF)::value, /*kToPoints=*/false>(grad_point_major.data_ptr<float>(), grad_levels, N, L,
                                                                  active_levels, F);
     });
+    points = prepare_points(positions.data_ptr<float>(), N);
   }
-  const float* x = positions.data_ptr<float>();
   const float* tab = table.data_ptr<float>();
   const float* g = grad_levels;
   const int threads = at::get_num_threads();
 
   dispatch_features(F, [&](auto kF) {
     constexpr int kFeatures = decltype(kF)::value;
+    const RangeKernels<kFeatures> kernels = RangeKernels<kFeatures>::for_this_cpu();
     if (need_table) {
       float* gt = grad_table.data_ptr<float>();
       // A level's slice of grad_table belongs to one thread, which visits the points in index
       // order: every entry is summed in a fixed order, for any thread count. No atomics.
+      const bool zeroed = grad_table_buffer.zeroed;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
       for (int64_t l = L - 1; l >= 0; --l) {  // finest (slowest) levels first balances the threads
         const Level& lv = levels[l];
-        // Zeroed here rather than up front: in parallel, and the slice is then warm in this thread's cache.
-        std::memset(gt + lv.offset * F, 0, sizeof(float) * static_cast<size_t>(lv.size) * F);
-        if (l < active_levels && N > 0) scatter_level<kFeatures>(lv, x, g + l * N * F, gt, N, F);
+        // Recycled memory is zeroed here rather than up front: in parallel, and the slice is then
+        // warm in this thread's cache.
+        if (!zeroed) std::memset(gt + lv.offset * F, 0, sizeof(float) * static_cast<size_t>(lv.size) * F);
+        if (l < active_levels && N > 0) kernels.scatter(lv, points, g + l * N * F, gt, 0, N, F);
       }
     }
     if (need_positions && work) {
       float* gp = grad_positions.data_ptr<float>();
-      // Each point belongs to one thread and sums its levels in order: deterministic too.
+      const int64_t chunks = (N + kChunk - 1) / kChunk;
+      // Each point sums its levels in order (the loop's barrier separates the levels): deterministic too.
 #pragma omp parallel num_threads(threads)
-      {
-        const int64_t count = omp_get_num_threads(), thread = omp_get_thread_num();
-        const int64_t begin = N * thread / count, end = N * (thread + 1) / count;
-        for (int64_t l = 0; l < active_levels; ++l) {
-          position_grad_level<kFeatures>(levels[l], x, tab, g + l * N * F, gp, begin, end, F);
+      for (int64_t l = 0; l < active_levels; ++l) {
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+          kernels.position(levels[l], points, tab, g + l * N * F, gp, chunk * kChunk, std::min(N, (chunk + 1) * kChunk), F);
         }
       }
     }

@@ -46,6 +46,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu_features.h"
+
 namespace {
 
 constexpr int64_t kTile = 32;  // larger tiles: fewer (triangle, tile) visits for small triangles
@@ -57,9 +59,6 @@ constexpr double kBoxSlack = 1e-3;  // BOX_SLACK of the reference
 // compiled twice: N = 4 for AVX2 (chosen at run time where the CPU has it) and N = 2 for the
 // baseline (SSE2 on x86-64). Only + - * /, comparisons and selects are used, so every lane rounds
 // exactly like the reference's scalar op; AVX2 does not bring FMA, so nothing is contracted.
-#if defined(__GNUC__) && defined(__x86_64__)
-#define MESH_RASTER_X86 1
-#endif
 #define MESH_RASTER_INLINE inline __attribute__((always_inline))
 // The 32-byte vectors only live inside always-inlined code, never at a call boundary: GCC's
 // warning about their (unused) calling convention without AVX does not apply.
@@ -492,7 +491,7 @@ MESH_RASTER_INLINE void raster_tile(const TileJob& job, TileBuffer& tile) {
 
 void raster_tile_baseline(const TileJob& job, TileBuffer& tile) { raster_tile<2>(job, tile); }
 
-#ifdef MESH_RASTER_X86
+#ifdef LIFT3D_CPU_X86
 __attribute__((target("avx2"))) void raster_tile_avx2(const TileJob& job, TileBuffer& tile) {
   raster_tile<4>(job, tile);
 }
@@ -502,9 +501,8 @@ using RasterTileFn = void (*)(const TileJob&, TileBuffer&);
 
 // LIFT3D_KERNELS_NO_AVX2=1 forces the baseline loop (read per call, so a test can compare both).
 RasterTileFn raster_tile_for_this_cpu() {
-#ifdef MESH_RASTER_X86
-  const char* no_avx2 = std::getenv("LIFT3D_KERNELS_NO_AVX2");
-  if (!(no_avx2 && std::strcmp(no_avx2, "1") == 0) && __builtin_cpu_supports("avx2")) return raster_tile_avx2;
+#ifdef LIFT3D_CPU_X86
+  if (lift3d_cpu::use_avx2()) return raster_tile_avx2;
 #endif
   return raster_tile_baseline;
 }

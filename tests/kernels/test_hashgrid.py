@@ -1,6 +1,7 @@
 """Hash-grid encoding: the level layout against tiny-cuda-nn's numbers, the reference against hand
 computations, the cpu tier against the reference (values and both gradients), level masking,
-bit-for-bit determinism of the cpu tier, empty inputs and a float64 gradcheck of the reference."""
+bit-for-bit determinism of the cpu tier (any thread count, AVX2 or baseline build), recycled
+output memory, empty inputs and a float64 gradcheck of the reference."""
 
 from __future__ import annotations
 
@@ -235,6 +236,43 @@ def test_cpu_is_deterministic(cpu_tier: None) -> None:
     third = run_with_grads(positions, table, config, "cpu")
     for a, b, c in zip(first, second, third):
         assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_cpu_baseline_build_matches_avx2_bit_for_bit(cpu_tier: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The block loops are compiled for baseline x86-64 and for AVX2 (picked where the CPU has it):
+    # the same IEEE operations in the same order, so not a single bit may differ. N = 1003 leaves
+    # a partial block at the end of every chunk.
+    for name in ("mixed", "f3-runtime"):
+        config = CONFIGS[name]
+        positions, table = random_inputs(config, 1003, seed=11)
+        default = run_with_grads(positions, table, config, "cpu")
+        monkeypatch.setenv("LIFT3D_KERNELS_NO_AVX2", "1")
+        baseline = run_with_grads(positions, table, config, "cpu")
+        monkeypatch.delenv("LIFT3D_KERNELS_NO_AVX2")
+        for label, a, b in zip(("features", "grad_table", "grad_positions"), default, baseline):
+            assert torch.equal(a, b), f"{name}: {label}"
+
+
+def test_cpu_recycled_outputs_are_exact(cpu_tier: None) -> None:
+    """Outputs of 2 MB and more reuse the memory of freed ones (cpu_output_pool.h): a recycled,
+    dirty table gradient must still be zero on the masked levels, and live outputs never share memory."""
+    config = HashGridConfig(n_levels=6, n_features_per_level=2, log2_hashmap_size=17, base_resolution=32)
+    N = 50000
+    assert min(config.n_params, N * config.n_levels) * 2 * 4 >= 2 << 20  # table gradient and features come from the pool
+    positions, table = random_inputs(config, N, seed=12)
+    expected = run_with_grads(positions, table, config, "reference", active_levels=2)
+    for _ in range(2):  # all levels first, so the memory handed out next holds gradients everywhere
+        full = run_with_grads(positions, table, config, "cpu")
+        del full
+        masked = run_with_grads(positions, table, config, "cpu", active_levels=2)
+        for label, a, e in zip(("features", "grad_table", "grad_positions"), masked, expected):
+            assert relative_error(a, e) <= 1e-4, label
+        assert torch.all(masked[1][level_offsets(config)[2] :] == 0)
+    first = hashgrid_encode(positions, table, config, tier="cpu")
+    second = hashgrid_encode(positions, table, config, tier="cpu")
+    assert first.data_ptr() != second.data_ptr() and torch.equal(first, second)
+    first.fill_(0.0)
+    assert torch.equal(second, hashgrid_encode(positions, table, config, tier="cpu"))
 
 
 @pytest.mark.parametrize("tier", ["reference", "cpu"])
