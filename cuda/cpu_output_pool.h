@@ -4,9 +4,11 @@
 // table gradient are 32 and 50 MB at threestudio's sizes). Fresh memory comes from mmap, and every
 // page then costs a fault and a zeroing by the kernel on first touch: about ten times the cost of
 // writing memory that is already mapped. The pool keeps the memory of outputs that have been freed
-// (up to kRetainBytes in all) and hands it out again for a request of the same size, as PyTorch's
-// CUDA caching allocator does for GPU memory. The memory is returned to the system only past that
-// bound; it is never handed to two live tensors.
+// and hands it out again for a request that fits it (the smallest free buffer at most a quarter
+// larger than asked, so sizes that vary from step to step, as the sample counts of a NeRF do, still
+// find one), as PyTorch's CUDA caching allocator does for GPU memory. At most kRetainBytes are
+// kept: past that, the oldest free buffers go back to the system. A buffer is never handed to two
+// live tensors.
 #pragma once
 
 #include <torch/extension.h>
@@ -37,7 +39,7 @@ inline void advise_huge_pages(void* data, size_t bytes) {
 
 class OutputPool {
  public:
-  static constexpr size_t kRetainBytes = size_t{512} << 20;  // freed memory kept for reuse, at most
+  static constexpr size_t kRetainBytes = size_t{256} << 20;  // freed memory kept for reuse, at most
   static constexpr size_t kMinBytes = kHugePage;  // smaller outputs come from torch's allocator
 
   struct Buffer {
@@ -50,9 +52,9 @@ class OutputPool {
     const at::TensorOptions float_options = options.dtype(at::kFloat).device(at::kCPU);
     const size_t wanted = sizeof(float) * static_cast<size_t>(c10::multiply_integers(sizes));
     if (wanted < kMinBytes) return {at::empty(sizes, float_options), false};
-    const size_t bytes = (wanted + kHugePage - 1) / kHugePage * kHugePage;
+    size_t bytes = (wanted + kHugePage - 1) / kHugePage * kHugePage;
     OutputPool& pool = instance();
-    void* data = pool.reuse(bytes);
+    void* data = pool.reuse(bytes);  // may hand out a larger buffer (and say so in `bytes`)
     bool zeroed = false;
     if (data == nullptr) {
       data = map_aligned(bytes);
@@ -90,30 +92,43 @@ class OutputPool {
     return reinterpret_cast<void*>(aligned);
   }
 
-  void* reuse(size_t bytes) {
+  // The smallest free buffer of [bytes, bytes * 5/4 + 2 MiB], taken out of the pool; size in `bytes`.
+  void* reuse(size_t& bytes) {
     std::lock_guard<std::mutex> lock(mutex_);
+    const size_t most = bytes + bytes / 4 + kHugePage;
+    size_t best = free_.size();
     for (size_t i = 0; i < free_.size(); ++i) {
-      if (free_[i].bytes == bytes) {
-        void* data = free_[i].data;
-        free_[i] = free_.back();
-        free_.pop_back();
-        retained_ -= bytes;
-        return data;
+      if (free_[i].bytes >= bytes && free_[i].bytes <= most && (best == free_.size() || free_[i].bytes < free_[best].bytes)) {
+        best = i;
       }
     }
-    return nullptr;
+    if (best == free_.size()) return nullptr;
+    void* data = free_[best].data;
+    bytes = free_[best].bytes;
+    free_.erase(free_.begin() + static_cast<std::ptrdiff_t>(best));
+    retained_ -= bytes;
+    return data;
   }
 
   void give_back(void* data, size_t bytes) {
+    std::vector<Entry> evicted;
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      if (retained_ + bytes <= kRetainBytes) {
+      if (bytes > kRetainBytes) {
+        evicted.push_back({data, bytes});
+      } else {
+        // Oldest first: a size that is no longer asked for does not hold memory for ever.
+        size_t drop = 0;
+        while (retained_ + bytes > kRetainBytes) {
+          retained_ -= free_[drop].bytes;
+          evicted.push_back(free_[drop++]);
+        }
+        free_.erase(free_.begin(), free_.begin() + static_cast<std::ptrdiff_t>(drop));
         free_.push_back({data, bytes});
         retained_ += bytes;
-        return;
       }
     }
-    munmap(data, bytes);
+    for (const Entry& entry : evicted) munmap(entry.data, entry.bytes);
   }
 
   std::mutex mutex_;
