@@ -25,11 +25,11 @@ The one semantics every tier implements (DESIGN §3), following tiny-cuda-nn's `
   output zeros and receive no gradient.
 
 Tiers: ``reference`` (torch, autograd to any order; the definition), ``cpu`` (C++/OpenMP in
-``cuda/hashgrid_cpu.cpp``, float32, hand-written backward for the table and the positions, bit-for-
-bit deterministic, AVX2 where the CPU has it; not twice differentiable; outputs of 2 MB and more
-reuse the memory of freed ones, at most 256 MB kept, see ``cuda/cpu_output_pool.h``) and ``cuda``
-(one thread per point and level; the table gradient uses float atomics, so it is not bit-
-reproducible; not twice differentiable).
+``cuda/hashgrid_cpu.cpp``, float32, hand-written backward for the table and the positions,
+bit-for-bit deterministic, AVX2 where the CPU has it; not twice differentiable; outputs of 2 MB and
+more reuse the memory of freed ones, at most 256 MB kept, see ``cuda/cpu_output_pool.h``) and
+``cuda`` (one thread per point and level; the table gradient uses float atomics, so it is not
+bit-reproducible; not twice differentiable).
 """
 
 from __future__ import annotations
