@@ -427,6 +427,20 @@ struct RangeKernels {
   }
 };
 
+// Calls fn(level, begin, end) for levels 0 .. count - 1, one level after another, with OpenMP over
+// chunks of points within a level. The barrier after each level keeps all threads on one level,
+// so its slice of the table stays cache-resident (as tcnn does), and every point sees its levels
+// in order, so per-point sums over levels are deterministic.
+template <typename Fn>
+void for_levels_in_order(int64_t count, int64_t N, int threads, Fn&& fn) {
+  const int64_t chunks = (N + kChunk - 1) / kChunk;
+#pragma omp parallel num_threads(threads)
+  for (int64_t l = 0; l < count; ++l) {
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t chunk = 0; chunk < chunks; ++chunk) fn(l, chunk * kChunk, std::min(N, (chunk + 1) * kChunk));
+  }
+}
+
 // Moves level-major values [A, N, F] to point-major rows [N, L*F], levels >= A as zeros
 // (kToPoints), or point-major rows back to level-major for the first A levels. Blocks of points
 // keep both sides' cache lines hot, so this is two streams over memory; ATen's generic
@@ -474,16 +488,9 @@ at::Tensor hashgrid_forward(const at::Tensor& positions, const at::Tensor& table
     if (active_levels > 0) {
       const Points points = prepare_points(positions.data_ptr<float>(), N);
       const ForwardFn forward = RangeKernels<kFeatures>::for_this_cpu().forward;
-      const int64_t chunks = (N + kChunk - 1) / kChunk;
-#pragma omp parallel num_threads(at::get_num_threads())
-      for (int64_t l = 0; l < active_levels; ++l) {
-        // All threads on one level at a time, so its slice of the table stays cache-resident
-        // (as tcnn does); the loop's barrier keeps them together.
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t chunk = 0; chunk < chunks; ++chunk) {
-          forward(levels[l], points, tab, level_major + l * N * F, chunk * kChunk, std::min(N, (chunk + 1) * kChunk), F);
-        }
-      }
+      for_levels_in_order(active_levels, N, at::get_num_threads(), [&](int64_t l, int64_t begin, int64_t end) {
+        forward(levels[l], points, tab, level_major + l * N * F, begin, end, F);
+      });
     }
     transpose_levels<kFeatures, /*kToPoints=*/true>(level_major, features.data_ptr<float>(), N, L, active_levels, F);
   });
@@ -549,15 +556,10 @@ std::tuple<at::Tensor, at::Tensor> hashgrid_backward(const at::Tensor& grad_feat
     }
     if (need_positions && work) {
       float* gp = grad_positions.data_ptr<float>();
-      const int64_t chunks = (N + kChunk - 1) / kChunk;
-      // Each point sums its levels in order (the loop's barrier separates the levels): deterministic too.
-#pragma omp parallel num_threads(threads)
-      for (int64_t l = 0; l < active_levels; ++l) {
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t chunk = 0; chunk < chunks; ++chunk) {
-          kernels.position(levels[l], points, tab, g + l * N * F, gp, chunk * kChunk, std::min(N, (chunk + 1) * kChunk), F);
-        }
-      }
+      // Each point sums its levels in order: deterministic too.
+      for_levels_in_order(active_levels, N, threads, [&](int64_t l, int64_t begin, int64_t end) {
+        kernels.position(levels[l], points, tab, g + l * N * F, gp, begin, end, F);
+      });
     }
   });
   return {grad_table, grad_positions};
