@@ -103,6 +103,10 @@ class TrainerConfig:
     """Clip the total gradient norm of the representation (0 = off)."""
     progress_bar: bool = True
     """Show a progress bar (step/total, loss, it/s, ETA)."""
+    render_chunk_pixels: int = 1 << 16
+    """Outside training (validation strips, ``eval/psnr``, turntable PNG/MP4) cameras are rendered
+    in groups of at most this many pixels (at least one camera per group); representations bound
+    the memory of one camera themselves (e.g. ``representation.render_chunk_rays`` of a NeRF)."""
 
 
 @dataclass
@@ -121,6 +125,8 @@ class ExportConfig:
     """Width and height of the video and the PNG strip."""
     strip_views: int = 8
     """Views in the PNG strip."""
+    query_chunk: int = 1 << 18
+    """Points per field query during mesh extraction and texture baking (bounds their memory)."""
 
 
 SECTIONS = ("representation", "teacher", "guidance", "trainer", "export")

@@ -256,9 +256,11 @@ class Trainer:
     # ----------------------------------------------------------------------- evaluation & export
 
     @torch.no_grad()
-    def render_views(self, cameras: Cameras, chunk: int = 8) -> Tensor:
-        """RGB [N, H, W, 3] in [0, 1] of ``cameras``; latent renders are decoded by the teacher."""
+    def render_views(self, cameras: Cameras) -> Tensor:
+        """RGB [N, H, W, 3] in [0, 1] of ``cameras``, rendered in groups of at most
+        ``trainer.render_chunk_pixels`` pixels; latent renders are decoded by the teacher."""
         self.representation.eval()
+        chunk = max(1, self.config.trainer.render_chunk_pixels // (cameras.width * cameras.height))
         images = []
         for i in range(0, len(cameras), chunk):
             rgb = self.representation.render(cameras[i : i + chunk].to(self.device), self.background).rgb
@@ -332,10 +334,11 @@ def export_run(trainer: Trainer, formats: list[str]) -> tuple[list[Path], "trime
             written += write_textured_mesh(directory, vertices, faces, uvs, texture, formats=mesh_formats)
             mesh = trimesh_of(vertices, faces)
         else:
-            mesh, color_fn = trainer.representation.surface()
+            mesh, color_fn = trainer.representation.surface(chunk=cfg.query_chunk)
             # Query the colour field where it lives (a GPU run's field cannot take CPU points).
             written += export_textured_mesh(directory, mesh, color_fn, formats=mesh_formats,
-                                            texture_size=cfg.texture_size, device=str(trainer.device))
+                                            texture_size=cfg.texture_size, device=str(trainer.device),
+                                            chunk=cfg.query_chunk)
     size = cfg.video_resolution
     eval_cfg = trainer.config.trainer.eval
     if "png" in formats:

@@ -235,6 +235,7 @@ def export_textured_mesh(
     roughness: float = 1.0,
     front_to_plus_z: bool = False,
     device: str = "cpu",
+    chunk: int = 1 << 18,
 ) -> list[Path]:
     """Unwrap ``mesh``, bake ``color_fn`` into a texture and write ``<name>.glb`` / ``<name>.obj``.
 
@@ -252,6 +253,7 @@ def export_textured_mesh(
         name: file stem.
         metallic, roughness, front_to_plus_z: as in :func:`write_glb`.
         device: device of the colour queries.
+        chunk: texels per colour query (bounds the bake's memory).
 
     Returns:
         Every written file (GLB; OBJ, MTL, PNG), in that order.
@@ -270,12 +272,13 @@ def export_textured_mesh(
         welded = vertex_normals(torch.as_tensor(np.asarray(mesh.vertices), dtype=torch.float64),
                                 torch.as_tensor(np.asarray(mesh.faces), dtype=torch.long)).numpy()
         normals = welded[vmapping]  # seams stay smooth: every copy of a vertex gets its welded normal
-        maps = bake_pbr_textures(vertices, faces, uvs, normals, color_fn, size=texture_size, device=device)
+        maps = bake_pbr_textures(vertices, faces, uvs, normals, color_fn, size=texture_size, device=device,
+                                 chunk=chunk)
         return write_textured_mesh(directory, vertices, faces, uvs, maps.base_color, formats, name=name,
                                    metallic=1.0, roughness=1.0, normals=normals, front_to_plus_z=front_to_plus_z,
                                    metallic_roughness_texture=maps.metallic_roughness,
                                    normal_texture=maps.normal, tangents=maps.tangents)
-    texture = bake_texture(vertices, faces, uvs, color_fn, size=texture_size, device=device)
+    texture = bake_texture(vertices, faces, uvs, color_fn, size=texture_size, device=device, chunk=chunk)
     # Normals of the unwrapped copy come from the original (welded) mesh, so seams stay smooth.
     normals = np.asarray(mesh.vertex_normals, dtype=np.float64)[vmapping]
     return write_textured_mesh(directory, vertices, faces, uvs, texture, formats, name=name, metallic=metallic,

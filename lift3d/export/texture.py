@@ -254,6 +254,7 @@ def bake_pbr_textures(
     size: int = 1024,
     padding: int | None = 16,
     device: torch.device | str = "cpu",
+    chunk: int = 1 << 18,
 ) -> PBRTextures:
     """Bake base colour, metallic-roughness and (with ``material.normal_map``) normal textures in
     one pass over the texels.
@@ -287,7 +288,8 @@ def bake_pbr_textures(
             out.append((local + 1.0) * 0.5)
         return torch.cat(out, dim=-1)
 
-    image = bake_values(vertices, faces, uvs, channels, size=size, padding=padding, device=device, attributes=attributes)
+    image = bake_values(vertices, faces, uvs, channels, size=size, padding=padding, device=device,
+                        attributes=attributes, chunk=chunk)
     normal = None
     if tangents is not None:
         normal = image[..., 6:9]

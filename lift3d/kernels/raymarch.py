@@ -631,10 +631,10 @@ class RenderedRays:
     """[R, 1] accumulated weight."""
     depth: Tensor
     """[R, 1] expected depth (not normalised by opacity)."""
-    weights: Tensor
-    """[S] per-sample weights."""
-    samples: RaySamples
-    """The packed samples the field was evaluated at."""
+    weights: Tensor | None
+    """[S] per-sample weights; None when rendered in chunks (their size is what chunking bounds)."""
+    samples: RaySamples | None
+    """The packed samples the field was evaluated at; None when rendered in chunks."""
 
 
 def render_rays(
@@ -650,6 +650,8 @@ def render_rays(
     transmittance_threshold: float = TRANSMITTANCE_THRESHOLD,
     generator: torch.Generator | None = None,
     tier: str | None = None,
+    chunk_rays: int = 0,
+    chunk_samples: int = 0,
 ) -> RenderedRays:
     """March ``grid``, evaluate ``field_fn`` at the sample midpoints and composite.
 
@@ -666,13 +668,61 @@ def render_rays(
         transmittance_threshold: Early-termination threshold of ``composite``.
         generator: RNG for the jitter (default: torch's global one).
         tier: Forces a kernel tier for both the march and the compositing.
+        chunk_rays: With gradients off, march and composite at most this many rays at a time
+            (0 = all at once), so peak memory is bounded by ``chunk_rays * max_samples_per_ray``
+            samples however much of the grid is occupied. Ignored while autograd records: the
+            graph keeps every sample alive anyway.
+        chunk_samples: With gradients off, call ``field_fn`` on at most this many samples at a
+            time (0 = all at once); bounds the field's intermediate activations.
 
     Returns:
         The composited rays and the samples. Gradients flow to the field's outputs (and through
-        the sample positions to ``origins``/``dirs``).
+        the sample positions to ``origins``/``dirs``). A chunked render gives the same colours,
+        opacities and depths as an unchunked one, but no per-sample ``weights``/``samples``.
     """
     R = origins.shape[0]
+    # Drawn for all rays before any chunking, so chunked and unchunked renders sample alike.
     jitter = torch.rand(R, device=origins.device, generator=generator) if stratified else None
+    chunked = not torch.is_grad_enabled() and (0 < chunk_rays < R or chunk_samples > 0)
+    if not chunked:
+        return _render_rays_once(origins, dirs, field_fn, grid, step_size, near, far, jitter,
+                                 max_samples_per_ray, transmittance_threshold, tier, 0)
+    chunk_rays = chunk_rays if chunk_rays > 0 else max(R, 1)
+    parts = [
+        _render_rays_once(
+            origins[begin : begin + chunk_rays], dirs[begin : begin + chunk_rays], field_fn, grid, step_size,
+            near, far, None if jitter is None else jitter[begin : begin + chunk_rays],
+            max_samples_per_ray, transmittance_threshold, tier, chunk_samples,
+        )
+        for begin in range(0, R, chunk_rays)
+    ]
+    if not parts:  # no rays at all
+        return _render_rays_once(origins, dirs, field_fn, grid, step_size, near, far, jitter,
+                                 max_samples_per_ray, transmittance_threshold, tier, 0)
+    return RenderedRays(
+        rgb=torch.cat([part.rgb for part in parts]),
+        opacity=torch.cat([part.opacity for part in parts]),
+        depth=torch.cat([part.depth for part in parts]),
+        weights=None,
+        samples=None,
+    )
+
+
+def _render_rays_once(
+    origins: Tensor,
+    dirs: Tensor,
+    field_fn: FieldFn,
+    grid: OccupancyGrid,
+    step_size: float,
+    near: float,
+    far: float,
+    jitter: Tensor | None,
+    max_samples_per_ray: int,
+    transmittance_threshold: float,
+    tier: str | None,
+    chunk_samples: int,
+) -> RenderedRays:
+    """One march + field + composite over all of ``origins``; the field in ``chunk_samples`` pieces if > 0."""
     samples = march_rays(
         origins.detach(),
         dirs.detach(),
@@ -688,14 +738,20 @@ def render_rays(
     )
     ray_dirs = dirs[samples.ray_indices]
     points = origins[samples.ray_indices] + samples.midpoints().unsqueeze(-1).to(dirs.dtype) * ray_dirs
-    sigma, values = field_fn(points, ray_dirs)
+    if 0 < chunk_samples < points.shape[0]:
+        outputs = [field_fn(p, d) for p, d in zip(points.split(chunk_samples), ray_dirs.split(chunk_samples))]
+        sigma = torch.cat([s.reshape(-1) for s, _ in outputs])
+        values = torch.cat([v for _, v in outputs])
+    else:
+        sigma, values = field_fn(points, ray_dirs)
+    del points, ray_dirs
     result = composite(
         sigma.reshape(-1),
         values,
         samples.t_starts,
         samples.t_ends,
         samples.ray_indices,
-        R,
+        origins.shape[0],
         transmittance_threshold=transmittance_threshold,
         tier=tier,
     )

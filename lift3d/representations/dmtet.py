@@ -253,7 +253,7 @@ class DMTet(Representation):
     # ------------------------------------------------------------------------------ export
 
     @torch.no_grad()
-    def surface(self) -> tuple["trimesh.Trimesh", object]:  # noqa: F821
+    def surface(self, chunk: int = 1 << 18) -> tuple["trimesh.Trimesh", object]:  # noqa: F821
         """The current marching-tetrahedra mesh (cleaned) and the colour field for baking."""
         import trimesh
 

@@ -408,7 +408,7 @@ class Gaussians(Representation):
         return density.view(shape), color.view(*shape, 3)
 
     @torch.no_grad()
-    def surface(self) -> tuple["trimesh.Trimesh", object]:  # noqa: F821
+    def surface(self, chunk: int = 1 << 18) -> tuple["trimesh.Trimesh", object]:  # noqa: F821
         """Mesh of the splatted density (marching cubes) and a colour function for texture baking."""
         from lift3d.export.mesh import clean_mesh, extract_mesh
 
@@ -425,7 +425,7 @@ class Gaussians(Representation):
 
         mesh = extract_mesh(
             lambda p: lookup(density, p)[:, 0], [-bound] * 3, [bound] * 3, resolution=resolution,
-            threshold=self.config.mesh_threshold, level_kind="density", coarse_to_fine=False,
+            threshold=self.config.mesh_threshold, level_kind="density", coarse_to_fine=False, chunk=chunk,
         )
         return clean_mesh(mesh, target_faces=20_000), lambda p: lookup(color, p).clamp(0.0, 1.0)
 

@@ -360,7 +360,7 @@ class TexturedMesh(Representation):
         return (self.vertices().cpu().numpy(), self.faces.cpu().numpy(), uvs.cpu().numpy(), image)
 
     @torch.no_grad()
-    def surface(self) -> tuple["trimesh.Trimesh", object]:  # noqa: F821
+    def surface(self, chunk: int = 1 << 18) -> tuple["trimesh.Trimesh", object]:  # noqa: F821
         """The (welded) mesh and, for baking (``appearance: field``), the colour field or, with
         ``material: pbr``, a ``PBRSurface`` (albedo, roughness, metallic and shading normals)."""
         import trimesh

@@ -88,6 +88,12 @@ class NeRFConfig:
     """Samples along the box diagonal; the step size is sqrt(3) * 2 * radius / this."""
     max_samples_per_ray: int = 512
     """Cap on samples per ray."""
+    render_chunk_rays: int = 4096
+    """Rays marched and composited per call when rendering without gradients (validation, eval,
+    videos): peak memory is bounded by this times ``max_samples_per_ray`` samples, however much of
+    the occupancy grid is occupied (0 = all rays at once)."""
+    render_chunk_samples: int = 1 << 17
+    """Samples per field evaluation when rendering without gradients (0 = all at once)."""
     progressive_start_levels: int = 0
     """Coarse-to-fine hash levels: start with this many active (0 = all from the start)."""
     progressive_step_interval: int = 100
@@ -190,9 +196,10 @@ class NeRF(Representation):
         if self.config.normals == "none":
             return False
         cfg = self.config
-        return (
-            not self.training
-            or cfg.shading.mode == "diffuse"
+        # Only training reads them (diffuse shading, orientation loss); they cost six extra density
+        # queries per sample, so renders outside training skip them.
+        return self.training and (
+            cfg.shading.mode == "diffuse"
             or cfg.lambda_orientation.start > 0
             or (cfg.lambda_orientation.end or 0) > 0
         )
@@ -216,13 +223,14 @@ class NeRF(Representation):
         rays = render_rays(
             origins, dirs, field_fn, self.grid, self.step_size,
             stratified=self.training, max_samples_per_ray=cfg.max_samples_per_ray, tier=cfg.kernel_tier or None,
+            chunk_rays=cfg.render_chunk_rays, chunk_samples=cfg.render_chunk_samples,
         )
         C = self.field_channels
         albedo = rays.rgb[:, :C]
         normal = F.normalize(rays.rgb[:, C : C + 3], dim=-1, eps=1e-8) if with_normals else None
         color = self._shade(cameras, origins, dirs, rays, albedo, normal)
         rgb = self.to_rgb(color + (1.0 - rays.opacity) * self._background(dirs, background, B, H, W))
-        aux: dict[str, Tensor] = {"weights": rays.weights}
+        aux: dict[str, Tensor] = {} if rays.weights is None else {"weights": rays.weights}
         if normal is not None and self.training:
             # Ref-NeRF orientation loss on composited normals: visible surfaces must face the camera.
             facing = (normal * dirs).sum(-1).clamp_min(0.0)
@@ -304,7 +312,7 @@ class NeRF(Representation):
     # ------------------------------------------------------------------------------ export
 
     @torch.no_grad()
-    def surface(self) -> tuple["trimesh.Trimesh", object]:  # noqa: F821
+    def surface(self, chunk: int = 1 << 18) -> tuple["trimesh.Trimesh", object]:  # noqa: F821
         """The mesh of the density field and a colour function for baking its texture."""
         from lift3d.export.mesh import clean_mesh, extract_mesh
 
@@ -313,7 +321,7 @@ class NeRF(Representation):
         r = self.config.radius
         mesh = extract_mesh(
             self.density, [-r, -r, -r], [r, r, r], resolution=self.config.mesh_resolution,
-            threshold=self.config.mesh_threshold, level_kind="density",
+            threshold=self.config.mesh_threshold, level_kind="density", chunk=chunk,
         )
         mesh = clean_mesh(mesh, target_faces=20_000)
         self.train(was_training)

@@ -362,3 +362,46 @@ def test_render_rays_end_to_end() -> None:
     torch.testing.assert_close(out.rgb, out.opacity * colour.detach())
     out.rgb.sum().backward()
     torch.testing.assert_close(colour.grad, out.opacity.detach().sum().expand(3))
+
+
+@pytest.mark.parametrize("tier", ["reference", "cpu"])
+def test_chunked_render_without_gradient_matches_one_call(tier: str) -> None:
+    """Chunks of rays (march + composite) and of samples (field calls) change nothing but memory,
+    and the field never sees more than ``chunk_samples`` points at once."""
+    if tier == "cpu":
+        require_cpu_ops("march_rays", "composite_forward")
+    grid = sphere_grid(radius=0.7)
+    origins, dirs = random_rays(5, 300)
+    seen: list[int] = []
+
+    def field(points: Tensor, view_dirs: Tensor) -> tuple[Tensor, Tensor]:
+        seen.append(points.shape[0])
+        radius = points.norm(dim=-1)
+        sigma = 20.0 * (radius < 0.5).float() + 2.0 * points[:, 0].clamp_min(0)
+        return sigma, torch.stack([radius, points[:, 2], (points * view_dirs).sum(-1)], dim=-1)
+
+    with torch.no_grad():
+        whole = render_rays(origins, dirs, field, grid, STEP, stratified=True,
+                            generator=torch.Generator().manual_seed(3), tier=tier)
+        seen.clear()
+        chunked = render_rays(origins, dirs, field, grid, STEP, stratified=True,
+                              generator=torch.Generator().manual_seed(3), tier=tier, chunk_rays=37, chunk_samples=100)
+    assert max(seen) <= 100 and len(seen) > 9  # 300 rays / 37 = 9 ray chunks, each split further
+    assert chunked.weights is None and chunked.samples is None
+    for name in ("rgb", "opacity", "depth"):
+        torch.testing.assert_close(getattr(chunked, name), getattr(whole, name), rtol=1e-5, atol=1e-6)
+    assert float(whole.opacity.max()) > 0.9  # the case is not trivially empty
+
+
+def test_chunking_is_ignored_while_autograd_records() -> None:
+    grid = sphere_grid(radius=0.7)
+    origins, dirs = random_rays(6, 50)
+    colour = torch.tensor([0.2, 0.5, 0.9], requires_grad=True)
+
+    def field(points: Tensor, view_dirs: Tensor) -> tuple[Tensor, Tensor]:
+        return 20.0 * (points.norm(dim=-1) < 0.5).float(), colour.expand(points.shape[0], 3)
+
+    out = render_rays(origins, dirs, field, grid, STEP, tier="reference", chunk_rays=7, chunk_samples=5)
+    assert out.weights is not None and out.samples is not None  # one call: the graph needs every sample
+    out.rgb.sum().backward()
+    assert colour.grad is not None
