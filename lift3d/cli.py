@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import logging
 import platform
+import shlex
 import sys
 import time
 
 from lift3d.checkpoint import CheckpointError
 from lift3d.config import ConfigError
+from lift3d.interrupts import RunInterrupted
 
 logger = logging.getLogger("lift3d")
 
@@ -50,7 +52,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     overrides, resume = _split_resume(args.overrides)
     start = time.perf_counter()
     runner = run_pipeline if is_pipeline(args.config) else run
-    result = runner(args.config, overrides, prompt=args.prompt, out=args.out, resume=resume)
+    try:
+        result = runner(args.config, overrides, prompt=args.prompt, out=args.out, resume=resume)
+    except RunInterrupted as interrupted:
+        again = ["lift3d", "run", args.config, *(["--prompt", args.prompt] if args.prompt else []), *overrides,
+                 f"resume={interrupted.run_dir}"]
+        logger.error("%s; checkpoint %s. Resume with:\n  %s", interrupted, interrupted.checkpoint, shlex.join(again))
+        return interrupted.exit_code
     summary = ", ".join(f"{k}={v:.4g}" for k, v in result.metrics.items())
     logger.info("finished %d steps in %s%s -> %s", result.step, elapsed(start), f" ({summary})" if summary else "", result.run_dir)
     return 0
@@ -157,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("error: %s", message)
         return 2
     except KeyboardInterrupt:
+        logger.error("stopped at once; the newest checkpoint in the run's ckpt/ folder is what remains")
         return 130
 
 

@@ -98,7 +98,12 @@ class TrainerConfig:
     val_every: int = 0
     """Save validation images every N steps (0 = only at the end)."""
     checkpoint_every: int = 0
-    """Keep a step checkpoint every N steps besides last.pt (0 = only last.pt)."""
+    """Write a checkpoint every N steps (0 = by time only); ``ckpt/last.pt`` is always the newest."""
+    checkpoint_every_minutes: float = 10.0
+    """Also write one when this many minutes passed since the last (0 = off), so a preempted or
+    crashed run loses at most that much work."""
+    keep_checkpoints: int = 3
+    """Step checkpoints (``ckpt/step_<N>.pt``) kept on disk; older ones are deleted."""
     max_grad_norm: float = 0.0
     """Clip the total gradient norm of the representation (0 = off)."""
     progress_bar: bool = True

@@ -172,6 +172,7 @@ def run_pipeline(
     path: str | Path, overrides: list[str], prompt: str | None = None, out: str | None = None, resume: str | None = None
 ):
     """``lift3d run PIPELINE.yaml``: run the stages in order in one run folder; returns the last ``RunResult``."""
+    from lift3d.interrupts import RunInterrupted
     from lift3d.train import RunResult, Trainer, default_run_dir
 
     pipeline = load_pipeline(path, overrides, prompt)
@@ -199,9 +200,13 @@ def run_pipeline(
             logger.info("stage %d/%d %s -> %s", number, len(pipeline.stages), stage.name, stage_dir)
             config = stage_config(stage, previous)
             (stage_dir / DONE_FILE).unlink(missing_ok=True)
-            has_checkpoint = bool(resume) and (stage_dir / "ckpt" / "last.pt").is_file()
+            has_checkpoint = bool(resume) and any((stage_dir / "ckpt").glob("*.pt"))
             trainer = Trainer(config, run_dir=stage_dir, resume=stage_dir if has_checkpoint else None)
-            result = trainer.fit()
+            try:
+                result = trainer.fit()
+            except RunInterrupted as interrupted:
+                interrupted.run_dir = run_dir  # a pipeline resumes from its root, not the stage folder
+                raise
             (stage_dir / DONE_FILE).write_text(json.dumps(result.metrics))
         previous = stage_dir
     return result

@@ -22,9 +22,18 @@ from torch import Tensor
 
 from lift3d import registry
 from lift3d.cameras import Cameras, OrbitSampler, TurntableConfig, turntable
-from lift3d.checkpoint import load_checkpoint, resolve_checkpoint_path, run_dir_of_checkpoint, save_checkpoint
+from lift3d.checkpoint import (
+    load_checkpoint,
+    load_latest_checkpoint,
+    remove_partial_writes,
+    resolve_checkpoint_path,
+    run_dir_of_checkpoint,
+    save_rotating_checkpoint,
+)
 from lift3d.config import ResolutionMilestone, RunConfig, dump_config, load_config
 from lift3d.export.video import write_strip, write_video
+from lift3d.interrupts import RunInterrupted, graceful_stop
+from lift3d.kernels._backend import prepare_kernels
 from lift3d.metrics import mean_psnr
 from lift3d.prompts import slugify
 from lift3d.representations.base import Representation
@@ -104,9 +113,13 @@ class Trainer:
         # Everything that can fail on bad input happens before the run folder exists.
         resume_state = None
         if resume:
-            resume_path = resolve_checkpoint_path(resume)
-            resume_state = load_checkpoint(resume_path)
+            if Path(resume).is_dir():  # a run folder: its newest checkpoint that loads
+                resume_path, resume_state = load_latest_checkpoint(Path(resume))
+            else:  # a file the user named: that one or an error
+                resume_path = resolve_checkpoint_path(resume)
+                resume_state = load_checkpoint(resume_path)
             run_dir = run_dir or run_dir_of_checkpoint(resume_path)
+            logger.info("resuming from %s", resume_path)
         torch.manual_seed(trainer_cfg.seed)
         self.teacher = build_teacher(config, self.device)
         self.teacher.requires_grad_(False)
@@ -129,6 +142,7 @@ class Trainer:
         self.run_dir = Path(run_dir) if run_dir is not None else default_run_dir(config)
         for sub in ("ckpt", "images", "export"):
             (self.run_dir / sub).mkdir(parents=True, exist_ok=True)
+        remove_partial_writes(self.run_dir / "ckpt")
         dump_config(config, self.run_dir / "config.yaml")
         self.metrics_path = self.run_dir / "metrics.jsonl"
         if resume_state is not None:
@@ -161,10 +175,10 @@ class Trainer:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         logger.info("resumed at step %d", self.step)
 
-    def save(self, name: str = "last.pt") -> Path:
-        path = self.run_dir / "ckpt" / name
-        save_checkpoint(path, self.state_dict())
-        return path
+    def save(self) -> Path:
+        """Checkpoint the current step (``ckpt/step_<N>.pt``, and ``ckpt/last.pt`` pointing at it)."""
+        return save_rotating_checkpoint(self.run_dir / "ckpt", self.step, self.state_dict(),
+                                        keep=self.config.trainer.keep_checkpoints)
 
     def _truncate_metrics(self, step: int) -> None:
         """Drop metric lines written after the checkpoint we resume from."""
@@ -223,33 +237,43 @@ class Trainer:
         return logs
 
     def fit(self) -> RunResult:
+        """Optimise to ``trainer.steps``, then evaluate and export.
+
+        SIGINT/SIGTERM stop the loop after the step in flight: the step is checkpointed and
+        :class:`RunInterrupted` raised (resuming from it continues bit for bit). Checkpoints are
+        also written every ``checkpoint_every`` steps and ``checkpoint_every_minutes`` minutes.
+        """
         cfg = self.config.trainer
         from tqdm import tqdm
 
+        # Build or load the native kernels now, under their own message, not inside step 1's timing.
+        prepare_kernels(self.device)
         bar = tqdm(
             total=cfg.steps, initial=self.step, disable=not cfg.progress_bar, dynamic_ncols=True,
             desc=slugify(self.config.prompt)[:30], unit="it", mininterval=0.5,
         )
-        try:
-            while self.step < cfg.steps:
-                logs = self.train_step(self.step)
-                self.step += 1
-                bar.update(1)
-                bar.set_postfix(loss=f"{logs['loss']:.4g}", refresh=False)
-                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                    self.log_metrics({"step": self.step, **logs})
-                if cfg.val_every and self.step % cfg.val_every == 0:
-                    self.save_validation(f"val_{self.step:06d}.png")
-                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
-                    self.save(f"step_{self.step:06d}.pt")
-                    self.save()
-        except KeyboardInterrupt:
-            bar.close()
+        last_save = time.monotonic()
+        with graceful_stop(f"the run in {self.run_dir}") as stop:
+            try:
+                while self.step < cfg.steps and not stop.requested:
+                    logs = self.train_step(self.step)
+                    self.step += 1
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{logs['loss']:.4g}", refresh=False)
+                    if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                        self.log_metrics({"step": self.step, **logs})
+                    if cfg.val_every and self.step % cfg.val_every == 0:
+                        self.save_validation(f"val_{self.step:06d}.png")
+                    due_by_steps = cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0
+                    due_by_time = cfg.checkpoint_every_minutes and time.monotonic() - last_save >= 60.0 * cfg.checkpoint_every_minutes
+                    if (due_by_steps or due_by_time) and self.step < cfg.steps:
+                        self.save()
+                        last_save = time.monotonic()
+            finally:
+                bar.close()
             path = self.save()
-            logger.warning("interrupted at step %d; checkpoint saved to %s (resume with resume=%s)", self.step, path, path)
-            raise
-        bar.close()
-        self.save()
+            if stop.requested:
+                raise RunInterrupted(stop.signum, self.step, path, self.run_dir)
         metrics = self.finish()
         return RunResult(self.run_dir, self.step, metrics)
 

@@ -1,6 +1,8 @@
 """End to end on CPU: tiny runs of the quickstart through the CLI and the Trainer."""
 
 import json
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -8,6 +10,7 @@ import torch
 
 from lift3d.cli import main
 from lift3d.config import load_config
+from lift3d.interrupts import RunInterrupted
 from lift3d.train import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,20 +68,41 @@ def test_resume_continues_bit_for_bit(tmp_path):
     assert losses_a == losses_b
 
 
-def test_ctrl_c_saves_a_checkpoint(tmp_path, monkeypatch):
+def test_ctrl_c_finishes_the_step_then_checkpoints(tmp_path, monkeypatch):
     trainer = Trainer(load_config(QUICKSTART, TINY + ["export.formats=[ply]"]), run_dir=tmp_path / "run")
     original = trainer.train_step
 
     def interrupted(step):
         if step == 2:
-            raise KeyboardInterrupt
+            os.kill(os.getpid(), signal.SIGINT)  # arrives mid-step; the step still completes
+        return original(step)
+
+    monkeypatch.setattr(trainer, "train_step", interrupted)
+    with pytest.raises(RunInterrupted) as caught:
+        trainer.fit()
+    assert caught.value.step == 3 and caught.value.exit_code == 130
+    state = torch.load(tmp_path / "run" / "ckpt" / "last.pt", weights_only=True)
+    assert state["step"] == 3
+    assert (tmp_path / "run" / "ckpt" / "step_000003.pt").is_file()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+
+
+def test_a_second_ctrl_c_stops_at_once_without_a_new_checkpoint(tmp_path, monkeypatch):
+    trainer = Trainer(load_config(QUICKSTART, TINY + ["export.formats=[ply]", "trainer.checkpoint_every=1"]),
+                      run_dir=tmp_path / "run")
+    original = trainer.train_step
+
+    def interrupted(step):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
         return original(step)
 
     monkeypatch.setattr(trainer, "train_step", interrupted)
     with pytest.raises(KeyboardInterrupt):
         trainer.fit()
     state = torch.load(tmp_path / "run" / "ckpt" / "last.pt", weights_only=True)
-    assert state["step"] == 2
+    assert state["step"] == 2  # the periodic checkpoint before the step that was cut short
 
 
 @pytest.mark.parametrize(

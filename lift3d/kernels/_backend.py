@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import time
 import warnings
 from pathlib import Path
 
@@ -161,3 +162,22 @@ def native_op(tier: str, name: str, device: torch.device):
 def live_tiers(op: str) -> dict[str, bool]:
     """Which tiers are live for ``op`` on this machine (for ``lift3d info``)."""
     return {tier: tier_available(tier, op, quiet=True) for tier in TIERS}
+
+
+def prepare_kernels(device: torch.device) -> None:
+    """Build (first time) or load the native extension for ``device`` now, under its own log line,
+    so that a training loop's first step and its progress bar's rate do not include the build.
+    A build failure is not an error here: the ops fall back to the reference tier with a warning
+    when they are called, as always."""
+    tier = forced_tier() or ("cuda" if device.type == "cuda" else "cpu")
+    if tier == "reference":
+        return
+    loader = load_cuda_extension if tier == "cuda" else load_cpu_extension
+    start = time.perf_counter()
+    try:
+        loader()
+    except KernelBuildError as error:
+        _warn_once(f"lift3d {tier} kernels unavailable ({str(error).splitlines()[0]})")
+        return
+    seconds = time.perf_counter() - start
+    logger.log(logging.INFO if seconds > 0.5 else logging.DEBUG, "%s kernels ready (%.1f s)", tier, seconds)
