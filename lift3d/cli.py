@@ -1,4 +1,4 @@
-"""The ``lift3d`` command: run, export, info, kernels."""
+"""The ``lift3d`` command: run, batch, export, info, kernels."""
 
 from __future__ import annotations
 
@@ -62,6 +62,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     summary = ", ".join(f"{k}={v:.4g}" for k, v in result.metrics.items())
     logger.info("finished %d steps in %s%s -> %s", result.step, elapsed(start), f" ({summary})" if summary else "", result.run_dir)
     return 0
+
+
+def cmd_batch(args: argparse.Namespace) -> int:
+    from lift3d.batch import run_batch
+
+    if args.workers < 1:
+        raise ValueError(f"--workers must be at least 1, got {args.workers}")
+    return run_batch(args.config, args.prompts, args.overrides, out=args.out, split=args.split, workers=args.workers)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -132,6 +140,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run_parser.set_defaults(func=cmd_run)
 
+    batch_parser = sub.add_parser(
+        "batch", help="one run per prompt of a corpus: resumable, failures recorded, sharded under torchrun",
+        description="Runs CONFIG once per prompt into OUT/<prompt-slug>/. Re-running the same command skips "
+        "finished prompts and resumes interrupted ones; OUT/batch.jsonl has a row per prompt. Under torchrun "
+        "every rank takes prompts[rank::world].",
+    )
+    batch_parser.add_argument("config", help="YAML preset (or pipeline) every prompt runs with")
+    batch_parser.add_argument("prompts", help="corpus: a text file (one prompt a line, # comments) or a JSON corpus with splits")
+    batch_parser.add_argument("--out", help="batch folder (default: outputs/<config-name>/batch-<corpus-name>)")
+    batch_parser.add_argument("--split", help="split of a JSON corpus (default: every split)")
+    batch_parser.add_argument("--workers", type=int, default=1, help="local worker processes (torchrun's launcher); default 1")
+    batch_parser.add_argument("overrides", nargs="*", help="key.sub=value overrides for every prompt's run")
+    batch_parser.set_defaults(func=cmd_batch)
+
     export_parser = sub.add_parser("export", help="export a finished or interrupted run")
     export_parser.add_argument("run_dir", help="the run folder")
     export_parser.add_argument(
@@ -154,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     # Overrides may come before or after --prompt/--out: argparse leaves the later ones over.
     args, extra = parser.parse_known_args(argv)
     if extra:
-        if args.command != "run" or any(item.startswith("-") or "=" not in item for item in extra):
+        if args.command not in ("run", "batch") or any(item.startswith("-") or "=" not in item for item in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
     _setup_logging(args.verbose)
