@@ -251,8 +251,11 @@ def run_batch(config: str, prompts_path: str, overrides: list[str], out: str | N
             bar.close()
         signum = interrupted.signum if interrupted else stop.signum
     if signum is not None:
-        write_report(records, out_dir)
-        logger.error("batch interrupted (%s pending); run the same command again to go on", sum(r.status != "done" for r in mine))
+        path = write_report(records, out_dir)
+        if shard.world == 1:
+            sys.stdout.write(summary_table(records) + f"\nreport: {path}\n")
+        logger.error("batch interrupted (%d of this shard's %d prompts unfinished); run the same command again to go on",
+                     sum(r.status != "done" for r in mine), len(mine))
         return 128 + signum
     if group:
         import torch.distributed as dist
