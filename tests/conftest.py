@@ -1,6 +1,8 @@
-"""Shared fixtures: stub teachers whose noise prediction is a known function."""
+"""Shared fixtures: stub teachers whose noise prediction is a known function; tiny quickstart runs."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,6 +11,16 @@ from lift3d.kernels._backend import KernelBuildError, load_cpu_extension, tier_a
 
 from lift3d.cameras import Cameras
 from lift3d.teachers.base import Conditioning, NoisePrediction, Teacher, scaled_linear_alphas_cumprod
+
+
+QUICKSTART = str(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml")
+TINY_QUICKSTART = [
+    "trainer.steps=6", "trainer.cameras.width=24", "trainer.cameras.height=24", "trainer.cameras.batch_size=2",
+    "trainer.eval.width=24", "trainer.eval.height=24", "trainer.eval.num_views=3", "trainer.log_every=1",
+    "representation.num_points=300", "teacher.resolution=24", "export.video_frames=4",
+    "export.video_resolution=32", "representation.densify.start_step=2", "representation.densify.interval=2",
+]
+"""Overrides that make ``configs/quickstart.yaml`` a run of seconds (later overrides win)."""
 
 
 class GaussianStubTeacher(Teacher):

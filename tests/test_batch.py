@@ -15,13 +15,11 @@ import pytest
 from lift3d.cli import main
 from lift3d.prompts import load_prompts
 
+from conftest import QUICKSTART, TINY_QUICKSTART
+
 ROOT = Path(__file__).resolve().parents[1]
-QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
-TINY = [
-    "trainer.steps=6", "trainer.cameras.width=24", "trainer.cameras.height=24", "trainer.cameras.batch_size=2",
-    "trainer.eval.width=24", "trainer.eval.height=24", "trainer.eval.num_views=2", "representation.num_points=300",
-    "teacher.resolution=24", "export.formats=[ply]", "trainer.progress_bar=false",
-]
+TINY = [*TINY_QUICKSTART, "trainer.eval.num_views=2", "export.formats=[ply]",
+        "trainer.progress_bar=false"]
 TIMEOUT = 300
 
 

@@ -17,14 +17,11 @@ import torch
 
 from lift3d.checkpoint import load_checkpoint, load_latest_checkpoint, save_rotating_checkpoint, step_checkpoints
 
+from conftest import QUICKSTART, TINY_QUICKSTART
+
 ROOT = Path(__file__).resolve().parents[1]
-QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
-RUN = [
-    "trainer.steps=24", "trainer.cameras.width=24", "trainer.cameras.height=24", "trainer.cameras.batch_size=2",
-    "trainer.eval.width=24", "trainer.eval.height=24", "trainer.eval.num_views=2", "trainer.log_every=1",
-    "representation.num_points=300", "teacher.resolution=24", "export.formats=[ply]",
-    "representation.densify.start_step=4", "representation.densify.interval=4", "trainer.progress_bar=false",
-]
+RUN = [*TINY_QUICKSTART, "trainer.steps=24", "trainer.eval.num_views=2", "export.formats=[ply]",
+       "representation.densify.start_step=4", "representation.densify.interval=4", "trainer.progress_bar=false"]
 TIMEOUT = 300
 
 

@@ -13,14 +13,9 @@ from lift3d.config import load_config
 from lift3d.interrupts import RunInterrupted
 from lift3d.train import Trainer
 
+from conftest import QUICKSTART, TINY_QUICKSTART as TINY
+
 ROOT = Path(__file__).resolve().parents[1]
-QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
-TINY = [
-    "trainer.steps=6", "trainer.cameras.width=24", "trainer.cameras.height=24", "trainer.cameras.batch_size=2",
-    "trainer.eval.width=24", "trainer.eval.height=24", "trainer.eval.num_views=3", "trainer.log_every=1",
-    "representation.num_points=300", "teacher.resolution=24", "export.video_frames=4",
-    "export.video_resolution=32", "representation.densify.start_step=2", "representation.densify.interval=2",
-]
 
 
 def _metrics(run_dir: Path) -> list[dict]:
