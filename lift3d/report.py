@@ -484,12 +484,16 @@ def write_index_page(runs: list[Run], folder: Path, html_path: Path, assets: Pat
     header = "".join(
         f'<th data-sort="{kind}" data-column="{i}" data-key="{html.escape(name)}" title="sort">{html.escape(name)}</th>' if kind else f"<th>{name}</th>"
         for i, (name, kind) in enumerate(columns))
-    rows = []
+    rows, taken = [], set()
     for number, run in enumerate(runs, start=1):
-        run_page = write_run_page(run, pages_dir / f"{_slug(run.name)}.html", assets, back=html_path)
+        slug = _slug(run.name)
+        while slug in taken:  # 'a@1' and 'a-1' slug alike
+            slug += "-"
+        taken.add(slug)
+        run_page = write_run_page(run, pages_dir / f"{slug}.html", assets, back=html_path)
         last = run.last
         strip = last and (last.file("export/turntable.png") or last.file("images/eval.png") or last.file("images/final.png"))
-        thumb = page.thumbnail(strip, f"thumb-{_slug(run.name)}") if strip else None
+        thumb = page.thumbnail(strip, f"thumb-{slug}") if strip else None
         view = f'<img class="thumb" src="{page.link(thumb)}" alt="">' if thumb else '<span class="note">none</span>'
         cells = [(str(number), number), (view, None),
                  (f'<a href="{page.link(run_page)}">{html.escape(run.prompt or run.name)}</a>', run.prompt or run.name),
