@@ -418,7 +418,9 @@ def _document(title: str, body: str, assets_link: str, viewer: bool) -> str:
         f'<link rel="stylesheet" href="{assets_link}/report.css">',
     ]
     if viewer:
-        imports = {"three": f"{assets_link}/three/three.module.js", "three/addons/": f"{assets_link}/three/addons/"}
+        # Import-map addresses must be absolute or start with /, ./ or ../ (a bare "report_assets/..." is void).
+        base = assets_link if assets_link.startswith(("./", "../", "/")) else f"./{assets_link}"
+        imports = {"three": f"{base}/three/three.module.js", "three/addons/": f"{base}/three/addons/"}
         head.append(f'<script type="importmap">{json.dumps({"imports": imports})}</script>')
     head.append("</head><body>")
     tail = []

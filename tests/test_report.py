@@ -40,6 +40,7 @@ from lift3d.report import ASSETS_DIR, RUN_PAGES_DIR, find_runs, svg_curve, write
 
 ROOT = Path(__file__).resolve().parents[1]
 BACKGROUND = (0xF4, 0xF5, 0xF7)  # the viewer's clear colour (report.js)
+READY = "window.lift3dReport && window.lift3dReport.ready"  # every viewer drawn (or failed)
 
 
 # --------------------------------------------------------------------------- synthetic runs
@@ -102,6 +103,7 @@ def batch(tmp_path_factory) -> Path:
     ]
     (folder / "batch.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     write_report(folder)
+    write_report(folder / "a-red-sphere")  # a single run's own page too: assets in the run folder
     return folder
 
 
@@ -163,7 +165,11 @@ def test_single_run_page_references_resolve_and_plot_the_metrics(tmp_path: Path)
     xs, ys = zip(*loss_points)
     assert xs == tuple(sorted(xs)) and ys[0] == min(ys) and ys[-1] == max(ys)  # loss falls: SVG y grows down
     text = page.read_text()
-    assert "21.5" in text and "three/three.module.js" in text and "importmap" in text
+    assert "21.5" in text
+    imports = json.loads(re.search(r'<script type="importmap">(.*?)</script>', text).group(1))["imports"]
+    for address in imports.values():  # import maps ignore bare relative addresses
+        assert address.startswith(("./", "../")), address
+        assert (page.parent / address).resolve().exists(), address
 
 
 def test_missing_files_give_notes_not_broken_references(tmp_path: Path) -> None:
@@ -278,10 +284,11 @@ def browser(batch: Path, server: str, tmp_path_factory) -> dict[str, dict]:
     pages = {
         "index": {"url": f"{server}/report.html", "rows": "tr[data-run]",
                   "clicks": ['th[data-key="eval/psnr"]', 'th[data-key="eval/psnr"]', 'th[data-key="prompt"]']},
-        "sphere": {"url": f"{server}/{RUN_PAGES_DIR}/a-red-sphere.html", "waitFor": "window.lift3dReport.ready",
+        "sphere": {"url": f"{server}/{RUN_PAGES_DIR}/a-red-sphere.html", "waitFor": READY,
                    "elements": {"selector": ".viewer canvas", "dir": str(scratch / "sphere")}},
+        "single": {"url": f"{server}/a-red-sphere/report.html", "waitFor": READY},
         "cube": {"url": f"{server}/{RUN_PAGES_DIR}/a-blue-cube.html"},
-        "torus": {"url": f"{server}/{RUN_PAGES_DIR}/a-gray-torus.html", "waitFor": "window.lift3dReport.ready"},
+        "torus": {"url": f"{server}/{RUN_PAGES_DIR}/a-gray-torus.html", "waitFor": READY},
     }
     spec = scratch / "spec.json"
     spec.write_text(json.dumps({"width": 1000, "height": 800, "pages": list(pages.values())}))
@@ -296,10 +303,10 @@ def browser(batch: Path, server: str, tmp_path_factory) -> dict[str, dict]:
     return dict(zip(pages, lines))
 
 
-@pytest.mark.parametrize("name", ["index", "sphere", "cube", "torus"])
+@pytest.mark.parametrize("name", ["index", "sphere", "single", "cube", "torus"])
 def test_pages_load_without_errors_and_every_reference_resolves(browser: dict, server: str, name: str) -> None:
     seen = browser[name]
-    assert seen["problems"] == [] and seen["failed"] == []
+    assert "waitError" not in seen and seen["problems"] == [] and seen["failed"] == [], {k: v for k, v in seen.items() if k != "references"}
     local = [r for r in seen["references"] if r["url"].startswith(server)]
     assert local, seen["references"]
     for reference in local:  # links (<a href>) too, which the page does not fetch itself
@@ -316,6 +323,7 @@ def test_viewer_draws_the_model(browser: dict) -> None:
     assert 0.03 < drawn.mean() < 0.6, drawn.mean()  # the sphere, framed: neither a speck nor the whole canvas
     red = pixels[drawn]
     assert (red[:, 0] > red[:, 1] + 30).mean() > 0.9  # its vertex colour is red
+    assert browser["single"]["states"] == ["ready"]  # the run's own report.html (importmap ./report_assets)
     assert browser["torus"]["states"] == ["ready"]  # the pipeline's last stage has the GLB
     assert browser["cube"]["states"] == []  # no GLB: no viewer
 

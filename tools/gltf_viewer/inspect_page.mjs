@@ -9,7 +9,7 @@
 //             "elements": {"selector": "canvas", "dir": "folder for one PNG per match"} (optional),
 //             "rows": "tr[data-run]" (optional: report the data-run order of these rows),
 //             "clicks": ["CSS selector", ...] (optional: click each, then report the rows again)}
-// Prints one JSON line per page: problems (console errors and page errors), failed (requests that failed
+// Prints one JSON line per page: waitError (if waitFor failed), problems (console errors and page errors), failed (requests that failed
 // or answered >= 400), requests (every URL asked for), element PNG paths, row orders, and the
 // src/href of every element with one (as the page resolved them).
 // Chromium comes from @sparticuz/chromium, as in render_glb.mjs; WebGL runs on SwiftShader.
@@ -32,9 +32,16 @@ async function inspect(browser, job) {
     if (response.status() >= 400) failed.push(`${response.url()} (HTTP ${response.status()})`);
   });
   await page.goto(job.url, {waitUntil: 'networkidle0', timeout: job.timeout ?? 120000});
-  if (job.waitFor) await page.evaluate(`(async () => { await (${job.waitFor}); })()`);
-  const rows = async () => job.rows ? page.$$eval(job.rows, (els) => els.map((e) => e.dataset.run)) : null;
   const result = {problems, failed, requests};
+  if (job.waitFor) {  // module scripts may still be evaluating after the network went idle: poll, then await
+    try {
+      await page.waitForFunction(job.waitFor, {timeout: job.timeout ?? 120000, polling: 100});
+      await page.evaluate(`(async () => { await (${job.waitFor}); })()`);
+    } catch (error) {
+      result.waitError = String(error);  // reported with everything else, so the caller sees why
+    }
+  }
+  const rows = async () => job.rows ? page.$$eval(job.rows, (els) => els.map((e) => e.dataset.run)) : null;
   result.references = await page.$$eval('[src], [href], [poster], [data-glb]', (els) => els.flatMap((e) =>
     ['src', 'href', 'poster', 'data-glb'].filter((name) => e.hasAttribute(name)).map((name) => ({
       tag: e.tagName.toLowerCase(), attribute: name, value: e.getAttribute(name),
