@@ -427,7 +427,7 @@ def _document(title: str, body: str, assets_link: str, viewer: bool) -> str:
     if viewer:
         # A browser that refuses modules from file:// (Chrome) fires onerror or never starts the viewer.
         tail.append(
-            "<script>function lift3dNoViewer(){for(const v of document.querySelectorAll('.viewer')){"
+            "<script>function lift3dNoViewer(only){for(const v of only?[only]:document.querySelectorAll('.viewer')){"
             "v.dataset.state='unavailable';v.querySelector('.status').textContent="
             "'The 3D viewer needs the page served over http (browsers block ES modules from file://): '"
             "+'python -m http.server -d <this folder>, then open http://localhost:8000/'+location.pathname.split('/').pop();}}"

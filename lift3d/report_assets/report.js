@@ -1,7 +1,8 @@
 // The 3D viewer of a lift3d report: every <div class="viewer" data-glb="..."> gets a three.js
 // canvas with the GLB under RoomEnvironment light and OrbitControls (drag to turn, wheel to zoom).
 // Drawn on demand (on load, on control changes and on resize), so an idle page costs nothing.
-// Each viewer's data-state ends as "ready" or "error"; window.lift3dReport.ready resolves then.
+// Each viewer's data-state ends as "ready", "error", or "unavailable" (a file:// page: the note of
+// the page's classic script says how to serve it); window.lift3dReport.ready resolves then.
 import * as THREE from 'three';
 import {GLTFLoader} from 'three/addons/loaders/GLTFLoader.js';
 import {OrbitControls} from 'three/addons/controls/OrbitControls.js';
@@ -61,6 +62,11 @@ async function mount(element) {
 
 const viewers = [...document.querySelectorAll('.viewer')].map((element) =>
   mount(element).catch((error) => {
+    if (location.protocol === 'file:' && window.lift3dNoViewer) {  // fetch() cannot read file:// URLs
+      window.lift3dNoViewer(element);
+      console.warn('lift3d report viewer:', element.dataset.glb, error);
+      return;
+    }
     element.dataset.state = 'error';
     element.querySelector('.status').textContent = 'could not show the model: ' + error;
     console.error('lift3d report viewer:', element.dataset.glb, error);
