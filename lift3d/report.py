@@ -64,6 +64,7 @@ class Stage:
         return final_metrics(self.records)
 
     def file(self, relative: str) -> Path | None:
+        """``directory / relative`` if that file exists (reports show a note otherwise)."""
         path = self.directory / relative
         return path if path.is_file() else None
 
@@ -75,13 +76,19 @@ class Run:
     name: str
     """Its path relative to the folder of runs (its folder name for a single run)."""
     directory: Path
+    """The run folder (a pipeline's root for a pipeline)."""
     stages: list[Stage]
+    """One stage for a plain run, a pipeline's stages in order, none if the folder holds no run."""
     prompt: str = ""
+    """The prompt (from the last stage's config.yaml, or the batch row)."""
     status: str = ""
+    """done, failed, interrupted, pending (a batch's words) or incomplete; '' if unknown."""
     metrics: dict[str, float] = field(default_factory=dict)
     """Final metrics of the last stage (a batch's row when the run has no metrics.jsonl)."""
     wall_s: float | None = None
+    """Wall time a batch recorded for the prompt (None outside batches)."""
     error: str = ""
+    """The last failure a batch recorded."""
 
     @property
     def last(self) -> Stage | None:
