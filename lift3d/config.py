@@ -109,9 +109,9 @@ class TrainerConfig:
     progress_bar: bool = True
     """Show a progress bar (step/total, loss, it/s, ETA)."""
     eval_times: int = 0
-    """Times of the held-out (view x time) grid, evenly spaced over [0, 1]; 0 = 5 for a dynamic
+    """Times T of the held-out (view x time) grid, k / T for k < T; 0 = 8 for a dynamic
     representation and 1 (t = 0, the static turntable) otherwise. With more than one time the
-    evaluation also reports ``eval/time_margin_db``."""
+    evaluation also reports ``eval/time_margin_db`` (choose T with T * clip_span / 2 whole)."""
     render_chunk_pixels: int = 1 << 16
     """Outside training (validation strips, ``eval/psnr``, turntable PNG/MP4) cameras are rendered
     in groups of at most this many pixels (at least one camera per group); representations bound

@@ -330,7 +330,7 @@ class Trainer:
     def eval_cameras(self) -> Cameras:
         """The held-out (view x time) grid: the eval turntable at ``trainer.eval_times`` times."""
         cfg = self.config.trainer
-        num_times = cfg.eval_times or (5 if self.representation.is_dynamic else 1)
+        num_times = cfg.eval_times or (8 if self.representation.is_dynamic else 1)
         return view_time_grid(cfg.eval, num_times) if num_times > 1 else turntable(cfg.eval)
 
     def evaluate(self) -> dict[str, float]:
