@@ -113,7 +113,10 @@ def bench_hashgrid4d(size: str, args: argparse.Namespace) -> list[Result]:
 
 def cases() -> list[Case]:
     """The hash-grid benchmark cases (3-D and 4-D inputs) for ``benchmarks/kernels.py``'s ``CASES``."""
-    return [Case("hashgrid", bench_hashgrid, list(DEFAULT_SIZES)), Case("hashgrid4d", bench_hashgrid4d, list(DEFAULT_4D_SIZES))]
+    return [
+        Case("hashgrid", bench_hashgrid, list(DEFAULT_SIZES)),
+        Case("hashgrid4d", bench_hashgrid4d, list(DEFAULT_4D_SIZES)),
+    ]
 
 
 def main(argv: list[str] | None = None) -> list[Result]:

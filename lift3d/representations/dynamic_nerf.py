@@ -238,7 +238,8 @@ class DynamicNeRF(NeRF):
 
 
 class DeformableNeRF(DynamicNeRF):
-    """The deformation variant: the static field at ``x + D(x, t)`` (what ``DynamicNeRF`` builds for ``variant: deformation``)."""
+    """The deformation variant: the static field at ``x + D(x, t)`` (``DynamicNeRF`` builds it for
+    ``variant: deformation``)."""
 
     deformation_network: nn.Sequential
     _canonical = False
@@ -307,14 +308,15 @@ def _validate(config: DynamicNeRFConfig) -> None:
         raise ValueError(f"representation.variant={config.variant!r}; choose one of {', '.join(VARIANTS)}")
     if config.combine not in COMBINES:
         raise ValueError(f"representation.combine={config.combine!r}; choose one of {', '.join(COMBINES)}")
-    if config.space_time_encoding.n_input_dims != 4:
+    space_time = config.space_time_encoding
+    if space_time.n_input_dims != 4:
         raise ValueError(
-            f"representation.space_time_encoding.n_input_dims must be 4 (x, y, z, t), got {config.space_time_encoding.n_input_dims}"
+            f"representation.space_time_encoding.n_input_dims must be 4 (x, y, z, t), got {space_time.n_input_dims}"
         )
-    if config.variant == "space_time" and config.combine == "sum" and config.space_time_encoding.output_dim != config.encoding.output_dim:
+    if config.variant == "space_time" and config.combine == "sum" and space_time.output_dim != config.encoding.output_dim:
         raise ValueError(
             "representation.combine=sum needs equal encoding widths: encoding has "
-            f"{config.encoding.output_dim} = levels x features, space_time_encoding {config.space_time_encoding.output_dim}; "
+            f"{config.encoding.output_dim} = levels x features, space_time_encoding {space_time.output_dim}; "
             "match n_levels and n_features_per_level or use combine=concat"
         )
     if config.occupancy_times < 1:

@@ -221,7 +221,10 @@ def test_space_time_depends_on_time_and_reduces_to_space_at_fixed_time() -> None
     assert (a - b).abs().max() > 1e-3
     # Level 0 has scale 2: times 0.25 and 0.75 are grid times (p_t = 1, 2); t = 0.5 is their average.
     F = config.n_features_per_level
-    at = [hashgrid_encode(torch.cat([positions[:, :3], torch.full((50, 1), v, dtype=torch.float64)], 1), table, config, tier="reference")[:, :F] for v in (0.25, 0.5, 0.75)]
+    at = []
+    for v in (0.25, 0.5, 0.75):
+        points = torch.cat([positions[:, :3], torch.full((50, 1), v, dtype=torch.float64)], 1)
+        at.append(hashgrid_encode(points, table, config, tier="reference")[:, :F])
     assert torch.allclose(at[1], 0.5 * (at[0] + at[2]), atol=1e-12)
 
 
