@@ -345,14 +345,16 @@ def test_cpu_recycled_outputs_are_exact(cpu_tier: None) -> None:
     assert torch.equal(second, hashgrid_encode(positions, table, config, tier="cpu"))
 
 
+@pytest.mark.parametrize("name", ["mixed", "4d-mixed"])
 @pytest.mark.parametrize("tier", ["reference", "cpu"])
-def test_empty_input(request: pytest.FixtureRequest, tier: str) -> None:
+def test_empty_input(request: pytest.FixtureRequest, tier: str, name: str) -> None:
     if tier == "cpu":
         request.getfixturevalue("cpu_tier")
-    config = CONFIGS["mixed"]
+    config = CONFIGS[name]
+    D = config.n_input_dims
     _, table = random_inputs(config, 1, seed=5)
-    y, grad_table, grad_x = run_with_grads(torch.zeros(0, 3), table, config, tier)
-    assert y.shape == (0, config.output_dim) and grad_x.shape == (0, 3)
+    y, grad_table, grad_x = run_with_grads(torch.zeros(0, D), table, config, tier)
+    assert y.shape == (0, config.output_dim) and grad_x.shape == (0, D)
     assert torch.all(grad_table == 0)
 
 
