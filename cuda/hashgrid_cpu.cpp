@@ -1,12 +1,13 @@
 // Multiresolution hash-grid encoding (Instant-NGP / tiny-cuda-nn HashGrid), cpu tier (C++/OpenMP)
 // with a hand-written backward for the table and for the positions.
 //
-// Semantics: lift3d/kernels/hashgrid.py (the reference tier is the definition). Per level l with
-// scale s, resolution r, slice of `size` rows at `offset`: x is clamped to [0, 1] (NaN -> 0),
-// p = x * s + 0.5, g = floor(p), t = p - g; corner c in {0,1}^3 (bit 0 = x) is looked up at
-//   dense:  (cx + cy r + cz r^2) % size          (uint32)
-//   hashed: (cx ^ cy 2654435761 ^ cz 805459861) % size   (uint32, tcnn's coherent prime hash)
-// and blended trilinearly. Output [N, L*F] level-major; levels >= active_levels are zeros.
+// Semantics: lift3d/kernels/hashgrid.py (the reference tier is the definition). Inputs have D = 3
+// (x, y, z) or D = 4 (x, y, z, t) dims, a compile-time parameter of every kernel below. Per level l
+// with scale s, resolution r, slice of `size` rows at `offset`: x is clamped to [0, 1] (NaN -> 0),
+// p = x * s + 0.5, g = floor(p), t = p - g; corner c in {0,1}^D (bit d = axis d) is looked up at
+//   dense:  (cx + cy r + cz r^2 [+ ct r^3]) % size          (uint32)
+//   hashed: (cx ^ cy 2654435761 ^ cz 805459861 [^ ct 3674653429]) % size   (uint32, tcnn's primes)
+// and blended (tri/quadri)linearly. Output [N, L*F] level-major; levels >= active_levels are zeros.
 //
 // Layout of the work: the positions are clamped once per call into a structure of arrays. A
 // level is then visited in blocks of 16 points: the corner rows and weights of a whole block are
@@ -44,8 +45,9 @@
 
 namespace {
 
-constexpr uint32_t kPrimeY = 2654435761u;
-constexpr uint32_t kPrimeZ = 805459861u;
+// tcnn's coherent prime hash factors per axis (x's is 1).
+constexpr uint32_t kPrimes[4] = {1u, 2654435761u, 805459861u, 3674653429u};
+constexpr int kMaxDims = 4;
 
 struct Level {
   float scale;
@@ -57,7 +59,7 @@ struct Level {
 };
 
 std::vector<Level> make_levels(c10::ArrayRef<double> scales, at::IntArrayRef resolutions, at::IntArrayRef offsets,
-                               at::IntArrayRef hashed, int64_t table_rows) {
+                               at::IntArrayRef hashed, int64_t table_rows, int64_t D) {
   const size_t L = scales.size();
   TORCH_CHECK(L >= 1, "hashgrid (cpu tier): at least one level is needed");
   TORCH_CHECK(resolutions.size() == L && hashed.size() == L && offsets.size() == L + 1,
@@ -76,11 +78,12 @@ std::vector<Level> make_levels(c10::ArrayRef<double> scales, at::IntArrayRef res
     if (is_hashed) {
       TORCH_CHECK((size & (size - 1)) == 0, "hashgrid (cpu tier): hashed level ", l, " must have a power-of-two size");
     } else {
-      // Corners reach res per axis, so the dense index is at most res + res^2 + res^3; one
+      // Corners reach res per axis, so the dense index is at most res + res^2 + ... + res^D; one
       // conditional subtraction must be a full modulo, i.e. that bound must stay below 2 size.
       // The top corner is floor(scale + 0.5) + 1; it must not pass res for that bound to hold.
-      TORCH_CHECK(static_cast<int64_t>(scale + 0.5f) + 1 <= res && res <= 2048 &&
-                      res + res * res + res * res * res < 2 * size,
+      int64_t bound = 0, power = 1;
+      for (int64_t d = 0; d < D && res <= 2048; ++d) bound += (power *= res);  // res <= 2048: no int64 overflow
+      TORCH_CHECK(static_cast<int64_t>(scale + 0.5f) + 1 <= res && res <= 2048 && bound < 2 * size,
                   "hashgrid (cpu tier): dense level ", l, " (scale ", scale, ", resolution ", res,
                   ") does not fit its ", size, " rows");
     }
@@ -101,8 +104,8 @@ void check_inputs(const at::Tensor& positions, const at::Tensor& table) {
               "hashgrid (cpu tier): positions and table must be float32, got ", positions.scalar_type(), " and ",
               table.scalar_type());
   TORCH_CHECK(positions.is_contiguous() && table.is_contiguous(), "hashgrid (cpu tier): inputs must be contiguous");
-  TORCH_CHECK(positions.dim() == 2 && positions.size(1) == 3, "hashgrid (cpu tier): positions must be [N, 3], got ",
-              positions.sizes());
+  TORCH_CHECK(positions.dim() == 2 && (positions.size(1) == 3 || positions.size(1) == 4),
+              "hashgrid (cpu tier): positions must be [N, 3] or [N, 4], got ", positions.sizes());
   TORCH_CHECK(table.dim() == 2 && table.size(1) >= 1, "hashgrid (cpu tier): table must be [rows, F], got ",
               table.sizes());
 }
@@ -116,6 +119,16 @@ void dispatch_features(int64_t F, Fn&& fn) {
     case 4: fn(std::integral_constant<int, 4>{}); break;
     case 8: fn(std::integral_constant<int, 8>{}); break;
     default: fn(std::integral_constant<int, 0>{}); break;
+  }
+}
+
+// Calls fn with the compile-time input dimension D in {3, 4} (checked by check_inputs).
+template <typename Fn>
+void dispatch_dims(int64_t D, Fn&& fn) {
+  if (D == 4) {
+    fn(std::integral_constant<int, 4>{});
+  } else {
+    fn(std::integral_constant<int, 3>{});
   }
 }
 
@@ -142,48 +155,53 @@ float* thread_scratch(size_t count) {
 constexpr int64_t kBlock = 16;  // points located together: two AVX2 vectors (four SSE ones) of floats
 constexpr int64_t kChunk = 4096;  // points per OpenMP work item in the point-parallel loops
 
-// Clamped positions as a structure of arrays, padded with zeros past N up to whole blocks (a block
-// may start anywhere below N and always reads kBlock points), and per point the axes where the
-// clamp passes the gradient (bit d: x_d within [0, 1]; NaN is outside).
+// Clamped positions as a structure of arrays (D of them), padded with zeros past N up to whole
+// blocks (a block may start anywhere below N and always reads kBlock points), and per point the
+// axes where the clamp passes the gradient (bit d: x_d within [0, 1]; NaN is outside).
 struct Points {
-  const float* coord[3];
+  const float* coord[kMaxDims];
   const uint8_t* inside;
 };
 
 inline int64_t padded_points(int64_t N) { return (N + 2 * kBlock - 1) / kBlock * kBlock; }
 
-Points prepare_points(const float* __restrict__ x, int64_t N) {
+Points prepare_points(const float* __restrict__ x, int64_t N, int D) {
   const int64_t padded = padded_points(N);
-  // 3 coordinate arrays and the flags (a quarter of the 4th float array's bytes).
-  float* buffer = thread_scratch<Scratch::kPoints>(static_cast<size_t>(4 * padded));
-  float* coord[3] = {buffer, buffer + padded, buffer + 2 * padded};
-  uint8_t* inside = reinterpret_cast<uint8_t*>(buffer + 3 * padded);
+  // D coordinate arrays and the flags (a quarter of one more float array's bytes).
+  float* buffer = thread_scratch<Scratch::kPoints>(static_cast<size_t>((D + 1) * padded));
+  Points points{};
+  float* coord[kMaxDims] = {};
+  for (int d = 0; d < D; ++d) points.coord[d] = coord[d] = buffer + d * padded;
+  uint8_t* inside = reinterpret_cast<uint8_t*>(buffer + D * padded);
+  points.inside = inside;
   at::parallel_for(0, padded, kChunk, [&](int64_t first, int64_t last) {
     for (int64_t i = first; i < last; ++i) {
       uint8_t flags = 0;
-      for (int d = 0; d < 3; ++d) {
-        const float v = i < N ? x[3 * i + d] : 0.0f;
+      for (int d = 0; d < D; ++d) {
+        const float v = i < N ? x[D * i + d] : 0.0f;
         if (v >= 0.0f && v <= 1.0f) flags |= static_cast<uint8_t>(1u << d);
         coord[d][i] = v > 0.0f ? (v < 1.0f ? v : 1.0f) : 0.0f;  // NaN -> 0
       }
       inside[i] = flags;
     }
   });
-  return {{coord[0], coord[1], coord[2]}, inside};
+  return points;
 }
 
-// One block of points at one level: per corner the row within the level's slice and the
-// trilinear weight, and the fractions t (structure of arrays: the loops below vectorise).
+// One block of points at one level: per corner (2^D of them) the row within the level's slice and
+// the multilinear weight, and the fractions t (structure of arrays: the loops below vectorise).
+template <int kD>
 struct alignas(64) Block {
-  uint32_t index[8][kBlock];
-  float weight[8][kBlock];
-  float t[3][kBlock];
+  static constexpr int kCorners = 1 << kD;
+  uint32_t index[kCorners][kBlock];
+  float weight[kCorners][kBlock];
+  float t[kD][kBlock];
 };
 
-template <bool kHashed>
-HASHGRID_INLINE void locate_block(const Level& lv, const Points& points, int64_t first, Block& block) {
-  int32_t cell[3][kBlock];
-  for (int d = 0; d < 3; ++d) {
+template <int kD, bool kHashed>
+HASHGRID_INLINE void locate_block(const Level& lv, const Points& points, int64_t first, Block<kD>& block) {
+  int32_t cell[kD][kBlock];
+  for (int d = 0; d < kD; ++d) {
     const float* coord = points.coord[d] + first;
     for (int64_t k = 0; k < kBlock; ++k) {
       const float p = coord[k] * lv.scale + 0.5f;
@@ -192,51 +210,58 @@ HASHGRID_INLINE void locate_block(const Level& lv, const Points& points, int64_t
       block.t[d][k] = p - static_cast<float>(cell[d][k]);
     }
   }
+  constexpr int kCorners = 1 << kD;
   for (int64_t k = 0; k < kBlock; ++k) {
-    // Per-axis terms of the index for the low (0) and high (1) corner; uint32 arithmetic wraps as tcnn's does.
-    const uint32_t x0 = static_cast<uint32_t>(cell[0][k]), x1 = x0 + 1u;
-    uint32_t y0, y1, z0, z1;
-    if constexpr (kHashed) {
-      y0 = static_cast<uint32_t>(cell[1][k]) * kPrimeY;
-      y1 = y0 + kPrimeY;
-      z0 = static_cast<uint32_t>(cell[2][k]) * kPrimeZ;
-      z1 = z0 + kPrimeZ;
-      const uint32_t m = lv.mask;
-      block.index[0][k] = (x0 ^ y0 ^ z0) & m;
-      block.index[1][k] = (x1 ^ y0 ^ z0) & m;
-      block.index[2][k] = (x0 ^ y1 ^ z0) & m;
-      block.index[3][k] = (x1 ^ y1 ^ z0) & m;
-      block.index[4][k] = (x0 ^ y0 ^ z1) & m;
-      block.index[5][k] = (x1 ^ y0 ^ z1) & m;
-      block.index[6][k] = (x0 ^ y1 ^ z1) & m;
-      block.index[7][k] = (x1 ^ y1 ^ z1) & m;
-    } else {
-      const uint32_t r = lv.resolution, size = lv.size;
-      y0 = static_cast<uint32_t>(cell[1][k]) * r;
-      y1 = y0 + r;
-      z0 = static_cast<uint32_t>(cell[2][k]) * (r * r);
-      z1 = z0 + r * r;
-      const uint32_t sums[8] = {x0 + y0 + z0, x1 + y0 + z0, x0 + y1 + z0, x1 + y1 + z0,
-                                x0 + y0 + z1, x1 + y0 + z1, x0 + y1 + z1, x1 + y1 + z1};
-      // Corners reach at most res per axis, so the dense index is < 2 size (checked in
-      // make_levels): one conditional subtraction is the modulo.
-      for (int c = 0; c < 8; ++c) block.index[c][k] = sums[c] >= size ? sums[c] - size : sums[c];
+    // Corners are built up one axis at a time: after axis d, entries [0, 2^(d+1)) combine the
+    // low (bit clear) or high (bit set) term of axes 0..d, left to right as the reference does.
+    // uint32 arithmetic wraps as tcnn's does.
+    uint32_t index[kCorners];
+    float weight[kCorners];
+    index[0] = static_cast<uint32_t>(cell[0][k]);
+    index[1] = index[0] + 1u;
+    weight[0] = 1.0f - block.t[0][k];
+    weight[1] = block.t[0][k];
+    uint32_t stride = lv.resolution;  // dense levels: r^d
+    for (int d = 1; d < kD; ++d) {
+      const int half = 1 << d;
+      const float t = block.t[d][k], t_lo = 1.0f - t;
+      if constexpr (kHashed) {
+        const uint32_t lo = static_cast<uint32_t>(cell[d][k]) * kPrimes[d], hi = lo + kPrimes[d];
+        for (int c = 0; c < half; ++c) {
+          index[c + half] = index[c] ^ hi;
+          index[c] ^= lo;
+        }
+      } else {
+        const uint32_t lo = static_cast<uint32_t>(cell[d][k]) * stride, hi = lo + stride;
+        stride *= lv.resolution;
+        for (int c = 0; c < half; ++c) {
+          index[c + half] = index[c] + hi;
+          index[c] += lo;
+        }
+      }
+      // w_c = w_x * w_y * w_z [* w_t], multiplied in the reference's order.
+      for (int c = 0; c < half; ++c) {
+        weight[c + half] = weight[c] * t;
+        weight[c] *= t_lo;
+      }
     }
-    // w_c = wx * wy * wz, multiplied in the reference's order.
-    const float tx = block.t[0][k], ty = block.t[1][k], tz = block.t[2][k];
-    const float x_lo = 1.0f - tx, y_lo = 1.0f - ty, z_lo = 1.0f - tz;
-    const float xy[4] = {x_lo * y_lo, tx * y_lo, x_lo * ty, tx * ty};
-    for (int c = 0; c < 4; ++c) {
-      block.weight[c][k] = xy[c] * z_lo;
-      block.weight[c + 4][k] = xy[c] * tz;
+    for (int c = 0; c < kCorners; ++c) {
+      if constexpr (kHashed) {
+        block.index[c][k] = index[c] & lv.mask;
+      } else {
+        // Corners reach at most res per axis, so the dense index is < 2 size (checked in
+        // make_levels): one conditional subtraction is the modulo.
+        block.index[c][k] = index[c] >= lv.size ? index[c] - lv.size : index[c];
+      }
+      block.weight[c][k] = weight[c];
     }
   }
 }
 
 // Prefetches the rows of the first `count` points of a block (for writing if kWrite).
-template <bool kWrite>
-HASHGRID_INLINE void prefetch_block(const Block& block, const float* rows, int64_t F, int64_t count) {
-  for (int c = 0; c < 8; ++c) {
+template <bool kWrite, int kD>
+HASHGRID_INLINE void prefetch_block(const Block<kD>& block, const float* rows, int64_t F, int64_t count) {
+  for (int c = 0; c < Block<kD>::kCorners; ++c) {
     for (int64_t k = 0; k < count; ++k) __builtin_prefetch(rows + static_cast<int64_t>(block.index[c][k]) * F, kWrite, 3);
   }
 }
@@ -244,49 +269,51 @@ HASHGRID_INLINE void prefetch_block(const Block& block, const float* rows, int64
 // Visits points [begin, end) of one level block by block, in order: body(first, count, block).
 // The next block is located and its rows (in `rows`, the level's slice) prefetched before the
 // current block's body runs, so 128 random accesses are in flight while it works.
-template <bool kHashed, bool kWrite, typename Body>
+template <int kD, bool kHashed, bool kWrite, typename Body>
 HASHGRID_INLINE void for_each_block_of(const Level& lv, const Points& points, int64_t begin, int64_t end,
                                        const float* rows, int64_t F, Body&& body) {
   if (begin >= end) return;
-  Block blocks[2];
-  locate_block<kHashed>(lv, points, begin, blocks[0]);
+  Block<kD> blocks[2];
+  locate_block<kD, kHashed>(lv, points, begin, blocks[0]);
   prefetch_block<kWrite>(blocks[0], rows, F, std::min(kBlock, end - begin));
   int current = 0;
   for (int64_t first = begin; first < end; first += kBlock, current ^= 1) {
     const int64_t next = first + kBlock;
     // The coordinates are streamed, but the table's random accesses crowd out the hardware
     // prefetcher: fetch them a few blocks early (past the padding is harmless, prefetches do not fault).
-    for (int d = 0; d < 3; ++d) __builtin_prefetch(points.coord[d] + first + 4 * kBlock, 0, 3);
+    for (int d = 0; d < kD; ++d) __builtin_prefetch(points.coord[d] + first + 4 * kBlock, 0, 3);
     if (next < end) {
-      locate_block<kHashed>(lv, points, next, blocks[current ^ 1]);
+      locate_block<kD, kHashed>(lv, points, next, blocks[current ^ 1]);
       prefetch_block<kWrite>(blocks[current ^ 1], rows, F, std::min(kBlock, end - next));
     }
     body(first, std::min(kBlock, end - first), blocks[current]);
   }
 }
 
-template <bool kWrite, typename Body>
+template <int kD, bool kWrite, typename Body>
 HASHGRID_INLINE void for_each_block(const Level& lv, const Points& points, int64_t begin, int64_t end,
                                     const float* rows, int64_t F, Body&& body) {
   if (lv.hashed) {
-    for_each_block_of<true, kWrite>(lv, points, begin, end, rows, F, body);
+    for_each_block_of<kD, true, kWrite>(lv, points, begin, end, rows, F, body);
   } else {
-    for_each_block_of<false, kWrite>(lv, points, begin, end, rows, F, body);
+    for_each_block_of<kD, false, kWrite>(lv, points, begin, end, rows, F, body);
   }
 }
 
 // Forward of points [begin, end) at one level into the level-major output of that level.
-template <int kF>
+template <int kD, int kF>
 HASHGRID_INLINE void forward_range(const Level& lv, const Points& points, const float* __restrict__ table,
                                    float* __restrict__ level_out, int64_t begin, int64_t end, int64_t F_runtime) {
+  constexpr int kCorners = 1 << kD;
   const int64_t F = kF > 0 ? kF : F_runtime;
   const float* rows = table + lv.offset * F;
-  for_each_block</*kWrite=*/false>(lv, points, begin, end, rows, F, [&](int64_t first, int64_t count, const Block& b) {
+  for_each_block<kD, /*kWrite=*/false>(lv, points, begin, end, rows, F, [&](int64_t first, int64_t count,
+                                                                           const Block<kD>& b) {
     for (int64_t k = 0; k < count; ++k) {
       float* out = level_out + (first + k) * F;
       if constexpr (kF > 0) {
         float acc[kF] = {};
-        for (int c = 0; c < 8; ++c) {
+        for (int c = 0; c < kCorners; ++c) {
           const float* row = rows + static_cast<int64_t>(b.index[c][k]) * kF;
           const float w = b.weight[c][k];
           for (int f = 0; f < kF; ++f) acc[f] += w * row[f];
@@ -294,7 +321,7 @@ HASHGRID_INLINE void forward_range(const Level& lv, const Points& points, const 
         for (int f = 0; f < kF; ++f) out[f] = acc[f];
       } else {
         for (int64_t f = 0; f < F; ++f) out[f] = 0.0f;
-        for (int c = 0; c < 8; ++c) {
+        for (int c = 0; c < kCorners; ++c) {
           const float* row = rows + static_cast<int64_t>(b.index[c][k]) * F;
           const float w = b.weight[c][k];
           for (int64_t f = 0; f < F; ++f) out[f] += w * row[f];
@@ -306,24 +333,26 @@ HASHGRID_INLINE void forward_range(const Level& lv, const Points& points, const 
 
 // Table gradient of points [begin, end) at one level: w_c * grad added into the level's slice of
 // grad_table, points in index order (the caller gives a level's slice to one thread).
-template <int kF>
+template <int kD, int kF>
 HASHGRID_INLINE void scatter_range(const Level& lv, const Points& points, const float* __restrict__ grad_level,
                                    float* __restrict__ grad_table, int64_t begin, int64_t end, int64_t F_runtime) {
+  constexpr int kCorners = 1 << kD;
   const int64_t F = kF > 0 ? kF : F_runtime;
   float* rows = grad_table + lv.offset * F;
-  for_each_block</*kWrite=*/true>(lv, points, begin, end, rows, F, [&](int64_t first, int64_t count, const Block& b) {
+  for_each_block<kD, /*kWrite=*/true>(lv, points, begin, end, rows, F, [&](int64_t first, int64_t count,
+                                                                          const Block<kD>& b) {
     for (int64_t k = 0; k < count; ++k) {
       const float* g = grad_level + (first + k) * F;
       if constexpr (kF > 0) {
         float gk[kF];  // in registers: the row updates below cannot alias it
         for (int f = 0; f < kF; ++f) gk[f] = g[f];
-        for (int c = 0; c < 8; ++c) {
+        for (int c = 0; c < kCorners; ++c) {
           float* row = rows + static_cast<int64_t>(b.index[c][k]) * kF;
           const float w = b.weight[c][k];
           for (int f = 0; f < kF; ++f) row[f] += w * gk[f];
         }
       } else {
-        for (int c = 0; c < 8; ++c) {
+        for (int c = 0; c < kCorners; ++c) {
           float* row = rows + static_cast<int64_t>(b.index[c][k]) * F;
           const float w = b.weight[c][k];
           for (int64_t f = 0; f < F; ++f) row[f] += w * g[f];
@@ -335,97 +364,109 @@ HASHGRID_INLINE void scatter_range(const Level& lv, const Points& points, const 
 
 // Position gradient of points [begin, end) at one level, added to grad_positions:
 // d out / d x_d = scale * sum_c (d w_c / d t_d) <grad, feature_c>, zero where the clamp is active.
-template <int kF>
+template <int kD, int kF>
 HASHGRID_INLINE void position_range(const Level& lv, const Points& points, const float* __restrict__ table,
                                     const float* __restrict__ grad_level, float* __restrict__ grad_positions,
                                     int64_t begin, int64_t end, int64_t F_runtime) {
+  constexpr int kCorners = 1 << kD;
   const int64_t F = kF > 0 ? kF : F_runtime;
   const float* rows = table + lv.offset * F;
-  for_each_block</*kWrite=*/false>(lv, points, begin, end, rows, F, [&](int64_t first, int64_t count, const Block& b) {
+  for_each_block<kD, /*kWrite=*/false>(lv, points, begin, end, rows, F, [&](int64_t first, int64_t count,
+                                                                           const Block<kD>& b) {
     for (int64_t k = 0; k < count; ++k) {
       const int64_t i = first + k;
       const float* g = grad_level + i * F;
-      const float wx[2] = {1.0f - b.t[0][k], b.t[0][k]};
-      const float wy[2] = {1.0f - b.t[1][k], b.t[1][k]};
-      const float wz[2] = {1.0f - b.t[2][k], b.t[2][k]};
-      float dt[3] = {0.0f, 0.0f, 0.0f};
-      for (int c = 0; c < 8; ++c) {
+      float w[kD][2];  // per axis: the lower and upper corner's factor
+      for (int d = 0; d < kD; ++d) {
+        w[d][0] = 1.0f - b.t[d][k];
+        w[d][1] = b.t[d][k];
+      }
+      float dt[kD] = {};
+      for (int c = 0; c < kCorners; ++c) {
         const float* row = rows + static_cast<int64_t>(b.index[c][k]) * F;
         float s = 0.0f;  // <grad, feature of corner c>
         for (int64_t f = 0; f < F; ++f) s += g[f] * row[f];
-        // d w_c / d t_d is +-1 (upper / lower corner along d) times the other two factors.
-        const int bx = c & 1, by = (c >> 1) & 1, bz = (c >> 2) & 1;
-        dt[0] += (bx ? s : -s) * (wy[by] * wz[bz]);
-        dt[1] += (by ? s : -s) * (wx[bx] * wz[bz]);
-        dt[2] += (bz ? s : -s) * (wx[bx] * wy[by]);
+        // d w_c / d t_d is +-1 (upper / lower corner along d) times the other factors, in axis order.
+        for (int d = 0; d < kD; ++d) {
+          float others = 1.0f;  // 1 * w is exact, so this is w_y * w_z for d = 0 in 3-D
+          for (int e = 0; e < kD; ++e) {
+            if (e != d) others *= w[e][(c >> e) & 1];
+          }
+          dt[d] += (((c >> d) & 1) ? s : -s) * others;
+        }
       }
       const uint8_t inside = points.inside[i];
-      for (int d = 0; d < 3; ++d) {
-        if (inside & (1u << d)) grad_positions[3 * i + d] += dt[d] * lv.scale;
+      for (int d = 0; d < kD; ++d) {
+        if (inside & (1u << d)) grad_positions[kD * i + d] += dt[d] * lv.scale;
       }
     }
   });
 }
 
-// Each range kernel is compiled twice, for baseline x86-64 and for AVX2, and picked per call.
+// Each range kernel is compiled twice, for baseline x86-64 and for AVX2, and picked per call (for
+// each input dimension and feature count).
 using ForwardFn = void (*)(const Level&, const Points&, const float*, float*, int64_t, int64_t, int64_t);
 using ScatterFn = void (*)(const Level&, const Points&, const float*, float*, int64_t, int64_t, int64_t);
 using PositionFn = void (*)(const Level&, const Points&, const float*, const float*, float*, int64_t, int64_t,
                             int64_t);
 
-template <int kF>
+template <int kD, int kF>
 void forward_baseline(const Level& lv, const Points& p, const float* table, float* out, int64_t begin, int64_t end,
                       int64_t F) {
-  forward_range<kF>(lv, p, table, out, begin, end, F);
+  forward_range<kD, kF>(lv, p, table, out, begin, end, F);
 }
-template <int kF>
+template <int kD, int kF>
 void scatter_baseline(const Level& lv, const Points& p, const float* grad, float* grad_table, int64_t begin,
                       int64_t end, int64_t F) {
-  scatter_range<kF>(lv, p, grad, grad_table, begin, end, F);
+  scatter_range<kD, kF>(lv, p, grad, grad_table, begin, end, F);
 }
-template <int kF>
+template <int kD, int kF>
 void position_baseline(const Level& lv, const Points& p, const float* table, const float* grad, float* grad_positions,
                        int64_t begin, int64_t end, int64_t F) {
-  position_range<kF>(lv, p, table, grad, grad_positions, begin, end, F);
+  position_range<kD, kF>(lv, p, table, grad, grad_positions, begin, end, F);
 }
 
 #ifdef LIFT3D_CPU_X86
-template <int kF>
+template <int kD, int kF>
 __attribute__((target("avx2"))) void forward_avx2(const Level& lv, const Points& p, const float* table, float* out,
                                                   int64_t begin, int64_t end, int64_t F) {
-  forward_range<kF>(lv, p, table, out, begin, end, F);
+  forward_range<kD, kF>(lv, p, table, out, begin, end, F);
 }
-template <int kF>
+template <int kD, int kF>
 __attribute__((target("avx2"))) void scatter_avx2(const Level& lv, const Points& p, const float* grad,
                                                   float* grad_table, int64_t begin, int64_t end, int64_t F) {
-  scatter_range<kF>(lv, p, grad, grad_table, begin, end, F);
+  scatter_range<kD, kF>(lv, p, grad, grad_table, begin, end, F);
 }
-template <int kF>
+template <int kD, int kF>
 __attribute__((target("avx2"))) void position_avx2(const Level& lv, const Points& p, const float* table,
                                                    const float* grad, float* grad_positions, int64_t begin,
                                                    int64_t end, int64_t F) {
-  position_range<kF>(lv, p, table, grad, grad_positions, begin, end, F);
+  position_range<kD, kF>(lv, p, table, grad, grad_positions, begin, end, F);
 }
 #endif
 
-template <int kF>
+// The range kernels of one input dimension and feature count, in the build for this CPU.
 struct RangeKernels {
-  ForwardFn forward = forward_baseline<kF>;
-  ScatterFn scatter = scatter_baseline<kF>;
-  PositionFn position = position_baseline<kF>;
-
-  static RangeKernels for_this_cpu() {
-    RangeKernels kernels;
-#ifdef LIFT3D_CPU_X86
-    if (lift3d_cpu::use_avx2()) {
-      kernels.forward = forward_avx2<kF>;
-      kernels.scatter = scatter_avx2<kF>;
-      kernels.position = position_avx2<kF>;
-    }
-#endif
-    return kernels;
-  }
+  ForwardFn forward;
+  ScatterFn scatter;
+  PositionFn position;
 };
+
+template <int kD, int kF>
+RangeKernels range_kernels_for_this_cpu() {
+#ifdef LIFT3D_CPU_X86
+  if (lift3d_cpu::use_avx2()) return {forward_avx2<kD, kF>, scatter_avx2<kD, kF>, position_avx2<kD, kF>};
+#endif
+  return {forward_baseline<kD, kF>, scatter_baseline<kD, kF>, position_baseline<kD, kF>};
+}
+
+RangeKernels range_kernels(int64_t D, int64_t F) {
+  RangeKernels kernels{};
+  dispatch_features(F, [&](auto kF) {
+    dispatch_dims(D, [&](auto kD) { kernels = range_kernels_for_this_cpu<decltype(kD)::value, decltype(kF)::value>(); });
+  });
+  return kernels;
+}
 
 // Calls fn(level, begin, end) for levels 0 .. count - 1, one level after another, with OpenMP over
 // chunks of points within a level. The barrier after each level keeps all threads on one level,
@@ -474,7 +515,8 @@ at::Tensor hashgrid_forward(const at::Tensor& positions, const at::Tensor& table
                             at::IntArrayRef resolutions, at::IntArrayRef offsets, at::IntArrayRef hashed,
                             int64_t active_levels) {
   check_inputs(positions, table);
-  const std::vector<Level> levels = make_levels(scales, resolutions, offsets, hashed, table.size(0));
+  const int64_t D = positions.size(1);
+  const std::vector<Level> levels = make_levels(scales, resolutions, offsets, hashed, table.size(0), D);
   const int64_t L = static_cast<int64_t>(levels.size());
   TORCH_CHECK(active_levels >= 0 && active_levels <= L, "hashgrid (cpu tier): active_levels out of range");
   const int64_t N = positions.size(0), F = table.size(1);
@@ -486,8 +528,8 @@ at::Tensor hashgrid_forward(const at::Tensor& positions, const at::Tensor& table
   dispatch_features(F, [&](auto kF) {
     constexpr int kFeatures = decltype(kF)::value;
     if (active_levels > 0) {
-      const Points points = prepare_points(positions.data_ptr<float>(), N);
-      const ForwardFn forward = RangeKernels<kFeatures>::for_this_cpu().forward;
+      const Points points = prepare_points(positions.data_ptr<float>(), N, static_cast<int>(D));
+      const ForwardFn forward = range_kernels(D, F).forward;
       for_levels_in_order(active_levels, N, at::get_num_threads(), [&](int64_t l, int64_t begin, int64_t end) {
         forward(levels[l], points, tab, level_major + l * N * F, begin, end, F);
       });
@@ -503,7 +545,8 @@ std::tuple<at::Tensor, at::Tensor> hashgrid_backward(const at::Tensor& grad_feat
                                                      at::IntArrayRef hashed, int64_t active_levels, bool need_table,
                                                      bool need_positions) {
   check_inputs(positions, table);
-  const std::vector<Level> levels = make_levels(scales, resolutions, offsets, hashed, table.size(0));
+  const int64_t D = positions.size(1);
+  const std::vector<Level> levels = make_levels(scales, resolutions, offsets, hashed, table.size(0), D);
   const int64_t L = static_cast<int64_t>(levels.size());
   TORCH_CHECK(active_levels >= 0 && active_levels <= L, "hashgrid (cpu tier): active_levels out of range");
   const int64_t N = positions.size(0), F = table.size(1);
@@ -517,7 +560,7 @@ std::tuple<at::Tensor, at::Tensor> hashgrid_backward(const at::Tensor& grad_feat
   const at::Tensor& grad_table = grad_table_buffer.tensor;
   at::Tensor grad_positions = at::empty({0}, positions.options());
   if (need_positions) {
-    const OutputPool::Buffer buffer = OutputPool::take({N, 3}, positions.options());
+    const OutputPool::Buffer buffer = OutputPool::take({N, D}, positions.options());
     grad_positions = buffer.tensor;
     if (!buffer.zeroed) grad_positions.zero_();
   }
@@ -531,37 +574,34 @@ std::tuple<at::Tensor, at::Tensor> hashgrid_backward(const at::Tensor& grad_feat
       transpose_levels<decltype(kF)::value, /*kToPoints=*/false>(grad_point_major.data_ptr<float>(), grad_levels, N, L,
                                                                  active_levels, F);
     });
-    points = prepare_points(positions.data_ptr<float>(), N);
+    points = prepare_points(positions.data_ptr<float>(), N, static_cast<int>(D));
   }
   const float* tab = table.data_ptr<float>();
   const float* g = grad_levels;
   const int threads = at::get_num_threads();
 
-  dispatch_features(F, [&](auto kF) {
-    constexpr int kFeatures = decltype(kF)::value;
-    const RangeKernels<kFeatures> kernels = RangeKernels<kFeatures>::for_this_cpu();
-    if (need_table) {
-      float* gt = grad_table.data_ptr<float>();
-      // A level's slice of grad_table belongs to one thread, which visits the points in index
-      // order: every entry is summed in a fixed order, for any thread count. No atomics.
-      const bool zeroed = grad_table_buffer.zeroed;
+  const RangeKernels kernels = range_kernels(D, F);
+  if (need_table) {
+    float* gt = grad_table.data_ptr<float>();
+    // A level's slice of grad_table belongs to one thread, which visits the points in index
+    // order: every entry is summed in a fixed order, for any thread count. No atomics.
+    const bool zeroed = grad_table_buffer.zeroed;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
-      for (int64_t l = L - 1; l >= 0; --l) {  // finest (slowest) levels first balances the threads
-        const Level& lv = levels[l];
-        // Recycled memory is zeroed here rather than up front: in parallel, and the slice is then
-        // warm in this thread's cache.
-        if (!zeroed) std::memset(gt + lv.offset * F, 0, sizeof(float) * static_cast<size_t>(lv.size) * F);
-        if (l < active_levels && N > 0) kernels.scatter(lv, points, g + l * N * F, gt, 0, N, F);
-      }
+    for (int64_t l = L - 1; l >= 0; --l) {  // finest (slowest) levels first balances the threads
+      const Level& lv = levels[l];
+      // Recycled memory is zeroed here rather than up front: in parallel, and the slice is then
+      // warm in this thread's cache.
+      if (!zeroed) std::memset(gt + lv.offset * F, 0, sizeof(float) * static_cast<size_t>(lv.size) * F);
+      if (l < active_levels && N > 0) kernels.scatter(lv, points, g + l * N * F, gt, 0, N, F);
     }
-    if (need_positions && work) {
-      float* gp = grad_positions.data_ptr<float>();
-      // Each point sums its levels in order: deterministic too.
-      for_levels_in_order(active_levels, N, threads, [&](int64_t l, int64_t begin, int64_t end) {
-        kernels.position(levels[l], points, tab, g + l * N * F, gp, begin, end, F);
-      });
-    }
-  });
+  }
+  if (need_positions && work) {
+    float* gp = grad_positions.data_ptr<float>();
+    // Each point sums its levels in order: deterministic too.
+    for_levels_in_order(active_levels, N, threads, [&](int64_t l, int64_t begin, int64_t end) {
+      kernels.position(levels[l], points, tab, g + l * N * F, gp, begin, end, F);
+    });
+  }
   return {grad_table, grad_positions};
 }
 

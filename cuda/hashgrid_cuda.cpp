@@ -12,12 +12,12 @@ struct CUstream_st;
 
 extern "C" {
 int lift3d_hashgrid_max_levels();
-const char* lift3d_hashgrid_forward(const float* positions, const float* table, float* out, int64_t N, int F,
+const char* lift3d_hashgrid_forward(const float* positions, const float* table, float* out, int64_t N, int D, int F,
                                     const float* scales, const int64_t* resolutions, const int64_t* sizes,
                                     const int64_t* offsets, const uint8_t* hashed, int L, int active,
                                     CUstream_st* stream);
 const char* lift3d_hashgrid_backward(const float* grad, const float* positions, const float* table, float* grad_table,
-                                     float* grad_positions, int64_t N, int F, const float* scales,
+                                     float* grad_positions, int64_t N, int D, int F, const float* scales,
                                      const int64_t* resolutions, const int64_t* sizes, const int64_t* offsets,
                                      const uint8_t* hashed, int L, int active, CUstream_st* stream);
 }
@@ -68,8 +68,8 @@ void check_inputs(const at::Tensor& positions, const at::Tensor& table) {
               "hashgrid (cuda tier): positions and table must be float32, got ", positions.scalar_type(), " and ",
               table.scalar_type());
   TORCH_CHECK(positions.is_contiguous() && table.is_contiguous(), "hashgrid (cuda tier): inputs must be contiguous");
-  TORCH_CHECK(positions.dim() == 2 && positions.size(1) == 3, "hashgrid (cuda tier): positions must be [N, 3], got ",
-              positions.sizes());
+  TORCH_CHECK(positions.dim() == 2 && (positions.size(1) == 3 || positions.size(1) == 4),
+              "hashgrid (cuda tier): positions must be [N, 3] or [N, 4], got ", positions.sizes());
   TORCH_CHECK(table.dim() == 2 && table.size(1) >= 1, "hashgrid (cuda tier): table must be [rows, F], got ",
               table.sizes());
 }
@@ -82,13 +82,13 @@ at::Tensor hashgrid_forward(const at::Tensor& positions, const at::Tensor& table
   const int64_t L = lv.count();
   TORCH_CHECK(active_levels >= 0 && active_levels <= L, "hashgrid (cuda tier): active_levels out of range");
   const c10::DeviceGuard guard(positions.device());
-  const int64_t N = positions.size(0), F = table.size(1);
+  const int64_t N = positions.size(0), D = positions.size(1), F = table.size(1);
   at::Tensor out = at::zeros({N, L * F}, positions.options());  // inactive levels stay zero
   const char* error = lift3d_hashgrid_forward(positions.data_ptr<float>(), table.data_ptr<float>(),
-                                              out.data_ptr<float>(), N, static_cast<int>(F), lv.scales.data(),
-                                              lv.resolutions.data(), lv.sizes.data(), lv.offsets.data(),
-                                              lv.hashed.data(), static_cast<int>(L), static_cast<int>(active_levels),
-                                              as_stream(stream));
+                                              out.data_ptr<float>(), N, static_cast<int>(D), static_cast<int>(F),
+                                              lv.scales.data(), lv.resolutions.data(), lv.sizes.data(),
+                                              lv.offsets.data(), lv.hashed.data(), static_cast<int>(L),
+                                              static_cast<int>(active_levels), as_stream(stream));
   TORCH_CHECK(error == nullptr, "hashgrid_forward (cuda tier) failed: ", error);
   return out;
 }
@@ -102,7 +102,7 @@ std::tuple<at::Tensor, at::Tensor> hashgrid_backward(const at::Tensor& grad_feat
   const Levels lv = make_levels(scales, resolutions, offsets, hashed, table.size(0));
   const int64_t L = lv.count();
   TORCH_CHECK(active_levels >= 0 && active_levels <= L, "hashgrid (cuda tier): active_levels out of range");
-  const int64_t N = positions.size(0), F = table.size(1);
+  const int64_t N = positions.size(0), D = positions.size(1), F = table.size(1);
   TORCH_CHECK(grad_features.is_cuda() && grad_features.scalar_type() == at::kFloat && grad_features.is_contiguous() &&
                   grad_features.dim() == 2 && grad_features.size(0) == N && grad_features.size(1) == L * F,
               "hashgrid (cuda tier): grad_features must be contiguous float32 CUDA [N, L*F], got ",
@@ -110,12 +110,12 @@ std::tuple<at::Tensor, at::Tensor> hashgrid_backward(const at::Tensor& grad_feat
   const c10::DeviceGuard guard(positions.device());
   at::Tensor grad_table = need_table ? at::zeros_like(table) : at::empty({0}, table.options());
   // Every row is written by the kernel (zeros when no level is active).
-  at::Tensor grad_positions = need_positions ? at::empty({N, 3}, positions.options()) : at::empty({0}, positions.options());
+  at::Tensor grad_positions = need_positions ? at::empty({N, D}, positions.options()) : at::empty({0}, positions.options());
   const char* error = lift3d_hashgrid_backward(
       grad_features.data_ptr<float>(), positions.data_ptr<float>(), table.data_ptr<float>(),
       need_table ? grad_table.data_ptr<float>() : nullptr, need_positions ? grad_positions.data_ptr<float>() : nullptr,
-      N, static_cast<int>(F), lv.scales.data(), lv.resolutions.data(), lv.sizes.data(), lv.offsets.data(),
-      lv.hashed.data(), static_cast<int>(L), static_cast<int>(active_levels), as_stream(stream));
+      N, static_cast<int>(D), static_cast<int>(F), lv.scales.data(), lv.resolutions.data(), lv.sizes.data(),
+      lv.offsets.data(), lv.hashed.data(), static_cast<int>(L), static_cast<int>(active_levels), as_stream(stream));
   TORCH_CHECK(error == nullptr, "hashgrid_backward (cuda tier) failed: ", error);
   return {grad_table, grad_positions};
 }

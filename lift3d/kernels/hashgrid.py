@@ -1,6 +1,9 @@
-"""Multiresolution hash-grid encoding (Instant-NGP; tiny-cuda-nn's ``HashGrid``), 3-D inputs.
+"""Multiresolution hash-grid encoding (Instant-NGP; tiny-cuda-nn's ``HashGrid``), 3-D or 4-D inputs.
 
-The one semantics every tier implements (DESIGN §3), following tiny-cuda-nn's ``Grid/Hash``:
+The one semantics every tier implements (DESIGN §3), following tiny-cuda-nn's ``Grid/Hash``. It is
+written here for D = 3 (space); ``n_input_dims = 4`` (space-time, 4D-fy's grid) is the same rule
+with a fourth axis ``t`` everywhere: ``res_l**4`` rows, 16 corners (bit 3 is t), the dense stride
+``res**3`` and the hash prime 3674653429 (tcnn's fourth), the quadrilinear blend.
 
 * Level ``l`` has ``scale_l = base_resolution * per_level_scale**l - 1`` and resolution
   ``res_l = ceil(scale_l) + 1``. Its slice of the table holds
@@ -51,8 +54,10 @@ logger = logging.getLogger(__name__)
 FORWARD_OP = "hashgrid_forward"
 BACKWARD_OP = "hashgrid_backward"
 
-HASH_PRIMES = (1, 2654435761, 805459861)
-"""tiny-cuda-nn's coherent prime hash factors for x, y, z (x's is 1 for cache coherence)."""
+HASH_PRIMES = (1, 2654435761, 805459861, 3674653429)
+"""tiny-cuda-nn's coherent prime hash factors for x, y, z, t (x's is 1 for cache coherence)."""
+INPUT_DIMS = (3, 4)
+"""Supported input dimensions: space, and space-time."""
 INIT_RANGE = 1e-4
 """Table entries start uniform in [-1e-4, 1e-4], as in tiny-cuda-nn."""
 
@@ -73,19 +78,23 @@ class HashGridConfig:
     """Resolution of the coarsest level (its scale is base_resolution - 1)."""
     per_level_scale: float = 1.447269237440378
     """Growth factor of the scale from one level to the next (here: 16 -> 4096 over 16 levels)."""
+    n_input_dims: int = 3
+    """Input dimensions D: 3 (points in [0, 1]^3) or 4 (space-time points (x, y, z, t) in [0, 1]^4)."""
 
     def __post_init__(self) -> None:
         if self.n_levels < 1:
             raise ValueError(f"n_levels must be >= 1, got {self.n_levels}")
         if self.n_features_per_level < 1:
             raise ValueError(f"n_features_per_level must be >= 1, got {self.n_features_per_level}")
-        # Dense indices are computed in uint32: res^3 <= T <= 2^30 keeps them from overflowing.
+        # Dense indices are computed in uint32: res^D <= T <= 2^30 keeps them from overflowing.
         if not 3 <= self.log2_hashmap_size <= 30:
             raise ValueError(f"log2_hashmap_size must be in [3, 30], got {self.log2_hashmap_size}")
         if self.base_resolution < 1:
             raise ValueError(f"base_resolution must be >= 1, got {self.base_resolution}")
         if not self.per_level_scale >= 1.0:
             raise ValueError(f"per_level_scale must be >= 1, got {self.per_level_scale}")
+        if self.n_input_dims not in INPUT_DIMS:
+            raise ValueError(f"n_input_dims must be one of {INPUT_DIMS}, got {self.n_input_dims}")
 
     @property
     def output_dim(self) -> int:
@@ -111,13 +120,13 @@ def level_resolutions(config: HashGridConfig) -> list[int]:
 def level_offsets(config: HashGridConfig) -> list[int]:
     """L + 1 row offsets of the levels' table slices; the last one is the table's row count.
 
-    A level holds ``min(next_multiple(res**3, 8), 2**log2_hashmap_size)`` entries (tcnn pads the
+    A level holds ``min(next_multiple(res**D, 8), 2**log2_hashmap_size)`` entries (tcnn pads the
     dense size to a multiple of 8 for aligned access).
     """
     offsets = [0]
     cap = 1 << config.log2_hashmap_size
     for resolution in level_resolutions(config):
-        dense = -(-(resolution**3) // 8) * 8
+        dense = -(-(resolution**config.n_input_dims) // 8) * 8
         offsets.append(offsets[-1] + min(dense, cap))
     return offsets
 
@@ -126,7 +135,7 @@ def level_is_hashed(config: HashGridConfig) -> list[bool]:
     """Whether each level uses the spatial hash (its dense grid does not fit in its slice)."""
     offsets = level_offsets(config)
     return [
-        resolution**3 > offsets[level + 1] - offsets[level]
+        resolution**config.n_input_dims > offsets[level + 1] - offsets[level]
         for level, resolution in enumerate(level_resolutions(config))
     ]
 
@@ -161,8 +170,8 @@ def hashgrid_encode(
     """Encode points with a multiresolution hash grid (see the module docstring for the rule).
 
     Args:
-        positions: [N, 3] points, expected in [0, 1]^3; values outside are clamped (zero gradient
-            there) and NaN counts as 0.
+        positions: [N, D] points (D = ``config.n_input_dims``), expected in [0, 1]^D; values outside
+            are clamped (zero gradient there) and NaN counts as 0.
         table: [n_params, F] feature table (``config.n_params`` rows, ``F = n_features_per_level``),
             the same floating dtype as positions.
         config: The grid's shape.
@@ -187,8 +196,9 @@ def hashgrid_encode(
 
 
 def _check_shapes(positions: Tensor, table: Tensor, config: HashGridConfig) -> None:
-    if positions.dim() != 2 or positions.shape[1] != 3:
-        raise ValueError(f"positions must be [N, 3], got {tuple(positions.shape)}")
+    D = config.n_input_dims
+    if positions.dim() != 2 or positions.shape[1] != D:
+        raise ValueError(f"positions must be [N, {D}] for n_input_dims={D}, got {tuple(positions.shape)}")
     expected = (config.n_params, config.n_features_per_level)
     if tuple(table.shape) != expected:
         raise ValueError(f"table must be [n_params, F] = {expected} for this config, got {tuple(table.shape)}")
@@ -203,20 +213,26 @@ def _check_shapes(positions: Tensor, table: Tensor, config: HashGridConfig) -> N
 # --------------------------------------------------------------------------------------------
 
 
-def _corner_bits(device: torch.device) -> Tensor:
-    """[8, 3] int64: corner c's offset along x, y, z is bit 0, 1, 2 of c."""
-    c = torch.arange(8, device=device)
-    return torch.stack([c & 1, (c >> 1) & 1, (c >> 2) & 1], dim=-1)
+def _corner_bits(dims: int, device: torch.device) -> Tensor:
+    """[2**D, D] int64: corner c's offset along axis d (x, y, z, t) is bit d of c."""
+    c = torch.arange(1 << dims, device=device)
+    return torch.stack([(c >> d) & 1 for d in range(dims)], dim=-1)
 
 
 def _corner_index(cells: Tensor, resolution: int, size: int, hashed: bool) -> Tensor:
-    """Row within the level's slice for integer corners ``cells`` [..., 3] (int64, non-negative)."""
-    cx, cy, cz = cells.unbind(-1)
+    """Row within the level's slice for integer corners ``cells`` [..., D] (int64, non-negative)."""
+    axes = cells.unbind(-1)
     if hashed:
         # int64 holds the exact products; masking to 32 bits commutes with XOR, so this is tcnn's uint32 hash.
-        h = cx ^ ((cy * HASH_PRIMES[1]) & _UINT32) ^ ((cz * HASH_PRIMES[2]) & _UINT32)
+        h = axes[0]
+        for d in range(1, len(axes)):
+            h = h ^ ((axes[d] * HASH_PRIMES[d]) & _UINT32)
         return h % size
-    return (cx + cy * resolution + cz * (resolution * resolution)) % size
+    index, stride = axes[0], resolution
+    for d in range(1, len(axes)):
+        index = index + axes[d] * stride
+        stride *= resolution
+    return index % size
 
 
 def _encode_reference(positions: Tensor, table: Tensor, config: HashGridConfig, active_levels: int) -> Tensor:
@@ -224,7 +240,7 @@ def _encode_reference(positions: Tensor, table: Tensor, config: HashGridConfig, 
     levels = _levels(config)
     N, F = positions.shape[0], config.n_features_per_level
     x = torch.nan_to_num(positions, nan=0.0).clamp(0.0, 1.0)
-    bits = _corner_bits(positions.device)  # [8, 3]
+    bits = _corner_bits(config.n_input_dims, positions.device)  # [2^D, D]
     upper = bits.bool()
     outputs = []
     for level in range(active_levels):
@@ -232,12 +248,14 @@ def _encode_reference(positions: Tensor, table: Tensor, config: HashGridConfig, 
         scale = torch.tensor(levels.scales[level], dtype=positions.dtype, device=positions.device)
         p = x * scale + 0.5
         cell = torch.floor(p).detach()
-        t = (p - cell).unsqueeze(1)  # [N, 1, 3]; floor is piecewise constant, so t carries the gradient
-        corners = cell.long().unsqueeze(1) + bits  # [N, 8, 3]
+        t = (p - cell).unsqueeze(1)  # [N, 1, D]; floor is piecewise constant, so t carries the gradient
+        corners = cell.long().unsqueeze(1) + bits  # [N, 2^D, D]
         index = _corner_index(corners, levels.resolutions[level], size, bool(levels.hashed[level]))
-        w3 = torch.where(upper, t, 1.0 - t)  # [N, 8, 3]
-        weights = w3[..., 0] * w3[..., 1] * w3[..., 2]  # [N, 8]
-        features = table[offset + index]  # [N, 8, F]
+        w_axes = torch.where(upper, t, 1.0 - t)  # [N, 2^D, D]
+        weights = w_axes[..., 0]
+        for d in range(1, config.n_input_dims):  # left to right, the order the native tiers multiply in
+            weights = weights * w_axes[..., d]  # [N, 2^D]
+        features = table[offset + index]  # [N, 2^D, F]
         outputs.append((weights.unsqueeze(-1) * features).sum(dim=1))
     if active_levels < config.n_levels:
         zeros = positions.new_zeros(N, (config.n_levels - active_levels) * F)
@@ -381,17 +399,18 @@ class HashGridEncoding(nn.Module):
         self.active_levels = value
 
     def forward(self, positions: Tensor) -> Tensor:
-        """[..., 3] points in [0, 1]^3 (clamped) -> [..., L * F] features."""
-        if positions.shape[-1] != 3:
-            raise ValueError(f"positions must be [..., 3], got {tuple(positions.shape)}")
-        flat = positions.reshape(-1, 3).to(self.table.dtype)
+        """[..., D] points in [0, 1]^D (clamped) -> [..., L * F] features."""
+        D = self.config.n_input_dims
+        if positions.shape[-1] != D:
+            raise ValueError(f"positions must be [..., {D}] for n_input_dims={D}, got {tuple(positions.shape)}")
+        flat = positions.reshape(-1, D).to(self.table.dtype)
         features = hashgrid_encode(flat, self.table, self.config, tier=self.tier, active_levels=self._active_levels)
         return features.view(*positions.shape[:-1], self.output_dim)
 
     def extra_repr(self) -> str:
         c = self.config
         return (
-            f"levels={c.n_levels}, features={c.n_features_per_level}, log2_T={c.log2_hashmap_size}, "
+            f"dims={c.n_input_dims}, levels={c.n_levels}, features={c.n_features_per_level}, log2_T={c.log2_hashmap_size}, "
             f"base={c.base_resolution}, scale={c.per_level_scale:.4f}, params={c.n_params}, "
             f"active_levels={self._active_levels}"
         )

@@ -154,9 +154,14 @@ class NeRF(Representation):
 
     # ---------------------------------------------------------------------------------- field
 
+    def _features(self, unit: Tensor) -> Tensor:
+        """What the MLP heads read at unit-cube points [N, 3]: the hash-grid encoding (a dynamic
+        NeRF adds its space-time features here)."""
+        return self.encoding(unit)
+
     def _raw(self, points: Tensor) -> tuple[Tensor, Tensor]:
         unit = (points / self.config.radius + 1.0) * 0.5
-        out = self.network(self.encoding(unit))
+        out = self.network(self._features(unit))
         raw_density, raw_albedo = out[..., 0], out[..., 1:]
         if self.config.density_bias == "blob_magic3d":
             raw_density = raw_density + self.config.blob_scale * (1.0 - points.norm(dim=-1) / self.config.blob_std)
@@ -307,7 +312,11 @@ class NeRF(Representation):
         if cfg.progressive_start_levels:
             levels = cfg.progressive_start_levels + (step + 1) // cfg.progressive_step_interval
             self.encoding.active_levels = min(levels, cfg.encoding.n_levels)
-        self.grid.update(step, self.density, self.step_size)
+        self.grid.update(step, self.occupancy_density, self.step_size)
+
+    def occupancy_density(self, points: Tensor) -> Tensor:
+        """The density [N] the occupancy grid is refreshed from (a dynamic NeRF's is its maximum over time)."""
+        return self.density(points)
 
     # ------------------------------------------------------------------------------ export
 

@@ -185,14 +185,25 @@ HASHGRID_CONFIGS = {
     "f8": HashGridConfig(n_levels=3, n_features_per_level=8, log2_hashmap_size=8, base_resolution=4, per_level_scale=2.0),
     "f3-runtime": HashGridConfig(n_levels=3, n_features_per_level=3, log2_hashmap_size=8, base_resolution=5, per_level_scale=1.5),
     "default": HashGridConfig(log2_hashmap_size=14),
+    # Space-time grids (n_input_dims = 4): dense and hashed levels, compile-time and runtime F.
+    "4d-mixed": HashGridConfig(
+        n_levels=6, n_features_per_level=2, log2_hashmap_size=11, base_resolution=3, per_level_scale=1.6, n_input_dims=4
+    ),
+    "4d-f1": HashGridConfig(
+        n_levels=3, n_features_per_level=1, log2_hashmap_size=8, base_resolution=8, per_level_scale=1.5, n_input_dims=4
+    ),
+    "4d-f3-runtime": HashGridConfig(
+        n_levels=3, n_features_per_level=3, log2_hashmap_size=9, base_resolution=4, per_level_scale=1.5, n_input_dims=4
+    ),
 }
 
 
 def hashgrid_inputs(config: HashGridConfig, N: int, seed: int) -> list[Tensor]:
-    """Points mostly in the cube, some outside (clamped) and on its faces; a unit-scale table."""
+    """Points mostly in the cube (3-D or 4-D), some outside (clamped) and on its faces; a unit-scale table."""
     g = torch.Generator().manual_seed(seed)
-    positions = torch.rand(N, 3, generator=g, dtype=torch.float64)
-    outside = torch.rand(N, 3, generator=g, dtype=torch.float64) < 0.05
+    D = config.n_input_dims
+    positions = torch.rand(N, D, generator=g, dtype=torch.float64)
+    outside = torch.rand(N, D, generator=g, dtype=torch.float64) < 0.05
     positions = torch.where(outside, positions * 1.2 - 0.1, positions)
     positions[: N // 50, 0] = 0.0
     positions[N // 50 : N // 25, 1] = 1.0
@@ -217,9 +228,10 @@ def test_hashgrid_matches_reference(name: str, N: int) -> None:
     assert_close(["features", "d_positions", "d_table"], actual, expected)
 
 
+@pytest.mark.parametrize("name", ["mixed", "4d-mixed"])
 @pytest.mark.parametrize("active", [0, 1, 5])
-def test_hashgrid_active_levels(active: int) -> None:
-    config = HASHGRID_CONFIGS["mixed"]
+def test_hashgrid_active_levels(active: int, name: str) -> None:
+    config = HASHGRID_CONFIGS[name]
     actual, expected = hashgrid_both(config, hashgrid_inputs(config, 300, seed=2), active)
     assert_close(["features", "d_positions", "d_table"], actual, expected)
 

@@ -1,7 +1,8 @@
 """Hash-grid encoding: the level layout against tiny-cuda-nn's numbers, the reference against hand
 computations, the cpu tier against the reference (values and both gradients), level masking,
 bit-for-bit determinism of the cpu tier (any thread count, AVX2 or baseline build), recycled
-output memory, empty inputs and a float64 gradcheck of the reference."""
+output memory, empty inputs and a float64 gradcheck of the reference; for 3-D (space) and 4-D
+(space-time) inputs."""
 
 from __future__ import annotations
 
@@ -27,12 +28,27 @@ from lift3d.kernels.hashgrid import (
 TINY = HashGridConfig(n_levels=2, n_features_per_level=2, log2_hashmap_size=6, base_resolution=3, per_level_scale=3.0)
 """Scales 2 and 8 (exact in binary), resolutions 3 and 9: level 0 dense (27 <= 32 rows), level 1 hashed (729 > 64)."""
 
+TINY4 = HashGridConfig(
+    n_levels=2, n_features_per_level=2, log2_hashmap_size=7, base_resolution=3, per_level_scale=3.0, n_input_dims=4
+)
+"""Space-time twin of TINY: level 0 dense (3^4 = 81 -> 88 rows <= 128), level 1 hashed (9^4 = 6561 > 128)."""
+
 CONFIGS = {
     "mixed": HashGridConfig(n_levels=8, n_features_per_level=2, log2_hashmap_size=10, base_resolution=4, per_level_scale=1.6),
     "all-hashed-f1": HashGridConfig(n_levels=4, n_features_per_level=1, log2_hashmap_size=7, base_resolution=8, per_level_scale=2.0),
     "f4": HashGridConfig(n_levels=5, n_features_per_level=4, log2_hashmap_size=9, base_resolution=3, per_level_scale=1.8),
     "f3-runtime": HashGridConfig(n_levels=3, n_features_per_level=3, log2_hashmap_size=8, base_resolution=5, per_level_scale=1.5),
     "threestudio-small-T": HashGridConfig(log2_hashmap_size=12),
+    # Space-time (n_input_dims = 4): resolutions 3, 5, 8, 13, 20, 32 -> two dense levels, then hashed.
+    "4d-mixed": HashGridConfig(
+        n_levels=6, n_features_per_level=2, log2_hashmap_size=11, base_resolution=3, per_level_scale=1.6, n_input_dims=4
+    ),
+    "4d-all-hashed-f1": HashGridConfig(
+        n_levels=3, n_features_per_level=1, log2_hashmap_size=8, base_resolution=8, per_level_scale=1.5, n_input_dims=4
+    ),
+    "4d-f3-runtime": HashGridConfig(
+        n_levels=3, n_features_per_level=3, log2_hashmap_size=9, base_resolution=4, per_level_scale=1.5, n_input_dims=4
+    ),
 }
 
 
@@ -51,8 +67,9 @@ def relative_error(actual: Tensor, expected: Tensor) -> float:
 def random_inputs(config: HashGridConfig, N: int, seed: int, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
     """Points mostly in the cube, 5% up to 0.1 outside (clamped), a few exactly on its faces; a unit-scale table."""
     g = torch.Generator().manual_seed(seed)
-    positions = torch.rand(N, 3, generator=g, dtype=torch.float64)
-    outside = torch.rand(N, 3, generator=g, dtype=torch.float64) < 0.05
+    D = config.n_input_dims
+    positions = torch.rand(N, D, generator=g, dtype=torch.float64)
+    outside = torch.rand(N, D, generator=g, dtype=torch.float64) < 0.05
     positions = torch.where(outside, positions * 1.2 - 0.1, positions)
     positions[: N // 50, 0] = 0.0
     positions[N // 50 : N // 25, 1] = 1.0
@@ -71,7 +88,8 @@ def run_with_grads(positions: Tensor, table: Tensor, config: HashGridConfig, tie
 
 
 def hand_encode(point: list[float], table: Tensor, config: HashGridConfig) -> list[float]:
-    """Scalar Python transcription of tcnn's rule (module docstring), float64."""
+    """Scalar Python transcription of tcnn's rule (module docstring), float64, any input dimension."""
+    D = config.n_input_dims
     features = []
     offsets, resolutions, hashed = level_offsets(config), level_resolutions(config), level_is_hashed(config)
     for level in range(config.n_levels):
@@ -82,17 +100,17 @@ def hand_encode(point: list[float], table: Tensor, config: HashGridConfig) -> li
         g = [math.floor(v) for v in p]
         t = [v - math.floor(v) for v in p]
         acc = [0.0] * config.n_features_per_level
-        for c in range(8):
-            corner = [g[d] + ((c >> d) & 1) for d in range(3)]
+        for c in range(2**D):
+            corner = [g[d] + ((c >> d) & 1) for d in range(D)]
             weight = 1.0
-            for d in range(3):
+            for d in range(D):
                 weight *= t[d] if (c >> d) & 1 else 1.0 - t[d]
             if hashed[level]:
                 index = 0
-                for d in range(3):
+                for d in range(D):
                     index ^= (corner[d] * HASH_PRIMES[d]) % 2**32
             else:
-                index = corner[0] + corner[1] * res + corner[2] * res * res
+                index = sum(corner[d] * res**d for d in range(D))
             row = table[offsets[level] + index % size].tolist()
             acc = [a + weight * r for a, r in zip(acc, row)]
         features.extend(acc)
@@ -158,11 +176,56 @@ def test_positions_are_clamped() -> None:
     assert beyond.any() and torch.all(grad_x[beyond] == 0)
 
 
-def test_reference_gradcheck() -> None:
-    positions, table = random_inputs(TINY, 6, seed=2, dtype=torch.float64)
+@pytest.mark.parametrize("config", [TINY, TINY4], ids=["3d", "4d"])
+def test_reference_gradcheck(config: HashGridConfig) -> None:
+    positions, table = random_inputs(config, 6, seed=2, dtype=torch.float64)
     positions = positions.clamp(0.01, 0.99).requires_grad_(True)  # away from the clamp's kinks
     table.requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda x, t: hashgrid_encode(x, t, TINY, tier="reference"), (positions, table))
+    assert torch.autograd.gradcheck(lambda x, t: hashgrid_encode(x, t, config, tier="reference"), (positions, table))
+
+
+def test_space_time_layout() -> None:
+    assert level_resolutions(TINY4) == [3, 9]
+    assert level_is_hashed(TINY4) == [False, True]
+    assert level_offsets(TINY4) == [0, 88, 216]  # 81 rounded up to 88; the hashed level holds T = 128
+    assert level_is_hashed(CONFIGS["4d-mixed"]) == [False] * 2 + [True] * 4
+    assert HASH_PRIMES[3] == 3674653429  # tcnn's fourth coherent prime
+
+
+def test_space_time_reference_vertex_features_and_hand_computation() -> None:
+    table = torch.arange(216 * 2, dtype=torch.float64).view(216, 2)
+    # Level 0 (scale 2): x = (0.25, 0.75, 0.25, 0.75) -> p = (1, 2, 1, 2), a vertex; dense row 1 + 2*3 + 1*9 + 2*27 = 70.
+    y = hashgrid_encode(torch.tensor([[0.25, 0.75, 0.25, 0.75]], dtype=torch.float64), table, TINY4, tier="reference")
+    assert y[0, :2].tolist() == table[70].tolist()
+    # Level 1 (scale 8): p = (3, 5, 7, 2); hashed row (3 ^ 5*P1 ^ 7*P2 ^ 2*P3) mod 2^32 mod 128.
+    y = hashgrid_encode(torch.tensor([[2.5 / 8, 4.5 / 8, 6.5 / 8, 1.5 / 8]], dtype=torch.float64), table, TINY4, tier="reference")
+    row = (3 ^ (5 * 2654435761) % 2**32 ^ (7 * 805459861) % 2**32 ^ (2 * 3674653429) % 2**32) % 128
+    assert y[0, 2:].tolist() == table[88 + row].tolist()
+    g = torch.Generator().manual_seed(0)
+    table = torch.randn(TINY4.n_params, 2, generator=g, dtype=torch.float64)
+    points = torch.rand(20, 4, generator=g, dtype=torch.float64).tolist() + [[1.0] * 4, [0.0] * 4, [-0.3, 0.5, 1.7, 0.2]]
+    y = hashgrid_encode(torch.tensor(points, dtype=torch.float64), table, TINY4, tier="reference")
+    expected = torch.tensor([hand_encode(p, table, TINY4) for p in points], dtype=torch.float64)
+    assert torch.allclose(y, expected, rtol=0, atol=1e-12)
+
+
+def test_space_time_depends_on_time_and_reduces_to_space_at_fixed_time() -> None:
+    """Moving t alone changes the encoding; along t the blend is linear between grid times."""
+    config = CONFIGS["4d-mixed"]
+    positions, table = random_inputs(config, 50, seed=9, dtype=torch.float64)
+    positions = positions.clamp(0, 1)
+    shifted = positions.clone()
+    shifted[:, 3] = (shifted[:, 3] + 0.37) % 1.0
+    a = hashgrid_encode(positions, table, config, tier="reference")
+    b = hashgrid_encode(shifted, table, config, tier="reference")
+    assert (a - b).abs().max() > 1e-3
+    # Level 0 has scale 2: times 0.25 and 0.75 are grid times (p_t = 1, 2); t = 0.5 is their average.
+    F = config.n_features_per_level
+    at = []
+    for v in (0.25, 0.5, 0.75):
+        points = torch.cat([positions[:, :3], torch.full((50, 1), v, dtype=torch.float64)], 1)
+        at.append(hashgrid_encode(points, table, config, tier="reference")[:, :F])
+    assert torch.allclose(at[1], 0.5 * (at[0] + at[2]), atol=1e-12)
 
 
 # --------------------------------------------------------------------------------------------
@@ -223,8 +286,9 @@ def test_module_masking_and_init() -> None:
         encoder.active_levels = 9
 
 
-def test_cpu_is_deterministic(cpu_tier: None) -> None:
-    config = CONFIGS["threestudio-small-T"]  # 4096 rows per level: many points share every entry
+@pytest.mark.parametrize("name", ["threestudio-small-T", "4d-mixed"])
+def test_cpu_is_deterministic(cpu_tier: None, name: str) -> None:
+    config = CONFIGS[name]  # 4096 / 2048 rows per level: many points share every entry
     positions, table = random_inputs(config, 20000, seed=4)
     first = run_with_grads(positions, table, config, "cpu")
     threads = torch.get_num_threads()
@@ -242,7 +306,7 @@ def test_cpu_baseline_build_matches_avx2_bit_for_bit(cpu_tier: None, monkeypatch
     # The block loops are compiled for baseline x86-64 and for AVX2 (picked where the CPU has it):
     # the same IEEE operations in the same order, so not a single bit may differ. N = 1003 leaves
     # a partial block at the end of every chunk.
-    for name in ("mixed", "f3-runtime"):
+    for name in ("mixed", "f3-runtime", "4d-mixed", "4d-f3-runtime"):
         config = CONFIGS[name]
         positions, table = random_inputs(config, 1003, seed=11)
         default = run_with_grads(positions, table, config, "cpu")
@@ -281,14 +345,16 @@ def test_cpu_recycled_outputs_are_exact(cpu_tier: None) -> None:
     assert torch.equal(second, hashgrid_encode(positions, table, config, tier="cpu"))
 
 
+@pytest.mark.parametrize("name", ["mixed", "4d-mixed"])
 @pytest.mark.parametrize("tier", ["reference", "cpu"])
-def test_empty_input(request: pytest.FixtureRequest, tier: str) -> None:
+def test_empty_input(request: pytest.FixtureRequest, tier: str, name: str) -> None:
     if tier == "cpu":
         request.getfixturevalue("cpu_tier")
-    config = CONFIGS["mixed"]
+    config = CONFIGS[name]
+    D = config.n_input_dims
     _, table = random_inputs(config, 1, seed=5)
-    y, grad_table, grad_x = run_with_grads(torch.zeros(0, 3), table, config, tier)
-    assert y.shape == (0, config.output_dim) and grad_x.shape == (0, 3)
+    y, grad_table, grad_x = run_with_grads(torch.zeros(0, D), table, config, tier)
+    assert y.shape == (0, config.output_dim) and grad_x.shape == (0, D)
     assert torch.all(grad_table == 0)
 
 
@@ -323,6 +389,12 @@ def test_default_tier_runs() -> None:
 def test_rejects_bad_inputs() -> None:
     with pytest.raises(ValueError):
         hashgrid_encode(torch.rand(4, 2), torch.zeros(TINY.n_params, 2), TINY, tier="reference")
+    with pytest.raises(ValueError, match=r"\[N, 4\]"):
+        hashgrid_encode(torch.rand(4, 3), torch.zeros(TINY4.n_params, 2), TINY4, tier="reference")
+    with pytest.raises(ValueError, match="n_input_dims"):
+        HashGridConfig(n_input_dims=2)
+    with pytest.raises(ValueError, match=r"\[\.\.\., 4\]"):
+        HashGridEncoding(TINY4, tier="reference")(torch.rand(5, 3))
     with pytest.raises(ValueError):
         hashgrid_encode(torch.rand(4, 3), torch.zeros(7, 2), TINY, tier="reference")
     with pytest.raises(ValueError):
