@@ -37,6 +37,35 @@ class Cameras:
     """[B] azimuth around +z, degrees in [-180, 180); 0 is the front."""
     distance: Tensor
     """[B] distance from the origin."""
+    time: Tensor | None = None
+    """[B] each camera's time in [0, 1] (dynamic scenes); None means static (every camera at t = 0)."""
+    frames: int = 1
+    """The B cameras are B / frames consecutive clips of ``frames`` cameras each, clip-major
+    (camera b * frames + f is frame f of clip b); 1 for independent images."""
+
+    def __post_init__(self) -> None:
+        if self.frames < 1 or self.c2w.shape[0] % self.frames:
+            raise ValueError(f"Cameras.frames={self.frames} must be >= 1 and divide the {self.c2w.shape[0]} cameras")
+        if self.time is not None and self.time.shape != (self.c2w.shape[0],):
+            raise ValueError(f"Cameras.time must be [{self.c2w.shape[0]}], got {tuple(self.time.shape)}")
+
+    @property
+    def num_clips(self) -> int:
+        """B / frames: how many clips the cameras hold."""
+        return len(self) // self.frames
+
+    def times(self) -> Tensor:
+        """[B] times, zeros where the cameras are static."""
+        if self.time is not None:
+            return self.time
+        return torch.zeros(len(self), dtype=self.c2w.dtype, device=self.device)
+
+    def with_time(self, time: Tensor | float | None) -> "Cameras":
+        """The same cameras at another time ([B], a scalar for all, or None for static)."""
+        if time is not None:
+            time = torch.as_tensor(time, dtype=self.c2w.dtype, device=self.device).expand(len(self)).clone()
+        return Cameras(self.c2w, self.fovy, self.width, self.height, self.elevation_deg, self.azimuth_deg,
+                       self.distance, time, self.frames)
 
     def __len__(self) -> int:
         return self.c2w.shape[0]
@@ -49,19 +78,31 @@ class Cameras:
         return Cameras(
             self.c2w.to(device), self.fovy.to(device), self.width, self.height,
             self.elevation_deg.to(device), self.azimuth_deg.to(device), self.distance.to(device),
+            None if self.time is None else self.time.to(device), self.frames,
         )
 
     def __getitem__(self, index: int | slice | Tensor) -> "Cameras":
+        """A subset of the cameras; it stays a batch of clips only when it keeps whole clips in order."""
         if isinstance(index, int):
             index = slice(index, index + 1)
+        c2w = self.c2w[index]
+        frames = self.frames
+        if frames > 1:
+            whole_clips = (
+                isinstance(index, slice) and index.step in (None, 1)
+                and (index.start or 0) % frames == 0 and c2w.shape[0] % frames == 0
+            )
+            frames = frames if whole_clips else 1
         return Cameras(
-            self.c2w[index], self.fovy[index], self.width, self.height,
+            c2w, self.fovy[index], self.width, self.height,
             self.elevation_deg[index], self.azimuth_deg[index], self.distance[index],
+            None if self.time is None else self.time[index], frames,
         )
 
     def with_resolution(self, width: int, height: int) -> "Cameras":
         """The same cameras rendering a different image size (field of view kept)."""
-        return Cameras(self.c2w, self.fovy, width, height, self.elevation_deg, self.azimuth_deg, self.distance)
+        return Cameras(self.c2w, self.fovy, width, height, self.elevation_deg, self.azimuth_deg, self.distance,
+                       self.time, self.frames)
 
     @property
     def position(self) -> Tensor:
@@ -177,9 +218,11 @@ def look_at_origin(elevation_deg: Tensor, azimuth_deg: Tensor, distance: Tensor)
 
 
 def orbit_cameras(
-    elevation_deg: Tensor, azimuth_deg: Tensor, distance: Tensor, fovy_deg: Tensor, width: int, height: int
+    elevation_deg: Tensor, azimuth_deg: Tensor, distance: Tensor, fovy_deg: Tensor, width: int, height: int,
+    time: Tensor | None = None, frames: int = 1,
 ) -> Cameras:
-    """Cameras on the orbit from per-camera angles (degrees), distances and fields of view."""
+    """Cameras on the orbit from per-camera angles (degrees), distances and fields of view
+    (optionally per-camera times and a clip length ``frames``)."""
     elevation_deg, azimuth_deg, distance, fovy_deg = (
         torch.as_tensor(v, dtype=torch.float32) for v in (elevation_deg, azimuth_deg, distance, fovy_deg)
     )
@@ -191,6 +234,8 @@ def orbit_cameras(
         elevation_deg=elevation_deg,
         azimuth_deg=wrap_azimuth(azimuth_deg),
         distance=distance,
+        time=None if time is None else torch.as_tensor(time, dtype=torch.float32),
+        frames=frames,
     )
 
 
@@ -214,6 +259,23 @@ class OrbitSamplerConfig:
     """Uniform range of vertical fields of view, degrees."""
     stratified_azimuth: bool = True
     """Spread each batch's azimuths evenly (one random offset), as threestudio's batch_uniform_azimuth."""
+    time_range: tuple[float, float] = (0.0, 1.0)
+    """Uniform range of the random time of each single frame (dynamic representations only)."""
+    clips_per_batch: int = 1
+    """Clips per step when a teacher judges clips (each of the teacher's ``frames_per_clip`` frames)."""
+    clip_span: float = 1.0
+    """Fraction of the time range [0, 1] one clip covers; its frames are evenly spaced over it."""
+    clip_orbit_deg: float = 0.0
+    """Azimuth the camera sweeps during one clip, degrees (0 = a fixed camera per clip, as Dream-in-4D)."""
+
+    def __post_init__(self) -> None:
+        if self.clips_per_batch < 1:
+            raise ValueError(f"clips_per_batch must be >= 1, got {self.clips_per_batch}")
+        if not 0.0 < self.clip_span <= 1.0:
+            raise ValueError(f"clip_span must be in (0, 1], got {self.clip_span}")
+        low, high = self.time_range
+        if not 0.0 <= low <= high <= 1.0:
+            raise ValueError(f"time_range must satisfy 0 <= low <= high <= 1, got {self.time_range}")
 
 
 class OrbitSampler:
@@ -222,7 +284,11 @@ class OrbitSampler:
     def __init__(self, config: OrbitSamplerConfig):
         self.config = config
 
-    def sample(self, generator: torch.Generator, width: int | None = None, height: int | None = None) -> Cameras:
+    def sample(
+        self, generator: torch.Generator, width: int | None = None, height: int | None = None, with_time: bool = False
+    ) -> Cameras:
+        """``batch_size`` independent cameras; ``with_time`` gives each a random time in ``time_range``
+        (drawn after the angles, so a static run's camera stream does not change)."""
         cfg = self.config
         B = cfg.batch_size
 
@@ -238,9 +304,45 @@ class OrbitSampler:
             azimuth = uniform(cfg.azimuth_range_deg)
         # Elevation uniform on the sphere's band is what threestudio does by default; keep it simple: uniform in angle.
         elevation = uniform(cfg.elevation_range_deg)
+        distance, fovy = uniform(cfg.distance_range), uniform(cfg.fovy_range_deg)
+        time = uniform(cfg.time_range) if with_time else None
+        return orbit_cameras(elevation, azimuth, distance, fovy, width or cfg.width, height or cfg.height, time)
+
+    def sample_clips(
+        self, generator: torch.Generator, frames: int, width: int | None = None, height: int | None = None
+    ) -> Cameras:
+        """``clips_per_batch`` clips of ``frames`` cameras (clip-major), as 4D-fy / Dream-in-4D render them.
+
+        Each clip draws one camera (as :meth:`sample`) and a start time; its frames are evenly
+        spaced over ``clip_span`` of [0, 1] and sweep ``clip_orbit_deg`` of azimuth centred on the
+        drawn one (0: a fixed camera).
+        """
+        cfg = self.config
+        B, F = cfg.clips_per_batch, frames
+        if F < 1:
+            raise ValueError(f"frames must be >= 1, got {F}")
+
+        def uniform(bounds: tuple[float, float]) -> Tensor:
+            low, high = bounds
+            return low + (high - low) * torch.rand(B, generator=generator)
+
+        if cfg.stratified_azimuth:
+            low, high = cfg.azimuth_range_deg
+            azimuth = low + (high - low) * (torch.arange(B) + torch.rand(B, generator=generator)) / B
+        else:
+            azimuth = uniform(cfg.azimuth_range_deg)
+        elevation, distance, fovy = uniform(cfg.elevation_range_deg), uniform(cfg.distance_range), uniform(cfg.fovy_range_deg)
+        start = (1.0 - cfg.clip_span) * torch.rand(B, generator=generator)
+        phase = torch.linspace(0.0, 1.0, F) if F > 1 else torch.zeros(1)  # [F]
+        time = start[:, None] + cfg.clip_span * phase[None, :]
+        sweep = azimuth[:, None] + cfg.clip_orbit_deg * (phase[None, :] - 0.5)
+
+        def per_frame(values: Tensor) -> Tensor:
+            return values[:, None].expand(B, F).reshape(-1)
+
         return orbit_cameras(
-            elevation, azimuth, uniform(cfg.distance_range), uniform(cfg.fovy_range_deg),
-            width or cfg.width, height or cfg.height,
+            per_frame(elevation), sweep.reshape(-1), per_frame(distance), per_frame(fovy),
+            width or cfg.width, height or cfg.height, time.reshape(-1).clamp(0.0, 1.0), F,
         )
 
 
@@ -276,3 +378,19 @@ def turntable(config: TurntableConfig) -> Cameras:
         config.width,
         config.height,
     )
+
+
+def view_time_grid(config: TurntableConfig, num_times: int) -> Cameras:
+    """The turntable's views at ``num_times`` evenly spaced times over [0, 1] (held-out 4D evaluation).
+
+    Camera ``v * num_times + k`` is view v at time ``k / (num_times - 1)`` (t = 0 for one time),
+    so each view is a fixed-camera clip of ``num_times`` frames.
+    """
+    if num_times < 1:
+        raise ValueError(f"num_times must be >= 1, got {num_times}")
+    ring = turntable(config)
+    times = torch.linspace(0.0, 1.0, num_times) if num_times > 1 else torch.zeros(1)
+    index = torch.arange(len(ring)).repeat_interleave(num_times)
+    grid = ring[index]
+    return Cameras(grid.c2w, grid.fovy, grid.width, grid.height, grid.elevation_deg, grid.azimuth_deg,
+                   grid.distance, times.repeat(len(ring)), num_times)

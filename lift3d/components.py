@@ -4,6 +4,7 @@ import lift3d.guidance.asd  # noqa: F401
 import lift3d.guidance.bootstrap  # noqa: F401
 import lift3d.guidance.bsd  # noqa: F401
 import lift3d.guidance.csm  # noqa: F401  (csd and csm)
+import lift3d.guidance.hybrid  # noqa: F401
 import lift3d.guidance.ism  # noqa: F401  (ism and tsm)
 import lift3d.guidance.sds  # noqa: F401
 import lift3d.guidance.vsd  # noqa: F401  (vsd and esd)

@@ -108,6 +108,10 @@ class TrainerConfig:
     """Clip the total gradient norm of the representation (0 = off)."""
     progress_bar: bool = True
     """Show a progress bar (step/total, loss, it/s, ETA)."""
+    eval_times: int = 0
+    """Times of the held-out (view x time) grid, evenly spaced over [0, 1]; 0 = 5 for a dynamic
+    representation and 1 (t = 0, the static turntable) otherwise. With more than one time the
+    evaluation also reports ``eval/time_margin_db``."""
     render_chunk_pixels: int = 1 << 16
     """Outside training (validation strips, ``eval/psnr``, turntable PNG/MP4) cameras are rendered
     in groups of at most this many pixels (at least one camera per group); representations bound
@@ -302,18 +306,28 @@ def apply_override(data: dict, path: list[str], value: Any) -> None:
     node[path[-1]] = value
 
 
-def _build_pluggable(interface: str, data: Any) -> Any:
+def _build_pluggable(interface: str, data: Any, key: str | None = None) -> Any:
+    key = key or interface
     if not isinstance(data, dict) or "type" not in data:
         raise ConfigError(
-            f"{interface}.type is required; choose one of: {', '.join(registry.choices(interface))}"
+            f"{key}.type is required; choose one of: {', '.join(registry.choices(interface))}"
         )
     data = dict(data)
     name = data.pop("type")
     try:
         entry = registry.lookup(interface, name)
     except KeyError as error:
-        raise ConfigError(error.args[0]) from None
-    return build_dataclass(entry.config_cls, data, interface)
+        raise ConfigError(f"{key}: {error.args[0]}") from None
+    return build_dataclass(entry.config_cls, data, key)
+
+
+def build_pluggable(interface: str, data: Any, key: str) -> Any:
+    """A nested pluggable section (e.g. a hybrid guidance's entries): a mapping with a ``type``,
+    or an already-built config of a registered component, which is returned as is."""
+    if dataclasses.is_dataclass(data) and not isinstance(data, type):
+        registered_name(interface, data)  # raises if it is not one of the interface's configs
+        return data
+    return _build_pluggable(interface, data, key)
 
 
 def build_run_config(data: dict) -> RunConfig:
@@ -382,12 +396,22 @@ def to_dict(config: Any) -> Any:
             out["trainer"] = to_dict(config.trainer)
             out["export"] = to_dict(config.export)
             return out
-        return {f.name: to_dict(getattr(config, f.name)) for f in dataclasses.fields(config)}
+        out = {f.name: to_dict(getattr(config, f.name)) for f in dataclasses.fields(config)}
+        nested = _registered_interface(config)  # a pluggable section nested in another (hybrid entries)
+        return {"type": registered_name(nested, config), **out} if nested else out
     if isinstance(config, (list, tuple)):
         return [to_dict(v) for v in config]
     if isinstance(config, dict):
         return {k: to_dict(v) for k, v in config.items()}
     return config
+
+
+def _registered_interface(config: Any) -> str | None:
+    """The interface whose registered config class ``config`` is an instance of, if any."""
+    for interface in registry.INTERFACES:
+        if any(type(config) is registry.lookup(interface, name).config_cls for name in registry.choices(interface)):
+            return interface
+    return None
 
 
 def registered_name(interface: str, config: Any) -> str:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lift3d import registry
-from lift3d.cameras import Cameras, OrbitSampler, TurntableConfig, turntable
+from lift3d.cameras import Cameras, OrbitSampler, TurntableConfig, turntable, view_time_grid
 from lift3d.checkpoint import (
     load_checkpoint,
     load_latest_checkpoint,
@@ -34,7 +34,7 @@ from lift3d.config import ResolutionMilestone, RunConfig, dump_config, load_conf
 from lift3d.export.video import write_strip, write_video
 from lift3d.interrupts import RunInterrupted, graceful_stop
 from lift3d.kernels._backend import prepare_kernels
-from lift3d.metrics import mean_psnr
+from lift3d.metrics import mean_psnr, time_margin_db, time_shifted
 from lift3d.prompts import slugify
 from lift3d.representations.base import Representation
 from lift3d.teachers.base import Teacher
@@ -126,6 +126,13 @@ class Trainer:
         self.prompt_state = self.teacher.encode_prompt(config.prompt, config.negative_prompt)
         self.representation = build_representation(config, self.device)
         self.guidance = build_guidance(config, self.teacher).to(self.device)
+        # Every term's teacher (a hybrid may name its own) is frozen, on the device, with its prompt parsed once.
+        self.prompt_states: dict[int, Any] = {id(self.teacher): self.prompt_state}
+        for term in self.guidance.terms():
+            if id(term.teacher) not in self.prompt_states:
+                term.teacher.to(self.device).requires_grad_(False)
+                self.prompt_states[id(term.teacher)] = term.teacher.encode_prompt(config.prompt, config.negative_prompt)
+        self.term_generator = torch.Generator().manual_seed(trainer_cfg.seed + 2)
         self.camera_sampler = OrbitSampler(trainer_cfg.cameras)
         self.camera_generator = torch.Generator().manual_seed(trainer_cfg.seed + 1)
         self.background = self.teacher.background.to(self.device) if hasattr(self.teacher, "background") else torch.ones(3, device=self.device)
@@ -160,6 +167,7 @@ class Trainer:
             "guidance_optimizer": self.guidance_optimizer.state_dict() if self.guidance_optimizer else {},
             "torch_rng": torch.get_rng_state(),
             "camera_rng": self.camera_generator.get_state(),
+            "term_rng": self.term_generator.get_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         }
 
@@ -171,6 +179,8 @@ class Trainer:
             self.guidance_optimizer.load_state_dict(state["guidance_optimizer"])
         torch.set_rng_state(state["torch_rng"])
         self.camera_generator.set_state(state["camera_rng"])
+        if "term_rng" in state:  # checkpoints from before hybrid guidance have none
+            self.term_generator.set_state(state["term_rng"])
         if torch.cuda.is_available() and state["cuda_rng"]:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         logger.info("resumed at step %d", self.step)
@@ -196,10 +206,15 @@ class Trainer:
 
     # ----------------------------------------------------------------------- loop
 
-    def sample_cameras(self, step: int) -> Cameras:
+    def sample_cameras(self, step: int, frames: int = 1) -> Cameras:
+        """Training cameras: ``frames > 1`` clips for a clip teacher, else single frames (at random
+        times when the representation is dynamic)."""
         cfg = self.config.trainer
         width, height = resolution_at(step, (cfg.cameras.width, cfg.cameras.height), cfg.resolution_milestones)
-        return self.camera_sampler.sample(self.camera_generator, width, height).to(self.device)
+        if frames > 1:
+            return self.camera_sampler.sample_clips(self.camera_generator, frames, width, height).to(self.device)
+        with_time = self.representation.is_dynamic
+        return self.camera_sampler.sample(self.camera_generator, width, height, with_time=with_time).to(self.device)
 
     def train_step(self, step: int) -> dict[str, float]:
         cfg = self.config.trainer
@@ -208,16 +223,29 @@ class Trainer:
             if group.get("name") in scheduled:
                 group["lr"] = scheduled[group["name"]]
         self.representation.train()
-        cameras = self.sample_cameras(step)
-        render = self.representation.render(cameras, self.background)
-        conditioning = self.teacher.condition(
-            self.prompt_state, cameras, view_dependent=cfg.view_dependent_prompts,
-            with_unconditional=self.guidance.needs_unconditional,
-        )
-        output = self.guidance(render, conditioning, cameras, step)
+        terms = self.guidance.active_terms(self.term_generator, step)
+        several = len(self.guidance.terms()) > 1
+        guidance_loss = torch.zeros((), device=self.device)
+        guidance_logs: dict[str, float] = {}
+        render = None
+        for term in terms:
+            cameras = self.sample_cameras(step, term.teacher.frames_per_clip)
+            term_render = self.representation.render(cameras, self.background)
+            if render is None:  # the first render feeds the regularisers and on_step
+                render = term_render
+            conditioning = term.teacher.condition(
+                self.prompt_states[id(term.teacher)], cameras, view_dependent=cfg.view_dependent_prompts,
+                with_unconditional=term.objective.needs_unconditional,
+            )
+            output = term.objective(term_render, conditioning, cameras, step)
+            guidance_loss = guidance_loss + term.weight * output.loss
+            prefix = f"{term.name}/" if several else ""
+            guidance_logs.update({f"{prefix}{key}": value for key, value in output.logs.items()})
+        if render is None:  # no term drawn this step: regularisers only, on a plain batch
+            render = self.representation.render(self.sample_cameras(step), self.background)
         regularizers = self.representation.regularization(render, step)
-        loss = output.loss + sum(regularizers.values(), torch.zeros((), device=self.device))
-        logs = {"loss": float(loss.detach()), **output.logs}
+        loss = guidance_loss + sum(regularizers.values(), torch.zeros((), device=self.device))
+        logs = {"loss": float(loss.detach()), **guidance_logs}
         logs.update({f"reg/{name}": float(value.detach()) for name, value in regularizers.items()})
         self.optimizer.zero_grad(set_to_none=True)
         if self.guidance_optimizer is not None:
@@ -299,15 +327,31 @@ class Trainer:
     def save_validation(self, name: str) -> None:
         write_strip(self.run_dir / "images" / name, self.render_views(turntable(self.config.trainer.eval)))
 
+    def eval_cameras(self) -> Cameras:
+        """The held-out (view x time) grid: the eval turntable at ``trainer.eval_times`` times."""
+        cfg = self.config.trainer
+        num_times = cfg.eval_times or (5 if self.representation.is_dynamic else 1)
+        return view_time_grid(cfg.eval, num_times) if num_times > 1 else turntable(cfg.eval)
+
     def evaluate(self) -> dict[str, float]:
-        """``eval/psnr`` on the held-out turntable against the teacher's ground truth, if it has one."""
+        """``eval/psnr`` over the held-out (view x time) grid against the teacher's ground truth, if
+        it has one; with several times also ``eval/time_margin_db`` (see ``lift3d.metrics``)."""
         if not hasattr(self.teacher, "ground_truth"):
             return {}
-        cameras = turntable(self.config.trainer.eval)
+        cameras = self.eval_cameras()
         prediction = self.render_views(cameras)
         target = self.teacher.ground_truth(self.prompt_state, cameras.to(self.device)).cpu()
-        write_strip(self.run_dir / "images" / "eval.png", torch.cat([prediction, target], dim=1))
-        return {"eval/psnr": mean_psnr(prediction, target)}
+        strip = torch.cat([prediction, target], dim=1)
+        if cameras.frames > 1:  # one row per time, views side by side
+            strip = strip.view(-1, cameras.frames, *strip.shape[1:]).transpose(0, 1)
+            strip = torch.cat(list(strip), dim=1)
+        write_strip(self.run_dir / "images" / "eval.png", strip)
+        metrics = {"eval/psnr": mean_psnr(prediction, target)}
+        if cameras.frames > 1:
+            shifted = cameras.with_time(time_shifted(cameras.times(), self.config.trainer.cameras.clip_span))
+            shifted_target = self.teacher.ground_truth(self.prompt_state, shifted.to(self.device)).cpu()
+            metrics["eval/time_margin_db"] = time_margin_db(prediction, target, shifted_target)
+        return metrics
 
     def finish(self) -> dict[str, float]:
         self.save_validation("final.png")

@@ -1,5 +1,10 @@
 """Machinery shared by every guidance objective: the interface, timestep sampling, weightings,
-gradient hygiene and the surrogate loss. No objective re-implements any of these."""
+gradient hygiene and the surrogate loss. No objective re-implements any of these.
+
+Objectives work on any sample shape [B, ...]: images [B, C, h, w] of image teachers and clips
+[B, C, F, h, w] of clip teachers (``Teacher.frames_per_clip > 1``); per-sample values broadcast
+with :func:`expand_per_sample` and losses reduce over every non-batch dim.
+"""
 
 from __future__ import annotations
 
@@ -107,6 +112,27 @@ class GuidanceBaseConfig:
     """Multiplier on the guidance loss."""
 
 
+@dataclass
+class GuidanceTerm:
+    """One (teacher, objective, weight, probability) entry that the training loop evaluates.
+
+    A plain objective is one term; ``guidance.type: hybrid`` is several (4D-fy's image +
+    3D-aware + video SDS, Dream-in-4D's stages). Each active term gets its own cameras: clips
+    when its teacher's ``frames_per_clip > 1``, single frames otherwise.
+    """
+
+    name: str
+    """Label of the term; hybrid runs log its scalars as ``<name>/<key>``."""
+    teacher: Teacher
+    """The frozen prior that judges this term's renders."""
+    objective: "Guidance"
+    """The objective that turns the judgement into a loss."""
+    weight: float = 1.0
+    """Multiplier on the objective's loss."""
+    probability: float = 1.0
+    """Chance that the term is active in a step (see ``HybridConfig.selection``)."""
+
+
 class Guidance(nn.Module, ABC):
     """Turns the teacher's judgement of a render into a loss on the representation."""
 
@@ -125,6 +151,14 @@ class Guidance(nn.Module, ABC):
     def param_groups(self) -> list[dict]:
         """Trainable state of the objective itself (LoRA, student); none by default."""
         return []
+
+    def terms(self) -> list[GuidanceTerm]:
+        """Every term the loop may evaluate: one objective is one term of weight 1."""
+        return [GuidanceTerm("guidance", self.teacher, self, 1.0, 1.0)]
+
+    def active_terms(self, generator: torch.Generator, step: int) -> list[GuidanceTerm]:
+        """The terms evaluated at ``step``; a single objective always is (and draws nothing)."""
+        return self.terms()
 
     @property
     def teacher(self) -> Teacher:

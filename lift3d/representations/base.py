@@ -29,11 +29,19 @@ class RenderOutput:
 
 
 class Representation(nn.Module, ABC):
-    """A 3D scene with trainable parameters."""
+    """A 3D scene with trainable parameters.
+
+    Dynamic representations (``is_dynamic = True``) render each camera at its ``Cameras.time``
+    (static ones ignore it); a deformation-based one also exposes
+    ``deform(points [P, 3], time: float) -> [P, 3]`` (canonical space to time t).
+    """
+
+    is_dynamic: bool = False
+    """Whether renders depend on ``Cameras.time``."""
 
     @abstractmethod
     def render(self, cameras: Cameras, background: Tensor) -> RenderOutput:
-        """Render ``cameras``; ``background`` is an RGB [3] colour composited behind the scene."""
+        """Render ``cameras`` (at ``cameras.time`` when dynamic); ``background`` is an RGB [3] colour composited behind the scene."""
 
     @abstractmethod
     def param_groups(self) -> list[dict]:

@@ -3,6 +3,11 @@
 Every teacher works in its own sample space ``x0`` of shape [B, C, h, w] (pixels in [-1, 1]
 for pixel teachers, VAE latents for latent teachers) with the DDPM forward process
 ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps`` over ``num_train_timesteps`` steps.
+
+Clip (video) teachers have ``frames_per_clip = F > 1``: they judge the cameras as B clips of F
+frames (``Cameras.frames``, clip-major), ``encode_images`` maps renders [B*F, H, W, 3] to x0
+[B, C, F, h, w], their noise predictions have that shape and ``decode`` inverts it to
+[B*F, H, W, 3]. Image teachers (F = 1) keep [B, C, h, w].
 """
 
 from __future__ import annotations
@@ -66,6 +71,11 @@ class Teacher(nn.Module, ABC):
         return self.alphas_cumprod.shape[0]
 
     @property
+    def frames_per_clip(self) -> int:
+        """F: frames of one sample (1 = an image teacher; F > 1 = a clip teacher, x0 [B, C, F, h, w])."""
+        return 1
+
+    @property
     @abstractmethod
     def channels(self) -> int:
         """Channels C of the sample space x0."""
@@ -83,11 +93,12 @@ class Teacher(nn.Module, ABC):
 
     @abstractmethod
     def encode_images(self, rgb: Tensor) -> Tensor:
-        """Differentiable map from renders rgb [B, H, W, 3] in [0, 1] to x0 [B, C, h, w]."""
+        """Differentiable map from renders rgb [B, H, W, 3] in [0, 1] to x0 [B, C, h, w]
+        (clip teachers: rgb [B*F, H, W, 3] to x0 [B, C, F, h, w])."""
 
     @abstractmethod
     def decode(self, x0: Tensor) -> Tensor:
-        """Map x0 [B, C, h, w] back to rgb [B, H, W, 3] in [0, 1]."""
+        """Map x0 [B, C, h, w] back to rgb [B, H, W, 3] in [0, 1] (clip teachers: [B, C, F, h, w] to [B*F, H, W, 3])."""
 
     @abstractmethod
     def predict_noise(self, x_t: Tensor, t: Tensor, conditioning: Conditioning) -> NoisePrediction:
@@ -101,6 +112,20 @@ class Teacher(nn.Module, ABC):
         """The DDPM forward process at integer timesteps ``t`` [B]."""
         abar = self.alphas_cumprod.to(x0.device, x0.dtype)[t].view(-1, *([1] * (x0.dim() - 1)))
         return abar.sqrt() * x0 + (1.0 - abar).sqrt() * noise
+
+
+def frames_to_clips(x: Tensor, frames: int) -> Tensor:
+    """Per-frame samples [B*F, C, h, w] -> clips [B, C, F, h, w] (clip-major frames)."""
+    if x.dim() != 4 or x.shape[0] % frames:
+        raise ValueError(f"expected [B*{frames}, C, h, w], got {tuple(x.shape)}")
+    return x.view(x.shape[0] // frames, frames, *x.shape[1:]).transpose(1, 2)
+
+
+def clips_to_frames(x: Tensor) -> Tensor:
+    """Clips [B, C, F, h, w] -> per-frame samples [B*F, C, h, w] (inverse of :func:`frames_to_clips`)."""
+    if x.dim() != 5:
+        raise ValueError(f"expected clips [B, C, F, h, w], got {tuple(x.shape)}")
+    return x.transpose(1, 2).reshape(-1, x.shape[1], *x.shape[3:])
 
 
 def scaled_linear_alphas_cumprod(
