@@ -48,7 +48,7 @@ from torch import Tensor, nn
 
 from lift3d.cameras import Cameras
 from lift3d.registry import register
-from lift3d.teachers.base import Conditioning, NoisePrediction
+from lift3d.teachers.base import Conditioning, NoisePrediction, clips_to_frames, frames_to_clips
 from lift3d.teachers.diffusers_sd import (
     DiffusersTeacher,
     DiffusersTeacherConfig,
@@ -69,21 +69,6 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # ------------------------------------------------------------------------------ clip layout
 
 
-def frames_to_clips(frames: Tensor, frames_per_clip: int) -> Tensor:
-    """Per-frame tensors [B*F, C, h, w] (clip-major) -> clips [B, C, F, h, w]."""
-    N = frames.shape[0]
-    if N % frames_per_clip:
-        raise ValueError(f"{N} frames do not split into clips of {frames_per_clip} frames")
-    return frames.view(N // frames_per_clip, frames_per_clip, *frames.shape[1:]).transpose(1, 2)
-
-
-def clips_to_frames(clips: Tensor) -> Tensor:
-    """Clips [B, C, F, h, w] -> per-frame tensors [B*F, C, h, w] (clip-major)."""
-    if clips.dim() != 5:
-        raise ValueError(f"clips must be [B, C, F, h, w], got {tuple(clips.shape)}")
-    return clips.transpose(1, 2).flatten(0, 1)
-
-
 def clip_cameras(cameras: Cameras, frames_per_clip: int) -> Cameras:
     """The first camera of each clip (what a clip-level prompt or label is chosen from)."""
     if len(cameras) % frames_per_clip:
@@ -91,10 +76,9 @@ def clip_cameras(cameras: Cameras, frames_per_clip: int) -> Cameras:
             f"{len(cameras)} cameras do not split into clips of {frames_per_clip} frames (the teacher's"
             " frames_per_clip); sample clips of that length"
         )
-    frames = getattr(cameras, "frames", frames_per_clip)
-    if frames not in (1, frames_per_clip):
-        raise ValueError(f"cameras come in clips of {frames} frames but the teacher takes {frames_per_clip}")
-    return cameras[torch.arange(0, len(cameras), frames_per_clip, device=cameras.device)]
+    if cameras.frames not in (1, frames_per_clip):  # 1: a plain batch, taken as consecutive clips
+        raise ValueError(f"cameras come in clips of {cameras.frames} frames but the teacher takes {frames_per_clip}")
+    return cameras[torch.arange(0, len(cameras), frames_per_clip, device=cameras.device)]  # frames = 1
 
 
 def _resize_hw(image: Tensor, height: int, width: int, antialias: bool = False) -> Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import shutil
 import socket
@@ -21,15 +22,18 @@ from lift3d.cameras import orbit_cameras  # noqa: E402
 from lift3d.guidance.common import GuidanceBaseConfig  # noqa: E402
 from lift3d.guidance.sds import SDSGuidance  # noqa: E402
 from lift3d.representations.base import RenderOutput  # noqa: E402
-from lift3d.teachers.base import Conditioning, scaled_linear_alphas_cumprod  # noqa: E402
+from lift3d.teachers.base import (  # noqa: E402
+    Conditioning,
+    clips_to_frames,
+    frames_to_clips,
+    scaled_linear_alphas_cumprod,
+)
 from lift3d.teachers.prompting import PromptConfig  # noqa: E402
 from lift3d.teachers.video import (  # noqa: E402
     StableVideoDiffusionTeacher,
     StableVideoDiffusionTeacherConfig,
     TextToVideoTeacher,
     TextToVideoTeacherConfig,
-    clips_to_frames,
-    frames_to_clips,
     karras_alphas_cumprod,
     load_image,
 )
@@ -42,9 +46,10 @@ H, W = 16, 24
 """Teacher frame size (the tiny VAEs halve it)."""
 
 
-def cameras(n: int, azimuth: list[float] | None = None):
+def cameras(n: int, azimuth: list[float] | None = None, frames: int = 1):
     azimuth = azimuth or [0.0] * n
-    return orbit_cameras(torch.zeros(n), torch.tensor(azimuth), torch.full((n,), 3.0), torch.full((n,), 40.0), W, H)
+    cams = orbit_cameras(torch.zeros(n), torch.tensor(azimuth), torch.full((n,), 3.0), torch.full((n,), 40.0), W, H)
+    return dataclasses.replace(cams, time=torch.linspace(0, 1, frames).repeat(n // frames), frames=frames)
 
 
 @pytest.fixture(scope="module")
@@ -111,12 +116,12 @@ def noisy_clips(teacher, clips: int, frames: int, seed: int = 0):
 
 
 def sds_step_gradients(teacher, state, n_frames: int, guidance_scale: float) -> torch.Tensor:
-    """The gradient an SDS step puts on rendered frames [N, H, W, 3]."""
+    """The gradient an SDS step puts on rendered frames [N, H, W, 3] of clips as the trainer samples them."""
     torch.manual_seed(0)
     rgb = torch.rand(n_frames, H, W, 3, requires_grad=True)
     render = RenderOutput(rgb=rgb, alpha=torch.ones(n_frames, H, W, 1))
     guidance = SDSGuidance(GuidanceBaseConfig(guidance_scale=guidance_scale), teacher)
-    cams = cameras(n_frames)
+    cams = cameras(n_frames, frames=teacher.frames_per_clip)
     conditioning = teacher.condition(state, cams, with_unconditional=guidance.needs_unconditional)
     output = guidance(render, conditioning, cams, step=0)
     output.loss.backward()
@@ -133,7 +138,7 @@ def test_clip_layout_round_trips_clip_major():
     assert clips.shape == (2, 2, 3, 1, 1)
     torch.testing.assert_close(clips[1, :, 2], frames[1 * 3 + 2])  # clip b, frame f = camera b*F + f
     torch.testing.assert_close(clips_to_frames(clips), frames)
-    with pytest.raises(ValueError, match="clips of 4"):
+    with pytest.raises(ValueError, match=r"\[B\*4"):
         frames_to_clips(frames, 4)
 
 
@@ -171,7 +176,7 @@ def test_text_to_video_encode_is_per_frame_and_decodes(t2v, tmp_path, t2v_folder
     assert rgb.grad is not None and rgb.grad.abs().sum() > 0
     decoded = teacher.decode(x0.detach())
     assert decoded.shape == (2 * FRAMES, H, W, 3) and 0 <= decoded.min() and decoded.max() <= 1
-    with pytest.raises(ValueError, match=r"clips of 3"):
+    with pytest.raises(ValueError, match=r"\[B\*3"):
         teacher.encode_images(torch.rand(4, H, W, 3))
 
 
@@ -183,6 +188,8 @@ def test_text_to_video_conditions_once_per_clip_on_its_first_camera(t2v, t2v_sta
     torch.testing.assert_close(conditioning.cond[1], t2v_state.views["back"])
     with pytest.raises(ValueError, match="clips of 3 frames"):
         t2v.condition(t2v_state, cameras(4))
+    with pytest.raises(ValueError, match="clips of 2 frames but the teacher takes 3"):
+        t2v.condition(t2v_state, cameras(6, frames=2))
 
 
 def test_text_to_video_noise_prediction_cfg_and_temporal_coupling(t2v, t2v_state):
