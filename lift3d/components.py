@@ -9,6 +9,7 @@ import lift3d.guidance.ism  # noqa: F401  (ism and tsm)
 import lift3d.guidance.sds  # noqa: F401
 import lift3d.guidance.vsd  # noqa: F401  (vsd and esd)
 import lift3d.representations.dmtet  # noqa: F401
+import lift3d.representations.dynamic  # noqa: F401  (dynamic-gaussians)
 import lift3d.representations.gaussians  # noqa: F401
 import lift3d.representations.latent_nerf  # noqa: F401
 import lift3d.representations.mesh  # noqa: F401

@@ -16,6 +16,12 @@ with responsibilities ``r_k ∝ pi_k N(x_t; alpha mu_k, ...)``: closed form, no 
   real teachers, measurable); view-dependent prompts narrow that mixture to the camera's sector.
 - Unconditional branch: the exact mixture over a fixed set of scenes, so classifier-free
   guidance has its real meaning; a negative prompt replaces that set by its own scene.
+- Moving prompts (``a red sphere bouncing on a blue cube``, see ``lift3d.teachers.scenes``):
+  the image teacher (``frames_per_clip = 1``) does not know the time, so its conditional is the
+  time-marginal, an equal mixture of the scene at ``marginal_times`` evenly spaced times
+  (motion-blind, as a text-to-image model is). The clip teacher (``frames_per_clip = F > 1``)
+  judges whole clips x0 [B, C, F, h, w]: its conditional is the clip of the scene at the
+  cameras' own times, so temporal coherence has an exact score.
 """
 
 from __future__ import annotations
@@ -32,7 +38,9 @@ from torch import Tensor, nn
 
 from lift3d.cameras import Cameras, orbit_cameras, wrap_azimuth
 from lift3d.registry import register
-from lift3d.teachers.base import Conditioning, NoisePrediction, Teacher, scaled_linear_alphas_cumprod
+from lift3d.teachers.base import (
+    Conditioning, NoisePrediction, Teacher, clips_to_frames, frames_to_clips, scaled_linear_alphas_cumprod,
+)
 from lift3d.teachers.scenes import BACKGROUND, Scene, parse_prompt
 
 logger = logging.getLogger(__name__)
@@ -194,9 +202,21 @@ class AnalyticTeacherConfig:
     """Length D of the camera embedding the student accepts ([elev_rad, sin az, cos az, dist])."""
     student_hidden_channels: int = 32
     """Width of the student's residual conv net."""
+    frames_per_clip: int = 1
+    """F: 1 = an image teacher (motion-blind on moving prompts); F > 1 = a clip teacher judging
+    F-frame clips x0 [B, C, F, h, w] at the cameras' times."""
+    marginal_times: int = 8
+    """Times (evenly spaced over [0, 1]) of the image teacher's time-marginal on a moving prompt."""
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first inconsistent field."""
+        if self.frames_per_clip < 1 or self.marginal_times < 1:
+            raise ValueError(
+                f"teacher.frames_per_clip and teacher.marginal_times must be >= 1, got "
+                f"{self.frames_per_clip} and {self.marginal_times}"
+            )
+        if self.frames_per_clip > 1 and not self.camera_aware:
+            raise ValueError("teacher.camera_aware=false (canonical-azimuth mixtures) needs teacher.frames_per_clip=1")
         if self.image not in ("rgb", "normal"):
             raise ValueError(f"teacher.image must be one of rgb, normal; got {self.image!r}")
         if self.resolution < 1:
@@ -302,6 +322,10 @@ class AnalyticTeacher(Teacher):
         return LATENT_CHANNELS if self.config.latent else 3
 
     @property
+    def frames_per_clip(self) -> int:
+        return self.config.frames_per_clip
+
+    @property
     def sample_size(self) -> int:
         """Side h = w of x0."""
         return self.config.resolution // LATENT_PATCH if self.config.latent else self.config.resolution
@@ -315,6 +339,14 @@ class AnalyticTeacher(Teacher):
         """
         if rgb.dim() != 4 or rgb.shape[-1] not in (3, self.channels):
             raise ValueError(f"encode_images expects rgb [B, H, W, 3], got {tuple(rgb.shape)}")
+        F_ = self.frames_per_clip
+        if F_ > 1:  # a clip teacher: frames are encoded one by one, then grouped into clips
+            if rgb.shape[0] % F_:
+                raise ValueError(f"a clip teacher of {F_} frames got {rgb.shape[0]} renders (not whole clips)")
+            return frames_to_clips(self._encode_frames(rgb), F_)
+        return self._encode_frames(rgb)
+
+    def _encode_frames(self, rgb: Tensor) -> Tensor:
         image = rgb.permute(0, 3, 1, 2)
         if rgb.shape[-1] == LATENT_CHANNELS and self.config.latent:
             return _resize(image, self.sample_size)
@@ -324,7 +356,10 @@ class AnalyticTeacher(Teacher):
         return F.conv2d(pixels, self.latent_encoder.to(pixels.dtype), stride=LATENT_PATCH)
 
     def decode(self, x0: Tensor) -> Tensor:
-        """x0 [B, C, h, w] -> rgb [B, resolution, resolution, 3] in [0, 1] (lossy for latents)."""
+        """x0 [B, C, h, w] -> rgb [B, resolution, resolution, 3] in [0, 1] (lossy for latents);
+        clips [B, C, F, h, w] -> [B*F, resolution, resolution, 3]."""
+        if x0.dim() == 5:
+            x0 = clips_to_frames(x0)
         pixels = x0
         if self.config.latent:
             pixels = F.conv_transpose2d(x0, self.latent_decoder.to(x0.dtype), stride=LATENT_PATCH)
@@ -358,7 +393,12 @@ class AnalyticTeacher(Teacher):
         Stable Diffusion, the negative text carries no view suffix.
         """
         cfg = self.config
+        if cfg.frames_per_clip > 1 and cameras.frames != cfg.frames_per_clip:
+            raise ValueError(
+                f"a clip teacher of frames_per_clip={cfg.frames_per_clip} got cameras with frames={cameras.frames}"
+            )
         labels = cameras.view_labels(cfg.front_threshold_deg, cfg.back_threshold_deg, cfg.overhead_threshold_deg)
+        labels = labels[:: cfg.frames_per_clip]  # one label per sample: a clip's is its first frame's
         reference = cameras.with_resolution(cfg.resolution, cfg.resolution)
         narrow_to = labels if view_dependent else None
         cond = self._mixture((prompt_state.scene,), reference, narrow_to, cfg.sigma_data)
@@ -398,13 +438,18 @@ class AnalyticTeacher(Teacher):
                                   image=self.config.image)
             return self.encode_images(rgb.to(self.background.device))
 
+    def marginal_times(self, scene: Scene) -> Tensor:
+        """The times of the image teacher's time-marginal of ``scene`` ([0.] when it is static)."""
+        count = self.config.marginal_times if scene.is_dynamic and self.frames_per_clip == 1 else 1
+        return torch.linspace(0.0, 1.0, count) if count > 1 else torch.zeros(1)
+
     def ground_truth(self, prompt_state: AnalyticPromptState, cameras: Cameras) -> Tensor:
         """rgb [B, H, W, 3] in [0, 1] of the prompt's scene at the cameras' own resolution."""
         with torch.no_grad():
             return prompt_state.scene.render(cameras, self.config.supersample, self.background, image=self.config.image)[0]
 
     def ground_truth_mesh(self, prompt_state: AnalyticPromptState, resolution: int = 128) -> trimesh.Trimesh:
-        """The prompt's scene as a ``trimesh.Trimesh`` (marching cubes of its SDF, world coordinates)."""
+        """The prompt's scene as a ``trimesh.Trimesh`` (marching cubes of its SDF, world coordinates; t = 0)."""
         return prompt_state.scene.mesh(resolution=resolution)
 
     # ------------------------------------------------------------------ student
@@ -412,6 +457,8 @@ class AnalyticTeacher(Teacher):
     def make_student(self) -> "AnalyticStudent":
         """The analytic conditional eps plus a zero-initialised conv residual (trainable)."""
         cfg = self.config
+        if cfg.frames_per_clip > 1:
+            raise NotImplementedError("the analytic student is an image model; use frames_per_clip=1 for VSD-type objectives")
         return AnalyticStudent(
             self.alphas_cumprod.detach().clone(), cfg.sigma_data, self.channels,
             cfg.student_camera_dim, cfg.student_hidden_channels,
@@ -448,12 +495,24 @@ class AnalyticTeacher(Teacher):
     def _mixture(
         self, scenes: tuple[Scene, ...], cameras: Cameras, narrow_to: list[str] | None, sigma: float
     ) -> MixturePayload:
-        """Equal-weight mixture over ``scenes``, each at the true camera or at the canonical azimuths."""
-        B, device = len(cameras), self.background.device
+        """Equal-weight mixture over ``scenes``, each at the true camera or at the canonical azimuths
+        (and, for the image teacher on a moving scene, at each of its ``marginal_times``)."""
+        B, device = len(cameras) // self.frames_per_clip, self.background.device
         if self.config.camera_aware:
-            means = torch.stack([self.reference_images(scene, cameras) for scene in scenes], dim=1)
-            log_weights = torch.full((B, len(scenes)), -math.log(len(scenes)), device=device)
-            return MixturePayload(means, log_weights, tuple(scene.slug for scene in scenes), sigma)
+            components, names = [], []
+            for scene in scenes:
+                times = self.marginal_times(scene)
+                if scene.is_dynamic and self.frames_per_clip == 1:  # motion-blind: every time is a component
+                    components += [self.reference_images(scene, cameras.with_time(float(t))) for t in times]
+                    names += [f"{scene.slug}@t{float(t):.3g}" for t in times]
+                else:  # static scenes, and clips at their own times
+                    components.append(self.reference_images(scene, cameras))
+                    names.append(scene.slug)
+            means = torch.stack(components, dim=1)
+            log_weights = torch.full((B, len(components)), -math.log(len(components)), device=device)
+            return MixturePayload(means, log_weights, tuple(names), sigma)
+        if any(scene.is_dynamic for scene in scenes):
+            raise ValueError("teacher.camera_aware=false supports static prompts only")
 
         azimuths = self.config.canonical_azimuths_deg
         A = len(azimuths)

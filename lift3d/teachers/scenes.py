@@ -1,10 +1,18 @@
 """Analytic scenes: a tiny prompt grammar, SDF primitives, sphere-traced renders and meshes.
 
-A prompt is ``a <color> <shape>`` or ``a <color> <shape> on a <color> <shape>``; articles
-(a/an/the), case, surrounding whitespace and trailing punctuation are ignored. Each prompt
-names a :class:`Scene`: one or two exact-SDF primitives (world z up, as in ``lift3d.cameras``)
-that fit inside a ball of radius ``TARGET_RADIUS`` around the origin. "X on Y" stacks X on
-top of Y, touching, with the stack centred at the origin.
+A prompt is ``a <color> <shape> [<motion>]``, optionally followed by ``on a <color> <shape>
+[<motion>]``; articles (a/an/the), case, surrounding whitespace and trailing punctuation are
+ignored. Each prompt names a :class:`Scene`: one or two exact-SDF primitives (world z up, as in
+``lift3d.cameras``) that fit inside a ball of radius ``TARGET_RADIUS`` around the origin. "X on
+Y" stacks X on top of Y, touching, with the stack centred at the origin.
+
+Motion words make a scene dynamic over the time t in [0, 1] (``Scene.at(t)`` is the static
+scene at t; the rest pose is the static prompt's): ``bouncing`` lifts the part by
+``BOUNCE_HEIGHT sin(pi t)`` (up and back down), ``spinning`` turns it by ``180 t`` degrees about
+the world x axis (the front camera's line of sight), ``sliding left`` / ``sliding right`` moves
+it from ``+-SLIDE_DISTANCE`` to ``-+SLIDE_DISTANCE`` along y (left / right as seen from the
+front) and ``growing`` scales it by ``GROW_FROM + (1 - GROW_FROM) t`` about its centre. A
+spinning sphere or cylinder looks static (its spin is a symmetry).
 
 The scene is the ground truth of the analytic teacher: ``Scene.render`` is the reference image
 (sphere tracing with a fixed number of steps, Lambertian + ambient shading with a light fixed
@@ -48,7 +56,16 @@ COLOR_ALIASES: dict[str, str] = {"grey": "gray"}
 ARTICLES: tuple[str, ...] = ("a", "an", "the")
 """Words dropped before parsing."""
 
-GRAMMAR = "'a <color> <shape>' or 'a <color> <shape> on a <color> <shape>'"
+GRAMMAR = "'a <color> <shape>' or 'a <color> <shape> on a <color> <shape>', each <shape> optionally followed by a <motion>"
+
+MOTIONS: tuple[str, ...] = ("bouncing", "spinning", "sliding left", "sliding right", "growing")
+"""Motion phrases (see the module docstring for what each does over t in [0, 1])."""
+BOUNCE_HEIGHT = 0.3
+"""Peak lift of a bouncing part (world units), reached at t = 1/2."""
+SLIDE_DISTANCE = 0.35
+"""A sliding part moves from +-this to -+this along y."""
+GROW_FROM = 0.6
+"""Scale of a growing part at t = 0 (1 at t = 1)."""
 
 _LIGHT_NORM = math.sqrt(1.0**2 + 0.3**2 + 0.8**2)
 LIGHT_DIRECTION: tuple[float, float, float] = (1.0 / _LIGHT_NORM, 0.3 / _LIGHT_NORM, 0.8 / _LIGHT_NORM)
@@ -172,6 +189,8 @@ class Part:
     """World position of the primitive's bounding-box centre."""
     scale: float = 1.0
     """Uniform scale of the unit-size primitive."""
+    spin_deg: float = 0.0
+    """Rotation about the world x axis through ``center``, degrees (spinning motion)."""
 
     @property
     def primitive(self) -> Primitive:
@@ -188,11 +207,17 @@ class Part:
         x = x - cx if cx else x
         y = y - cy if cy else y
         z = z - cz if cz else z
+        if self.spin_deg:  # the inverse rotation about x takes world offsets to the part's frame
+            c, s = math.cos(math.radians(self.spin_deg)), math.sin(math.radians(self.spin_deg))
+            y, z = c * y + s * z, c * z - s * y
         return self.primitive.sdf(x, y, z, self.scale)
 
     def bounds(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        """World axis-aligned bounding box (low corner, high corner)."""
+        """World axis-aligned bounding box (low corner, high corner); conservative when spun."""
         half = [self.scale * h for h in self.primitive.half_extents]
+        if self.spin_deg:
+            c, s = abs(math.cos(math.radians(self.spin_deg))), abs(math.sin(math.radians(self.spin_deg)))
+            half = [half[0], c * half[1] + s * half[2], s * half[1] + c * half[2]]
         return (
             tuple(c - h for c, h in zip(self.center, half)),
             tuple(c + h for c, h in zip(self.center, half)),
@@ -208,9 +233,23 @@ class Scene:
     """The union of one or more coloured parts; the ground truth behind one prompt."""
 
     parts: tuple[Part, ...]
-    """Parts, top first for stacks."""
+    """Parts, top first for stacks (their rest pose, t = 0 of a static prompt)."""
     prompt: str
     """Canonical prompt text, e.g. ``a red sphere on a blue cube``."""
+    motions: tuple[str, ...] = ()
+    """One motion phrase of ``MOTIONS`` or "" per part; empty = static."""
+
+    @property
+    def is_dynamic(self) -> bool:
+        """Whether any part moves."""
+        return any(self.motions)
+
+    def at(self, time: float) -> "Scene":
+        """The static scene at time ``time`` in [0, 1] (itself when nothing moves)."""
+        if not self.is_dynamic:
+            return self
+        return Scene(tuple(move(part, motion, float(time)) for part, motion in zip(self.parts, self.motions)),
+                     self.prompt)
 
     @property
     def slug(self) -> str:
@@ -281,6 +320,15 @@ class Scene:
             raise ValueError(f"image must be rgb or normal, got {image!r}")
         if supersample < 1:
             raise ValueError(f"supersample must be >= 1, got {supersample}")
+        if self.is_dynamic:  # each camera sees the scene at its own time (one static render per time)
+            times = cameras.times()
+            unique = torch.unique(times)
+            rgb = torch.empty(len(cameras), cameras.height, cameras.width, 3, device=cameras.device)
+            alpha = torch.empty(len(cameras), cameras.height, cameras.width, 1, device=cameras.device)
+            for time in unique.tolist():
+                index = (times == time).nonzero().squeeze(1)
+                rgb[index], alpha[index] = self.at(time).render(cameras[index], supersample, background, image)
+            return rgb, alpha
         B, H, W, s = len(cameras), cameras.height, cameras.width, supersample
         origins, directions = cameras.with_resolution(W * s, H * s).rays()  # [B, sH, sW, 3]
         origins, directions = origins.reshape(-1, 3), directions.reshape(-1, 3)
@@ -300,13 +348,16 @@ class Scene:
         return pixels[..., :3].contiguous(), pixels[..., 3:].contiguous()
 
     def mesh(self, resolution: int = 128, padding: float = 0.05) -> trimesh.Trimesh:
-        """Marching cubes of the SDF zero level set, in world coordinates, with vertex colours.
+        """Marching cubes of the SDF zero level set, in world coordinates, with vertex colours
+        (a dynamic scene's at t = 0).
 
         ``resolution`` samples span the longest side of the bounding box (plus ``padding``);
         cells are cubes. Faces wind counter-clockwise seen from outside (positive volume).
         """
         if resolution < 3:
             raise ValueError(f"mesh resolution must be >= 3, got {resolution}")
+        if self.is_dynamic:
+            return self.at(0.0).mesh(resolution, padding)
         low, high = (np.asarray(corner) for corner in self.bounds())
         low, high = low - padding, high + padding
         spacing = float((high - low).max()) / (resolution - 1)
@@ -403,7 +454,7 @@ def vocabulary_message() -> str:
     """The grammar and the words it knows, for error messages."""
     return (
         f"grammar: {GRAMMAR}; vocabulary: shapes {', '.join(SHAPES)}; colors {', '.join(PALETTE)}"
-        f"; articles (a, an, the) and case are ignored"
+        f"; motions {', '.join(MOTIONS)}; articles (a, an, the) and case are ignored"
     )
 
 
@@ -426,26 +477,60 @@ def compose(parts: list[tuple[str, str]]) -> tuple[Part, ...]:
     return tuple(Part(p.shape, p.color, (0.0, 0.0, scale * p.center[2]), scale) for p in unit_parts)
 
 
+def move(part: Part, motion: str, time: float) -> Part:
+    """``part`` at time ``time`` in [0, 1] under ``motion`` (a phrase of ``MOTIONS``, or "" for none)."""
+    cx, cy, cz = part.center
+    if motion == "":
+        return part
+    if motion == "bouncing":
+        return Part(part.shape, part.color, (cx, cy, cz + BOUNCE_HEIGHT * math.sin(math.pi * time)), part.scale)
+    if motion == "spinning":
+        return Part(part.shape, part.color, part.center, part.scale, 180.0 * time)
+    if motion in ("sliding left", "sliding right"):
+        sign = 1.0 if motion == "sliding left" else -1.0  # the front camera's left is -y
+        return Part(part.shape, part.color, (cx, cy + sign * SLIDE_DISTANCE * (1.0 - 2.0 * time), cz), part.scale)
+    if motion == "growing":
+        return Part(part.shape, part.color, part.center, part.scale * (GROW_FROM + (1.0 - GROW_FROM) * time))
+    raise ValueError(f"unknown motion {motion!r}; choose one of {', '.join(MOTIONS)}")
+
+
+def _parse_parts(words: list[str]) -> list[tuple[str, str, str]] | None:
+    """``[(color, shape, motion), ...]`` top first, or None when the words do not follow the grammar."""
+    parts, i = [], 0
+    while True:
+        if i + 1 >= len(words) or words[i] not in PALETTE or words[i + 1] not in SHAPES:
+            return None
+        color, shape, i, motion = words[i], words[i + 1], i + 2, ""
+        if i < len(words) and words[i] in ("bouncing", "spinning", "growing"):
+            motion, i = words[i], i + 1
+        elif i + 1 < len(words) and words[i] == "sliding" and words[i + 1] in ("left", "right"):
+            motion, i = f"sliding {words[i + 1]}", i + 2
+        parts.append((color, shape, motion))
+        if i == len(words):
+            return parts if len(parts) <= 2 else None
+        if words[i] != "on":
+            return None
+        i += 1
+
+
 def parse_prompt(text: str) -> Scene:
     """The scene a prompt names; ``ValueError`` naming any unknown word, with the vocabulary."""
     normalised = text.strip().lower().rstrip(".!?,;: \t\n")
     words = [word for word in normalised.split() if word not in ARTICLES]
-    known = set(SHAPES) | set(PALETTE) | set(COLOR_ALIASES) | {"on"}
+    motion_words = {word for phrase in MOTIONS for word in phrase.split()}
+    known = set(SHAPES) | set(PALETTE) | set(COLOR_ALIASES) | {"on"} | motion_words
     unknown = [word for word in words if word not in known]
     if unknown:
         listed = ", ".join(repr(word) for word in dict.fromkeys(unknown))
         plural = "s" if len(unknown) > 1 else ""
         raise ValueError(f"unknown word{plural} {listed} in prompt {text!r}; {vocabulary_message()}")
     words = [COLOR_ALIASES.get(word, word) for word in words]
-    groups = [words[i : i + 2] for i in range(0, len(words), 3)]
-    connectors = words[2::3]
-    well_formed = (
-        len(words) in (2, 5)
-        and all(len(g) == 2 and g[0] in PALETTE and g[1] in SHAPES for g in groups)
-        and all(word == "on" for word in connectors)
-    )
-    if not well_formed:
+    parsed = _parse_parts(words)
+    if parsed is None:
         raise ValueError(f"cannot parse prompt {text!r}; {vocabulary_message()}")
-    pairs = [(color, shape) for color, shape in groups]
-    canonical = " on ".join(f"{_article(color)} {color} {shape}" for color, shape in pairs)
-    return Scene(parts=compose(pairs), prompt=canonical)
+    canonical = " on ".join(
+        f"{_article(color)} {color} {shape}" + (f" {motion}" if motion else "") for color, shape, motion in parsed
+    )
+    motions = tuple(motion for _, _, motion in parsed)
+    return Scene(parts=compose([(color, shape) for color, shape, _ in parsed]), prompt=canonical,
+                 motions=motions if any(motions) else ())
