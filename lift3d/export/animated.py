@@ -309,3 +309,72 @@ def grid_image(images: Tensor, rows: int) -> Tensor:
         raise ValueError(f"{N} images do not fill {rows} rows")
     cols = N // rows
     return images.view(rows, cols, H, W, C).permute(0, 2, 1, 3, 4).reshape(rows * H, cols * W, C)
+
+
+# --------------------------------------------------------------------------- a run's dynamic exports
+
+
+DYNAMIC_FORMATS = ("glb_animated", "ply_frames", "grid")
+"""Export formats of dynamic representations (``mp4`` of a dynamic run is the turntable over time)."""
+
+
+def write_gaussian_frames(representation: object, directory: Path, times: Sequence[float]) -> list[Path]:
+    """One 3DGS-layout PLY per time: the Gaussians deformed to t_k (positions, scales, rotations)."""
+    from lift3d.export.ply import write_gaussians_ply
+
+    if not hasattr(representation, "deformed"):
+        raise ValueError(f"{type(representation).__name__} has no deformed Gaussians; ply_frames needs dynamic-gaussians")
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    with torch.no_grad():
+        for k, time in enumerate(times):
+            means, scales, quats = representation.deformed(float(time))
+            path = directory / f"gaussians_{k:03d}.ply"
+            write_gaussians_ply(
+                path, means=means, sh_dc=representation.sh_dc.detach()[:, 0], sh_rest=representation.sh_rest.detach(),
+                opacity_logits=representation.opacity_logits.detach(), log_scales=scales.log(),
+                quats=quats / quats.norm(dim=-1, keepdim=True),
+            )
+            written.append(path)
+    (directory / "times.json").write_text(json.dumps({"times": [float(t) for t in times]}))
+    return written + [directory / "times.json"]
+
+
+def export_dynamic(trainer: object, formats: Sequence[str]) -> list[Path]:
+    """The dynamic formats of a run (``trainer``: a :class:`lift3d.train.Trainer`) into ``<run>/export``."""
+    from lift3d.cameras import view_time_grid
+    from lift3d.export.video import write_png, to_uint8
+
+    unknown = sorted(set(formats) - set(DYNAMIC_FORMATS))
+    if unknown:
+        raise ValueError(f"unknown dynamic formats {unknown}; valid: {list(DYNAMIC_FORMATS)}")
+    representation = trainer.representation
+    if not getattr(representation, "is_dynamic", False):
+        raise ValueError(f"{type(representation).__name__} is static: {list(formats)} need a dynamic representation")
+    cfg = trainer.config.export
+    eval_cfg = trainer.config.trainer.eval
+    directory = trainer.run_dir / "export"
+    directory.mkdir(parents=True, exist_ok=True)
+    times = keyframe_times(cfg.keyframes)
+    written: list[Path] = []
+    for fmt in formats:
+        if fmt == "ply_frames":
+            written += write_gaussian_frames(representation, directory / "frames", times)
+        elif fmt == "glb_animated":
+            if not hasattr(representation, "deform") or not hasattr(representation, "surface"):
+                raise ValueError(f"{type(representation).__name__} cannot export glb_animated: it needs surface() and deform()")
+            mesh, color_fn = representation.surface(chunk=cfg.query_chunk)
+            written.append(export_animated_mesh(
+                directory, mesh, color_fn, representation.deform, keyframes=cfg.keyframes,
+                duration=cfg.animation_seconds, interpolation=cfg.animation_interpolation,
+                texture_size=cfg.texture_size, device=str(trainer.device), chunk=cfg.query_chunk,
+            ))
+        elif fmt == "grid":
+            size = cfg.video_resolution
+            views = TurntableConfig(cfg.grid_views, eval_cfg.elevation_deg, eval_cfg.distance, eval_cfg.fovy_deg,
+                                    0.0, size, size)
+            images = trainer.render_views(view_time_grid(views, cfg.grid_times))
+            path = directory / "view_time_grid.png"
+            write_png(path, to_uint8(grid_image(images, rows=cfg.grid_views)[None])[0])
+            written.append(path)
+    return written
