@@ -44,7 +44,7 @@ LAUNCHED_ENV = "LIFT3D_BATCH_LAUNCHED"
 """Set by ``--workers``: its ranks leave the exit code and the summary to the launching process."""
 BARRIER_TIMEOUT = timedelta(days=7)
 """How long a rank that finished its shard waits for the slowest one."""
-SUMMARY_METRICS = ("eval/psnr", "eval/chamfer")
+SUMMARY_METRICS = ("eval/psnr", "eval/chamfer", "eval/time_margin_db")
 USER_ERRORS = (ValueError, FileNotFoundError, KeyError)
 """Failures caused by the prompt or the options (config errors are ValueErrors), not by the code."""
 
@@ -184,12 +184,12 @@ def summary_table(records: list[PromptRecord]) -> str:
     counts = {status: sum(r.status == status for r in records) for status in ("done", "failed", "interrupted", "pending")}
     lines = [f"prompts {len(records)}: " + ", ".join(f"{count} {status}" for status, count in counts.items()),
              f"wall time {sum(r.wall_s for r in records):.1f} s in all"]
-    header = f"{'metric':<14} {'n':>4} {'mean':>10} {'min':>10} {'max':>10}"
+    header = f"{'metric':<20} {'n':>4} {'mean':>10} {'min':>10} {'max':>10}"
     rows = []
     for metric in SUMMARY_METRICS:
         values = [r.metrics[metric] for r in records if r.status == "done" and metric in r.metrics]
         if values:
-            rows.append(f"{metric:<14} {len(values):>4} {sum(values) / len(values):>10.4g} {min(values):>10.4g} {max(values):>10.4g}")
+            rows.append(f"{metric:<20} {len(values):>4} {sum(values) / len(values):>10.4g} {min(values):>10.4g} {max(values):>10.4g}")
     if rows:
         lines += [header, *rows]
     for record in records:

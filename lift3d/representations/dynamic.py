@@ -42,11 +42,11 @@ TIME_PLANES = ((0, 3), (1, 3), (2, 3))
 class DeformationConfig:
     """The HexPlane deformation field and its MLP."""
 
-    resolutions: tuple[int, ...] = (16, 32)
+    resolutions: tuple[int, ...] = (32,)
     """Spatial resolutions of the plane sets (features of each set are concatenated)."""
     time_resolution: int = 16
     """Cells along t of the space-time planes."""
-    features: int = 16
+    features: int = 8
     """Channels per plane."""
     bound: float = 1.5
     """Half side of the cube [-bound, bound]^3 the planes cover (points outside are clamped)."""
@@ -111,17 +111,30 @@ class HexPlaneField(nn.Module):
     def output_dim(self) -> int:
         return self.config.features * len(self.config.resolutions)
 
-    def forward(self, points: Tensor, time: Tensor) -> Tensor:
-        """Features [P, D] of world points [P, 3] at times [P] in [0, 1]."""
-        coords = torch.cat([(points / self.config.bound).clamp(-1.0, 1.0), (2.0 * time - 1.0).unsqueeze(-1)], dim=-1)
+    def _sample(self, plane: Tensor, coords: Tensor) -> Tensor:
+        """Bilinear samples [P, C] of one plane at coordinates [P, 2] in [-1, 1]."""
+        grid = coords.reshape(1, -1, 1, 2).to(plane.dtype)
+        return F.grid_sample(plane, grid, mode="bilinear", align_corners=True).view(plane.shape[1], -1).t()
+
+    def forward(self, points: Tensor, times: Tensor) -> Tensor:
+        """Features [T, P, D] of world points [P, 3] at each of the times [T] in [0, 1].
+
+        The spatial planes are sampled once for all times (they do not depend on t).
+        """
+        T, P = times.shape[0], points.shape[0]
+        space = (points / self.config.bound).clamp(-1.0, 1.0)
+        time = (2.0 * times - 1.0).to(space.dtype).view(T, 1, 1).expand(T, P, 1)
+        spacetime = torch.cat([space.unsqueeze(0).expand(T, P, 3), time], dim=-1).reshape(T * P, 4)
         features, index = [], 0
         for _ in self.config.resolutions:
-            product = None
-            for axes in SPATIAL_PLANES + TIME_PLANES:
-                grid = coords[:, list(axes)].view(1, -1, 1, 2).to(self.planes[index].dtype)
-                sample = F.grid_sample(self.planes[index], grid, mode="bilinear", align_corners=True)
-                sample = sample.view(self.config.features, -1).t()
-                product = sample if product is None else product * sample
+            spatial = None
+            for axes in SPATIAL_PLANES:
+                sample = self._sample(self.planes[index], space[:, list(axes)])
+                spatial = sample if spatial is None else spatial * sample
+                index += 1
+            product = spatial.unsqueeze(0)
+            for axes in TIME_PLANES:
+                product = product * self._sample(self.planes[index], spacetime[:, list(axes)]).view(T, P, -1)
                 index += 1
             features.append(product)
         return torch.cat(features, dim=-1)
@@ -152,9 +165,10 @@ class Deformation(nn.Module):
         nn.init.zeros_(self.heads.weight)
         nn.init.zeros_(self.heads.bias)
 
-    def forward(self, points: Tensor, time: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        out = self.heads(self.trunk(self.field(points, time)))
-        d_position, d_scale, d_quat = out[:, :3], out[:, 3:6], out[:, 6:]
+    def forward(self, points: Tensor, times: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Offsets [T, P, 3], [T, P, 3], [T, P, 4] of points [P, 3] at times [T]."""
+        out = self.heads(self.trunk(self.field(points, times)))
+        d_position, d_scale, d_quat = out[..., :3], out[..., 3:6], out[..., 6:]
         if not self.config.scale_deform:
             d_scale = torch.zeros_like(d_scale)
         if not self.config.rotation_deform:
@@ -189,16 +203,19 @@ class DynamicGaussians(Gaussians):
 
     # --------------------------------------------------------------------------- deformation
 
-    def deformed(self, time: float | Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Means [N, 3], activated scales [N, 3] and quaternions [N, 4] of the Gaussians at ``time``."""
-        time = torch.as_tensor(time, dtype=self.means.dtype, device=self.means.device).expand(self.num_gaussians)
-        d_position, d_scale, d_quat = self.deformation(self.means, time)
-        return self.means + d_position, (self.log_scales + d_scale).exp(), self.quats + d_quat
+    def deformed(self, times: float | Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Means, activated scales and quaternions of the Gaussians at each of ``times`` [T] (or
+        one time): [T, N, 3], [T, N, 3], [T, N, 4] ([N, ...] for a single float)."""
+        single = not torch.is_tensor(times) or times.dim() == 0
+        times = torch.as_tensor(times, dtype=self.means.dtype, device=self.means.device).reshape(-1)
+        d_position, d_scale, d_quat = self.deformation(self.means, times)
+        means, scales, quats = self.means + d_position, (self.log_scales + d_scale).exp(), self.quats + d_quat
+        return (means[0], scales[0], quats[0]) if single else (means, scales, quats)
 
     def deform(self, points: Tensor, time: float) -> Tensor:
         """Canonical points [P, 3] (e.g. mesh vertices) moved to time ``time`` by the field's Δposition."""
-        time_tensor = torch.full((points.shape[0],), float(time), dtype=points.dtype, device=points.device)
-        return points + self.deformation(points, time_tensor)[0]
+        times = torch.tensor([float(time)], dtype=points.dtype, device=points.device)
+        return points + self.deformation(points, times)[0][0]
 
     def render(self, cameras: Cameras, background: Tensor) -> RenderOutput:
         """Each camera sees the Gaussians deformed to its time; one projection per distinct time,
@@ -206,10 +223,11 @@ class DynamicGaussians(Gaussians):
         times = cameras.times()
         unique, inverse = torch.unique(times, return_inverse=True)
         projections, colors, order = [], [], []
-        for k, time in enumerate(unique):
+        all_means, all_scales, all_quats = self.deformed(unique)  # one field query for every time
+        for k in range(len(unique)):
             index = (inverse == k).nonzero().squeeze(1)
             group = cameras[index]
-            means, scales, quats = self.deformed(time)
+            means, scales, quats = all_means[k], all_scales[k], all_quats[k]
             projected = project_gaussians(
                 means, scales, quats, group.world_to_camera(), group.intrinsics(), cameras.width, cameras.height
             )
