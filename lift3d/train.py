@@ -229,7 +229,8 @@ class Trainer:
         guidance_logs: dict[str, float] = {}
         render = None
         for term in terms:
-            cameras = self.sample_cameras(step, term.teacher.frames_per_clip)
+            cameras = term.objective.own_cameras(step)  # e.g. reconstruction targets; None: the sampler's
+            cameras = self.sample_cameras(step, term.teacher.frames_per_clip) if cameras is None else cameras.to(self.device)
             term_render = self.representation.render(cameras, self.background)
             if render is None:  # the first render feeds the regularisers and on_step
                 render = term_render
