@@ -164,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     export_parser = sub.add_parser("export", help="export a finished or interrupted run")
     export_parser.add_argument("run_dir", help="the run folder")
     export_parser.add_argument(
-        "--format", action="append", choices=["ply", "glb", "obj", "mp4", "png"], help="repeatable; default: the run's export.formats"
+        "--format", action="append", choices=["ply", "glb", "obj", "mp4", "png", "glb_animated", "ply_frames", "grid"], help="repeatable; default: the run's export.formats"
     )
     export_parser.set_defaults(func=cmd_export)
 

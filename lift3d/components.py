@@ -6,6 +6,7 @@ import lift3d.guidance.bsd  # noqa: F401
 import lift3d.guidance.csm  # noqa: F401  (csd and csm)
 import lift3d.guidance.hybrid  # noqa: F401
 import lift3d.guidance.ism  # noqa: F401  (ism and tsm)
+import lift3d.guidance.reconstruction  # noqa: F401
 import lift3d.guidance.sds  # noqa: F401
 import lift3d.guidance.vsd  # noqa: F401  (vsd and esd)
 import lift3d.representations.dmtet  # noqa: F401
@@ -18,3 +19,4 @@ import lift3d.representations.nerf  # noqa: F401
 import lift3d.teachers.analytic  # noqa: F401
 import lift3d.teachers.deepfloyd  # noqa: F401  (diffusers itself is imported only when built)
 import lift3d.teachers.diffusers_sd  # noqa: F401
+import lift3d.teachers.video  # noqa: F401

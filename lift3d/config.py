@@ -123,7 +123,10 @@ class ExportConfig:
     """What a finished run writes into ``export/``."""
 
     formats: list[str] = field(default_factory=lambda: ["ply", "png", "mp4"])
-    """Any of: ply (Gaussians, 3DGS layout), glb / obj (textured mesh), png (turntable strip), mp4 (turntable video)."""
+    """Any of: ply (Gaussians, 3DGS layout), glb / obj (textured mesh), png (turntable strip), mp4 (turntable
+    video; of a dynamic representation: the camera orbits while time runs 0 -> 1); dynamic representations
+    also: glb_animated (canonical mesh + one morph target per keyframe), ply_frames (one PLY per keyframe),
+    grid (a views x times PNG)."""
     texture_size: int = 1024
     """Side of the baked base-colour texture of glb/obj exports."""
     video_frames: int = 60
@@ -136,6 +139,16 @@ class ExportConfig:
     """Views in the PNG strip."""
     query_chunk: int = 1 << 18
     """Points per field query during mesh extraction and texture baking (bounds their memory)."""
+    keyframes: int = 8
+    """Keyframes (evenly spaced over t in [0, 1]) of glb_animated morph targets and ply_frames."""
+    animation_seconds: float = 2.0
+    """Seconds the glb_animated animation takes from t = 0 to t = 1."""
+    animation_interpolation: Literal["LINEAR", "STEP"] = "LINEAR"
+    """glb_animated keyframe interpolation: LINEAR blends neighbouring keyframes, STEP holds each."""
+    grid_views: int = 4
+    """Views (rows) of the grid export."""
+    grid_times: int = 5
+    """Times (columns) of the grid export."""
 
 
 SECTIONS = ("representation", "teacher", "guidance", "trainer", "export")

@@ -229,7 +229,8 @@ class Trainer:
         guidance_logs: dict[str, float] = {}
         render = None
         for term in terms:
-            cameras = self.sample_cameras(step, term.teacher.frames_per_clip)
+            cameras = term.objective.own_cameras(step)  # e.g. reconstruction targets; None: the sampler's
+            cameras = self.sample_cameras(step, term.teacher.frames_per_clip) if cameras is None else cameras.to(self.device)
             term_render = self.representation.render(cameras, self.background)
             if render is None:  # the first render feeds the regularisers and on_step
                 render = term_render
@@ -386,9 +387,14 @@ def export_run(trainer: Trainer, formats: list[str]) -> tuple[list[Path], "trime
     directory = trainer.run_dir / "export"
     directory.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
-    native = [f for f in formats if f not in MEDIA_FORMATS + MESH_FORMATS]
+    from lift3d.export.animated import DYNAMIC_FORMATS, export_dynamic, turntable_over_time
+
+    native = [f for f in formats if f not in MEDIA_FORMATS + MESH_FORMATS + DYNAMIC_FORMATS]
     if native:
         written += trainer.representation.export(directory, native)
+    dynamic = [f for f in formats if f in DYNAMIC_FORMATS]
+    if dynamic:
+        written += export_dynamic(trainer, dynamic)
     mesh = None
     mesh_formats = [f for f in formats if f in MESH_FORMATS]
     if mesh_formats:
@@ -415,7 +421,9 @@ def export_run(trainer: Trainer, formats: list[str]) -> tuple[list[Path], "trime
         written.append(directory / "turntable.png")
     if "mp4" in formats:
         views = TurntableConfig(cfg.video_frames, eval_cfg.elevation_deg, eval_cfg.distance, eval_cfg.fovy_deg, 0.0, size, size)
-        write_video(directory / "turntable.mp4", trainer.render_views(turntable(views)), cfg.video_fps)
+        # A dynamic scene's turntable runs its clock too: one orbit while t goes 0 -> 1.
+        cameras = turntable_over_time(views) if trainer.representation.is_dynamic else turntable(views)
+        write_video(directory / "turntable.mp4", trainer.render_views(cameras), cfg.video_fps)
         written.append(directory / "turntable.mp4")
     for path in written:
         logger.info("exported %s", path)

@@ -4,6 +4,8 @@
     python tools/render_glb.py model.glb out.png                      # framed from the +Z front
     python tools/render_glb.py model.glb out.png --eye 0,0,3 --target 0,0,0 --size 512
     python tools/render_glb.py model.glb out.png --environment none --light 0,1,1:3
+    python tools/render_glb.py animated.glb out.png --animation-time 1.0     # pose the animation at 1 s
+    python tools/render_glb.py animated.glb out.png --morph-weights 0,1,0    # or set morph weights
 
 Needs node and npm. On first use it npm-installs ``tools/gltf_viewer/package.json`` (three,
 puppeteer-core, and @sparticuz/chromium, whose npm tarball carries a headless Chromium, so no
@@ -115,6 +117,13 @@ def _vector(text: str) -> list[float]:
     return values
 
 
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
 def _light(text: str) -> dict:
     direction, _, intensity = text.partition(":")
     return {"direction": _vector(direction), "intensity": float(intensity or 2.0)}
@@ -134,12 +143,20 @@ def main(argv: list[str] | None = None) -> int:
                         help="directional light x,y,z[:intensity] (towards the light); repeatable")
     parser.add_argument("--tone-mapping", choices=("neutral", "aces", "none"), default="neutral")
     parser.add_argument("--background", type=_vector, help="r,g,b in 0..1 (default: transparent)")
+    parser.add_argument("--animation-time", type=float, help="seconds: pose the GLB's animation at this time")
+    parser.add_argument("--animation", default="0", help="animation index or name (with --animation-time)")
+    parser.add_argument("--morph-weights", type=_floats, help="w0,w1,...: morph target influences of every mesh")
     args = parser.parse_args(argv)
     job = {"glb": args.glb, "png": args.png, "fov": args.fov, "environment": args.environment,
            "lights": args.light, "toneMapping": args.tone_mapping}
     for key in ("eye", "target", "view", "background"):
         if getattr(args, key) is not None:
             job[key] = getattr(args, key)
+    if args.animation_time is not None:
+        job["animationTime"] = args.animation_time
+        job["animation"] = int(args.animation) if args.animation.isdigit() else args.animation
+    if args.morph_weights is not None:
+        job["morphWeights"] = args.morph_weights
     try:
         (info,) = render([job], args.size, args.size)
     except ViewerUnavailable as error:

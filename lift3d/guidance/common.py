@@ -152,6 +152,11 @@ class Guidance(nn.Module, ABC):
         """Trainable state of the objective itself (LoRA, student); none by default."""
         return []
 
+    def own_cameras(self, step: int) -> Cameras | None:
+        """The cameras this objective must see at ``step`` (e.g. the views of reconstruction targets);
+        None (every score-distillation objective): the trainer's camera sampler decides."""
+        return None
+
     def terms(self) -> list[GuidanceTerm]:
         """Every term the loop may evaluate: one objective is one term of weight 1."""
         return [GuidanceTerm("guidance", self.teacher, self, 1.0, 1.0)]

@@ -306,11 +306,17 @@ class DiffusersTeacher(Teacher):
     """Model subfolders besides unet/, scheduler/ and the text ones (e.g. vae/)."""
     ACCESS_HINT = ""
     """Extra words for the missing-model message (e.g. a gated licence)."""
+    UNET_CLASS = "UNet2DConditionModel"
+    """diffusers class of unet/ (``UNet3DConditionModel`` for text-to-video teachers)."""
+    SCHEDULER_CLASS = "DDPMScheduler"
+    """diffusers class that reads scheduler/ (its ``alphas_cumprod`` is the noise schedule)."""
+    TEXT_MODEL_COMPONENTS: tuple[str, ...] = TEXT_COMPONENTS
+    """Subfolders of the text encoder (none for image-conditioned teachers)."""
 
     def __init__(self, config: DiffusersTeacherConfig):
         super().__init__()
         try:
-            from diffusers import DDPMScheduler, UNet2DConditionModel
+            import diffusers
         except ImportError:
             raise ImportError(
                 f"the {self.FAMILY} teacher needs diffusers and transformers: pip install lift3d[diffusers]"
@@ -323,7 +329,7 @@ class DiffusersTeacher(Teacher):
         prompting = config.prompting
         if prompting.prompt_embeds_path:
             self._injected = load_prompt_embeddings(prompting.prompt_embeds_path)
-        text_components = () if prompting.prompt_embeds_path else TEXT_COMPONENTS
+        text_components = () if prompting.prompt_embeds_path else self.TEXT_MODEL_COMPONENTS
         self.model_folder = resolve_model_folder(
             config.model, ("unet", "scheduler", *self.IMAGE_COMPONENTS, *text_components), self.FAMILY,
             config.allow_download, config.revision, config.variant, config.hub_cache_dir, self.ACCESS_HINT,
@@ -332,9 +338,10 @@ class DiffusersTeacher(Teacher):
         # Load straight in the GPU precision when a GPU exists; _settle fixes it for the real device.
         load_dtype = DTYPES[config.dtype] if torch.cuda.is_available() else torch.float32
         self.unet = _load_component(
-            UNet2DConditionModel, self.model_folder, "unet", variant=config.variant, torch_dtype=load_dtype
+            getattr(diffusers, self.UNET_CLASS), self.model_folder, "unet", variant=config.variant,
+            torch_dtype=load_dtype,
         )
-        scheduler = _load_component(DDPMScheduler, self.model_folder, "scheduler")
+        scheduler = _load_component(getattr(diffusers, self.SCHEDULER_CLASS), self.model_folder, "scheduler")
         self.prediction_type = (
             scheduler.config.prediction_type if config.prediction_type == "auto" else config.prediction_type
         )
@@ -565,7 +572,7 @@ class DiffusersTeacher(Teacher):
                 raise ValueError(f"conditioning holds {cond.shape[0]} samples for a batch of {B}")
             branches = 1 if uncond is None else 2
             embeddings = cond if uncond is None else torch.cat([cond, uncond])
-            x_in, t_in = x_t.repeat(branches, 1, 1, 1), t.repeat(branches)
+            x_in, t_in = x_t.repeat(branches, *([1] * (x_t.dim() - 1))), t.repeat(branches)  # clips are 5-D
             eps = self._to_eps(self._unet_forward(x_in, t_in, embeddings), x_in, t_in)
         return NoisePrediction(cond=eps[:B], uncond=eps[B:] if uncond is not None else None)
 

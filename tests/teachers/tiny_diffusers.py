@@ -1,8 +1,11 @@
 """Tiny random diffusers models built from config, saved as real model folders (no hub, no network).
 
 ``save_tiny_sd`` writes a Stable-Diffusion-layout folder (model_index.json, unet/, vae/,
-text_encoder/, tokenizer/, scheduler/) and ``save_tiny_if`` a DeepFloyd-IF-stage-I-layout one
-(unet/ with 3 -> 6 channels, a T5 text_encoder/, tokenizer/, scheduler/). The tokenizers are built
+text_encoder/, tokenizer/, scheduler/), ``save_tiny_if`` a DeepFloyd-IF-stage-I-layout one
+(unet/ with 3 -> 6 channels, a T5 text_encoder/, tokenizer/, scheduler/), ``save_tiny_t2v`` a
+ModelScope/Zeroscope ``TextToVideoSDPipeline`` one (a ``UNet3DConditionModel``) and
+``save_tiny_svd`` a ``StableVideoDiffusionPipeline`` one (spatio-temporal UNet, temporal-decoder
+VAE, CLIP image encoder, EDM Euler scheduler). The tokenizers are built
 from vocabulary files written here, so nothing is fetched. model_index.json is written by hand
 (the same JSON ``DiffusionPipeline.save_pretrained`` writes) because importing the pipeline
 classes alone costs seconds.
@@ -73,15 +76,12 @@ def tiny_sd_unet(cross_attention_dim: int = 16, seed: int = 0):
     )
 
 
-def save_tiny_sd(folder: Path, prediction_type: str = "epsilon", seed: int = 0) -> Path:
-    """A complete tiny SD model folder at ``folder``; VAE factor 2, so 16-px images give 8x8 latents."""
+def _save_sd_parts(folder: Path, prediction_type: str, seed: int) -> None:
+    """The SD VAE (factor 2), CLIP text encoder, tokenizer and DDIM scheduler shared by SD and text-to-video."""
     from diffusers import AutoencoderKL, DDIMScheduler
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     tokenizer = clip_tokenizer(folder / "tokenizer")
-    tiny_sd_unet(seed=seed).save_pretrained(folder / "unet")
     torch.manual_seed(seed + 1)
     AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16), layers_per_block=1,
@@ -101,6 +101,14 @@ def save_tiny_sd(folder: Path, prediction_type: str = "epsilon", seed: int = 0) 
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
         steps_offset=1, prediction_type=prediction_type,
     ).save_pretrained(folder / "scheduler")
+
+
+def save_tiny_sd(folder: Path, prediction_type: str = "epsilon", seed: int = 0) -> Path:
+    """A complete tiny SD model folder at ``folder``; VAE factor 2, so 16-px images give 8x8 latents."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tiny_sd_unet(seed=seed).save_pretrained(folder / "unet")
+    _save_sd_parts(folder, prediction_type, seed)
     _model_index(folder, "StableDiffusionPipeline", {
         "vae": ("diffusers", "AutoencoderKL"), "text_encoder": ("transformers", "CLIPTextModel"),
         "tokenizer": ("transformers", "CLIPTokenizer"), "unet": ("diffusers", "UNet2DConditionModel"),
@@ -148,6 +156,86 @@ def save_tiny_if(folder: Path, seed: int = 0) -> Path:
         "text_encoder": ("transformers", "T5EncoderModel"), "tokenizer": ("transformers", "PreTrainedTokenizerFast"),
         "unet": ("diffusers", "UNet2DConditionModel"), "scheduler": ("diffusers", "DDPMScheduler"),
         "safety_checker": None, "feature_extractor": None, "watermarker": None,
+    })
+    return folder
+
+
+def tiny_t2v_unet(cross_attention_dim: int = 16, seed: int = 0):
+    """A ``UNet3DConditionModel`` (spatial + temporal attention) on 5-D latents [B, 4, F, h, w]."""
+    from diffusers import UNet3DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet3DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"), up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
+        cross_attention_dim=cross_attention_dim, attention_head_dim=4, norm_num_groups=4,
+    )
+
+
+def save_tiny_t2v(folder: Path, prediction_type: str = "epsilon", seed: int = 0) -> Path:
+    """A complete tiny ModelScope/Zeroscope (``TextToVideoSDPipeline``) folder: the SD parts plus a 3-D UNet."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tiny_t2v_unet(seed=seed).save_pretrained(folder / "unet")
+    _save_sd_parts(folder, prediction_type, seed)
+    _model_index(folder, "TextToVideoSDPipeline", {
+        "vae": ("diffusers", "AutoencoderKL"), "text_encoder": ("transformers", "CLIPTextModel"),
+        "tokenizer": ("transformers", "CLIPTokenizer"), "unet": ("diffusers", "UNet3DConditionModel"),
+        "scheduler": ("diffusers", "DDIMScheduler"),
+    })
+    return folder
+
+
+SVD_FRAMES = 4
+"""Frames of the tiny SVD UNet (14 or 25 for the real models)."""
+SVD_CLIP_SIZE = 32
+"""Input size of the tiny CLIP image encoder (224 for the real one)."""
+
+
+def save_tiny_svd(folder: Path, seed: int = 0) -> Path:
+    """A complete tiny Stable Video Diffusion folder (VAE factor 2).
+
+    The spatio-temporal blocks fix GroupNorm at 32 groups; with 32 channels every group is one
+    channel and the norms would erase the timestep embedding's per-channel shift, so 64.
+
+    The scheduler is SVD's: EDM Euler, v-prediction, continuous timesteps ``0.25 ln sigma``.
+    """
+    from diffusers import AutoencoderKLTemporalDecoder, EulerDiscreteScheduler, UNetSpatioTemporalConditionModel
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    UNetSpatioTemporalConditionModel(
+        sample_size=8, in_channels=8, out_channels=4, layers_per_block=1, block_out_channels=(64, 64),
+        down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
+        up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"),
+        addition_time_embed_dim=4, projection_class_embeddings_input_dim=12, cross_attention_dim=16,
+        num_attention_heads=(2, 2), num_frames=SVD_FRAMES,
+    ).save_pretrained(folder / "unet")
+    torch.manual_seed(seed + 1)
+    AutoencoderKLTemporalDecoder(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        block_out_channels=(32, 32), layers_per_block=1, latent_channels=4, sample_size=16,
+    ).save_pretrained(folder / "vae")
+    torch.manual_seed(seed + 2)
+    CLIPVisionModelWithProjection(
+        CLIPVisionConfig(hidden_size=16, projection_dim=16, intermediate_size=32, num_attention_heads=2,
+                         num_hidden_layers=2, image_size=SVD_CLIP_SIZE, patch_size=8)
+    ).save_pretrained(folder / "image_encoder")
+    CLIPImageProcessor(size={"shortest_edge": SVD_CLIP_SIZE}, crop_size=SVD_CLIP_SIZE).save_pretrained(
+        folder / "feature_extractor"
+    )
+    EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", prediction_type="v_prediction",
+        interpolation_type="linear", use_karras_sigmas=True, sigma_min=0.002, sigma_max=700.0,
+        timestep_spacing="leading", timestep_type="continuous", steps_offset=1,
+    ).save_pretrained(folder / "scheduler")
+    _model_index(folder, "StableVideoDiffusionPipeline", {
+        "vae": ("diffusers", "AutoencoderKLTemporalDecoder"),
+        "image_encoder": ("transformers", "CLIPVisionModelWithProjection"),
+        "unet": ("diffusers", "UNetSpatioTemporalConditionModel"), "scheduler": ("diffusers", "EulerDiscreteScheduler"),
+        "feature_extractor": ("transformers", "CLIPImageProcessor"),
     })
     return folder
 

@@ -12,7 +12,11 @@
 //   toneMapping       "neutral" (Khronos PBR Neutral, model-viewer's default; default), "aces", "none"
 //   background        null (transparent: alpha is the silhouette; default) or [r, g, b] in 0..1
 //   exposure          toneMappingExposure (default 1)
-// Prints one JSON line per job: {"png": ..., "materials": [...], "bounds": ...} (what the loader saw).
+//   animationTime     seconds: play the GLB's animation `animation` (an index or a name; default 0)
+//                     once and pose the scene at that time (AnimationMixer.setTime; clamped at the end)
+//   morphWeights      [w0, w1, ...]: set every morphed mesh's morphTargetInfluences (after any animation)
+// Prints one JSON line per job: {"png": ..., "materials": [...], "bounds": ..., "animations": [...],
+// "morphs": [...]} (what the loader saw, and the influences the render used).
 //
 // Everything is served to the page from this folder through request interception, so nothing
 // leaves the machine. Chromium comes from the @sparticuz/chromium npm package (a brotli-packed
@@ -77,7 +81,35 @@ window.renderGlb = async (job, width, height) => {
 
   const gltf = await new GLTFLoader().loadAsync(job.url);
   scene.add(gltf.scene);
-  const box = new THREE.Box3().setFromObject(gltf.scene);
+  const animations = gltf.animations.map((clip) => ({
+    name: clip.name, duration: clip.duration,
+    tracks: clip.tracks.map((track) => ({name: track.name, keyframes: track.times.length})),
+  }));
+  if (job.animationTime !== undefined && job.animationTime !== null) {
+    const which = job.animation ?? 0;
+    const clip = typeof which === 'number' ? gltf.animations[which] : THREE.AnimationClip.findByName(gltf.animations, which);
+    if (!clip) throw new Error('no animation ' + which + ' (the GLB has ' + gltf.animations.length + ')');
+    const mixer = new THREE.AnimationMixer(gltf.scene);
+    const action = mixer.clipAction(clip);
+    action.setLoop(THREE.LoopOnce, 1);
+    action.clampWhenFinished = true;  // at t = duration hold the last keyframe instead of wrapping to 0
+    action.play();
+    mixer.setTime(job.animationTime);
+  }
+  const morphs = [];
+  gltf.scene.traverse((object) => {
+    if (!object.isMesh || !object.morphTargetInfluences) return;
+    if (job.morphWeights) {
+      if (job.morphWeights.length !== object.morphTargetInfluences.length)
+        throw new Error('morphWeights has ' + job.morphWeights.length + ' values, ' + object.name + ' has '
+                        + object.morphTargetInfluences.length + ' targets');
+      job.morphWeights.forEach((w, i) => { object.morphTargetInfluences[i] = w; });
+    }
+    morphs.push({mesh: object.name, names: Object.keys(object.morphTargetDictionary ?? {}),
+                 influences: Array.from(object.morphTargetInfluences)});
+  });
+  // Morphed meshes: the precise box follows the posed vertices (static ones keep the fast box).
+  const box = new THREE.Box3().setFromObject(gltf.scene, morphs.length > 0);
   const sphere = box.getBoundingSphere(new THREE.Sphere());
 
   const camera = new THREE.PerspectiveCamera(job.fov ?? 40, width / height, 0.01, 1000);
@@ -118,7 +150,7 @@ window.renderGlb = async (job, width, height) => {
     for (const value of Object.values(object.material)) if (value && value.isTexture) value.dispose();
     object.material.dispose();
   });
-  return {png, materials, bounds: {min: box.min.toArray(), max: box.max.toArray()},
+  return {png, materials, animations, morphs, bounds: {min: box.min.toArray(), max: box.max.toArray()},
           camera: {eye: eye.toArray(), target: target.toArray(), fov: camera.fov}};
 };
 window.viewerReady = true;
