@@ -107,10 +107,12 @@ class GeneratedNeRF(NeRF):
 
     @torch.no_grad()
     def refresh_grid(self) -> None:
-        """Occupancy from this field's density at every cell (one warm-up update)."""
+        """Occupancy from this field's density at every cell (one warm-up update; fixed probe
+        points, so the same field always gets the same grid)."""
         was_training = self.grid.training
         self.grid.train()
-        self.grid.update(0, self.density, self.step_size)
+        probes = torch.Generator(self.grid.aabb.device).manual_seed(0)
+        self.grid.update(0, self.density, self.step_size, generator=probes)
         self.grid.train(was_training)
 
     def param_groups(self) -> list[dict]:
