@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 
+import pytest
 import torch
 import yaml
 
@@ -13,6 +16,7 @@ from lift3d.amortized.train import AmortizedTrainer, load_amortized_config
 from lift3d.batch import Shard
 from lift3d.cameras import TurntableConfig, turntable
 from lift3d.cli import main
+from lift3d.interrupts import RunInterrupted
 from lift3d.train import run
 
 
@@ -54,9 +58,21 @@ def test_train_generate_and_refine(tmp_path):
     assert outcome.step == 2 and "eval/psnr" in outcome.metrics
 
 
-def test_checkpoint_resume_continues_the_step_count(tmp_path):
-    config = load_amortized_config(None, data=tiny_config(tmp_path, steps=1))
-    AmortizedTrainer(config, run_dir=tmp_path / "r", shard=Shard()).fit()
-    longer = load_amortized_config(None, data=tiny_config(tmp_path, steps=2))
-    trainer = AmortizedTrainer(longer, resume=tmp_path / "r", shard=Shard())
-    assert trainer.step == 1 and trainer.run_dir == tmp_path / "r"
+def test_sigterm_checkpoints_and_resume_continues(tmp_path, monkeypatch):
+    config = load_amortized_config(None, data=tiny_config(tmp_path, steps=3))
+    trainer = AmortizedTrainer(config, run_dir=tmp_path / "r", shard=Shard())
+    original = trainer.train_step
+
+    def step_then_sigterm(step):
+        logs = original(step)
+        if step == 0:
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives during the step: it finishes, then the run stops
+        return logs
+
+    monkeypatch.setattr(trainer, "train_step", step_then_sigterm)
+    with pytest.raises(RunInterrupted) as caught:
+        trainer.fit()
+    assert caught.value.step == 1 and caught.value.exit_code == 143 and caught.value.checkpoint.is_file()
+    resumed = AmortizedTrainer(config, resume=tmp_path / "r", shard=Shard())
+    assert resumed.step == 1 and resumed.run_dir == tmp_path / "r"
+    torch.testing.assert_close(resumed.generator.state_dict(), trainer.generator.state_dict())
