@@ -6,7 +6,6 @@ import os
 import socket
 from pathlib import Path
 
-import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -47,7 +46,6 @@ def test_two_ranks_match_one_rank_with_twice_the_batch(tmp_path):
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     single = _train(str(tmp_path), 0, 1, per_rank=2, steps=STEPS)
     initial = load_amortized_config(None, data=tiny_config(tmp_path))
-    moved = 0.0
     for name, value in single.items():
         torch.testing.assert_close(rank0[name], rank1[name], rtol=0, atol=0)  # DDP keeps the ranks identical
         torch.testing.assert_close(rank0[name], value, rtol=1e-4, atol=1e-6)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from amortized_tiny import TINY_NERF, tiny_config
+from amortized_tiny import tiny_config
 from lift3d.amortized.generators import GENERATORS, GeneratedNeRF, build_generator
 from lift3d.amortized.train import load_amortized_config
 from lift3d.cameras import turntable, TurntableConfig
