@@ -174,6 +174,12 @@ def _generator_names() -> list[str]:
     return list(GENERATORS)
 
 
+def is_amortized(path: str | Path) -> bool:
+    """Whether a YAML preset is a ``lift3d amortized`` config (it names a corpus and a generator)."""
+    data = read_yaml(Path(path))
+    return "corpus" in data and "generator" in data
+
+
 def load_amortized_config(path: str | Path | None, overrides: list[str] = (), data: dict | None = None) -> AmortizedConfig:
     """A YAML preset (or ``data``) with ``key.sub=value`` overrides, validated."""
     if data is None:
