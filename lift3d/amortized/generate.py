@@ -83,8 +83,13 @@ def generate(checkpoint: str | Path, prompt: str, formats: list[str] | None = No
     """``lift3d generate``: forward pass + export; returns the timings and written files."""
     from lift3d.train import export_run
 
+    from lift3d.kernels._backend import prepare_kernels
+
     generator, teacher, config, path = load_generator(checkpoint, device)
+    if config.trainer.threads > 0:
+        torch.set_num_threads(config.trainer.threads)
     target = next(generator.parameters()).device
+    prepare_kernels(target)  # built/loaded before the clock starts: the forward pass alone is timed
     start = time.perf_counter()
     with torch.no_grad():
         embedding = teacher.text_embedding([prompt]).to(target)
