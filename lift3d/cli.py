@@ -49,6 +49,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from lift3d.pipeline import is_pipeline, run_pipeline
     from lift3d.train import elapsed, run
 
+    from lift3d.amortized.train import is_amortized
+
+    if args.config.endswith((".yaml", ".yml")) and is_amortized(args.config):
+        raise ValueError(f"{args.config} trains a generator over a corpus: use `lift3d amortized {args.config}`")
     overrides, resume = _split_resume(args.overrides)
     start = time.perf_counter()
     runner = run_pipeline if is_pipeline(args.config) else run

@@ -83,8 +83,9 @@ class AmortizedTrainerConfig:
     clip_model: str = ""
     """CLIP model (hub id or folder) for ScaleDreamer's CLIP similarity and R@1 on teachers without
     ground truth ("" = skip)."""
-    embedding_cache: str = ".cache/lift3d/embeddings"
-    """Folder of the memory-mapped corpus text embeddings ("" = keep them in memory only)."""
+    embedding_cache: str = ""
+    """Folder of the memory-mapped corpus text embeddings ("" = ``corpus/`` in the user cache of
+    text embeddings, ``~/.cache/lift3d/embeddings``; ``off`` = keep them in memory only)."""
     log_every: int = 10
     """Write a metrics.jsonl line every N steps."""
     checkpoint_every: int = 0
@@ -247,7 +248,12 @@ class AmortizedTrainer:
         if self.guidance.param_groups():
             raise ValueError("amortized training needs a guidance without trainable state (e.g. sds, asd, ism, csd), "
                              f"not {registered_name('guidance', config.guidance)!r}")
-        cache = cfg.embedding_cache or None
+        from lift3d.teachers.prompting import default_cache_dir
+
+        if cfg.embedding_cache == "off":
+            cache = None
+        else:
+            cache = Path(cfg.embedding_cache).expanduser() if cfg.embedding_cache else default_cache_dir() / "corpus"
         self.embeddings = CorpusEmbeddings(self.teacher, self.train_prompts + self.heldout_prompts, cache)
         tokens, dim = self.embeddings.shape
         torch.manual_seed(cfg.seed)
