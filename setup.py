@@ -13,7 +13,11 @@ setup(
     # The kernel sources live in the top-level cuda/ folder; ship them inside the package so a
     # regular (non-editable) install can still JIT-build them.
     package_dir={"lift3d._cuda_src": "cuda"},
-    package_data={"lift3d._cuda_src": ["*.cpp", "*.cu", "*.h", "*.cuh"]},
+    package_data={
+        "lift3d._cuda_src": ["*.cpp", "*.cu", "*.h", "*.cuh"],
+        # `lift3d report`: the viewer script, the stylesheet and the vendored three.js modules.
+        "lift3d": ["report_assets/*.*", "report_assets/three/*", "report_assets/three/addons/*/*.js"],
+    },
     install_requires=[
         "torch>=2.1,<3",
         "numpy>=1.24",

@@ -1,4 +1,4 @@
-"""The ``lift3d`` command: run, batch, export, info, kernels."""
+"""The ``lift3d`` command: run, batch, export, report, info, kernels."""
 
 from __future__ import annotations
 
@@ -104,6 +104,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from lift3d.report import write_report
+
+    write_report(args.path, args.out)
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     import torch
 
@@ -202,6 +209,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--format", action="append", choices=["ply", "glb", "obj", "mp4", "png"], help="repeatable; default: the run's export.formats"
     )
     export_parser.set_defaults(func=cmd_export)
+
+    report_parser = sub.add_parser(
+        "report", help="a static HTML page (video, eval strip, curves, metrics, config, 3D viewer) for runs",
+        description="Writes PATH/report.html (or --out) with report_assets/ next to it; a folder of runs "
+        "(a batch folder, or any folder holding run folders) gets a sortable table and one page per run.",
+    )
+    report_parser.add_argument("path", help="a run folder, a pipeline run folder, or a folder of runs")
+    report_parser.add_argument("--out", help="the HTML file to write (default: PATH/report.html)")
+    report_parser.set_defaults(func=cmd_report)
 
     info_parser = sub.add_parser("info", help="versions, device, live kernel tiers, registered components")
     info_parser.set_defaults(func=cmd_info)

@@ -28,7 +28,7 @@ import tempfile
 from pathlib import Path
 
 VIEWER_SOURCE = Path(__file__).resolve().parent / "gltf_viewer"
-FILES = ("package.json", "render_glb.mjs")
+FILES = ("package.json", "render_glb.mjs", "inspect_page.mjs")  # inspect_page: tests/test_report.py
 
 
 NETWORK_ERRORS = ("ENOTFOUND", "EAI_AGAIN", "ECONNREFUSED", "ECONNRESET", "ETIMEDOUT", "ENETUNREACH",
