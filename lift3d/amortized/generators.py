@@ -24,46 +24,18 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lift3d import registry
+from lift3d.config import registered_name
 from lift3d.kernels.hashgrid import HashGridConfig, HashGridEncoding
 from lift3d.kernels.raymarch import OccupancyGrid, OccupancyGridConfig
+from lift3d.registry import register
 from lift3d.representations.nerf import NeRF, NeRFConfig, _mlp
-
-# ------------------------------------------------------------------------------- registry
-
-GENERATORS: dict[str, tuple[type, type]] = {}
-"""Registered generator name -> (class, config class)."""
-
-
-def register_generator(name: str, config_cls: type) -> Callable[[type], type]:
-    """Class decorator: make ``cls`` selectable as ``generator.type=<name>``."""
-
-    def decorator(cls: type) -> type:
-        GENERATORS[name] = (cls, config_cls)
-        return cls
-
-    return decorator
-
-
-def generator_entry(name: str) -> tuple[type, type]:
-    """(class, config class) of a registered generator; ``KeyError`` listing the choices."""
-    try:
-        return GENERATORS[name]
-    except KeyError:
-        raise KeyError(f"unknown generator type {name!r}; choose one of: {', '.join(sorted(GENERATORS))}") from None
-
-
-def registered_generator_name(config: object) -> str:
-    for name, (_, config_cls) in GENERATORS.items():
-        if type(config) is config_cls:
-            return name
-    raise ValueError(f"{type(config).__name__} is not a registered generator config")
-
 
 # ------------------------------------------------------------------------- the rendered field
 
@@ -235,7 +207,7 @@ def _mlp_layers(in_dim: int, out_dim: int, hidden: int, layers: int, hidden_act:
     return nn.Sequential(*modules)
 
 
-@register_generator("hyper-ingp", HyperINGPConfig)
+@register("generator", "hyper-ingp", HyperINGPConfig)
 class HyperINGP(Generator):
     """ATT3D's Hyper-iNGP: weights of the head = base + delta_scale * hypernet(text)."""
 
@@ -321,7 +293,7 @@ class PlaneField(nn.Module):
         return self.decoder(sampled.sum(0)[..., 0].transpose(0, 1))
 
 
-@register_generator("triplane", TriplaneConfig)
+@register("generator", "triplane", TriplaneConfig)
 class TriplaneGenerator(Generator):
     def __init__(self, config: TriplaneConfig, tokens: int, dim: int):
         super().__init__()
@@ -395,7 +367,7 @@ class VolumeField(nn.Module):
         return self.decoder(sampled.view(self.volume.shape[0], -1).transpose(0, 1))
 
 
-@register_generator("voxel-3dconv", Voxel3DConvConfig)
+@register("generator", "voxel-3dconv", Voxel3DConvConfig)
 class Voxel3DConvGenerator(Generator):
     def __init__(self, config: Voxel3DConvConfig, tokens: int, dim: int):
         super().__init__()
@@ -423,5 +395,5 @@ class Voxel3DConvGenerator(Generator):
 
 
 def build_generator(config: object, tokens: int, dim: int) -> Generator:
-    cls, _ = generator_entry(registered_generator_name(config))
+    cls = registry.lookup("generator", registered_name("generator", config)).cls
     return cls(config, tokens, dim)

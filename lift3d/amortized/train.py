@@ -44,9 +44,7 @@ from lift3d.prompts import load_prompts, slugify
 from lift3d.train import resolve_device
 
 from lift3d.amortized.embeddings import CorpusEmbeddings
-from lift3d.amortized.generators import (
-    GeneratedNeRF, Generator, build_generator, generator_entry, registered_generator_name,
-)
+from lift3d.amortized.generators import GeneratedNeRF, Generator, build_generator
 
 logger = logging.getLogger(__name__)
 
@@ -139,17 +137,9 @@ def build_amortized_config(data: dict) -> AmortizedConfig:
     for key in ("name", "corpus"):
         if not isinstance(data.get(key), str) or not data[key].strip():
             raise ConfigError(f"{key!r} must be a non-empty string")
-    section = data.get("generator")
-    if not isinstance(section, dict) or "type" not in section:
-        raise ConfigError(f"generator.type is required; choose one of: {', '.join(sorted(_generator_names()))}")
-    section = dict(section)
-    try:
-        _, config_cls = generator_entry(section.pop("type"))
-    except KeyError as error:
-        raise ConfigError(error.args[0]) from None
     return AmortizedConfig(
         name=data["name"], corpus=data["corpus"],
-        generator=build_dataclass(config_cls, section, "generator"),
+        generator=_build_pluggable("generator", data.get("generator")),
         teacher=_build_pluggable("teacher", data.get("teacher")),
         guidance=_build_pluggable("guidance", data.get("guidance")),
         train_split=build_dataclass_str(data, "train_split", "train"),
@@ -167,12 +157,6 @@ def build_dataclass_str(data: dict, key: str, default: str) -> str:
     if not isinstance(value, str):
         raise ConfigError(f"{key}: expected a string, got {value!r}")
     return value
-
-
-def _generator_names() -> list[str]:
-    from lift3d.amortized.generators import GENERATORS
-
-    return list(GENERATORS)
 
 
 def is_amortized(path: str | Path) -> bool:
@@ -198,9 +182,7 @@ def amortized_to_dict(config: AmortizedConfig) -> dict:
     out: dict[str, Any] = {}
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
-        if f.name == "generator":
-            out[f.name] = {"type": registered_generator_name(value), **to_dict(value)}
-        elif f.name in ("teacher", "guidance"):
+        if f.name in ("generator", "teacher", "guidance"):
             out[f.name] = {"type": registered_name(f.name, value), **to_dict(value)}
         else:
             out[f.name] = to_dict(value)

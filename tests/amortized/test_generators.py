@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from amortized_tiny import tiny_config
-from lift3d.amortized.generators import GENERATORS, GeneratedNeRF, build_generator
+from lift3d import registry
+from lift3d.amortized.generators import GeneratedNeRF, build_generator
 from lift3d.amortized.train import load_amortized_config
 from lift3d.cameras import turntable, TurntableConfig
 from lift3d.config import ConfigError
@@ -26,7 +27,7 @@ def test_analytic_text_embedding_is_fixed_per_word_and_position():
         teacher.text_embedding(["a red dragon"])
 
 
-@pytest.mark.parametrize("name", sorted(GENERATORS))
+@pytest.mark.parametrize("name", registry.choices("generator"))
 def test_generator_fields_render_and_backpropagate(name, tmp_path):
     config = load_amortized_config(None, data=tiny_config(tmp_path, name))
     teacher = AnalyticTeacher(AnalyticTeacherConfig(embedding_dim=8))
