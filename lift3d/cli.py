@@ -49,6 +49,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from lift3d.pipeline import is_pipeline, run_pipeline
     from lift3d.train import elapsed, run
 
+    from lift3d.amortized.train import is_amortized
+
+    if args.config.endswith((".yaml", ".yml")) and is_amortized(args.config):
+        raise ValueError(f"{args.config} trains a generator over a corpus: use `lift3d amortized {args.config}`")
     overrides, resume = _split_resume(args.overrides)
     start = time.perf_counter()
     runner = run_pipeline if is_pipeline(args.config) else run
@@ -70,6 +74,25 @@ def cmd_batch(args: argparse.Namespace) -> int:
     if args.workers < 1:
         raise ValueError(f"--workers must be at least 1, got {args.workers}")
     return run_batch(args.config, args.prompts, args.overrides, out=args.out, split=args.split, workers=args.workers)
+
+
+def cmd_amortized(args: argparse.Namespace) -> int:
+    from lift3d.amortized.train import run_amortized
+
+    try:
+        run_amortized(args.config, args.overrides, out=args.out)
+    except RunInterrupted as interrupted:
+        again = ["lift3d", "amortized", args.config, *args.overrides, f"resume={interrupted.run_dir}"]
+        logger.error("%s; checkpoint %s. Resume with:\n  %s", interrupted, interrupted.checkpoint, shlex.join(again))
+        return interrupted.exit_code
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from lift3d.amortized.generate import generate
+
+    generate(args.checkpoint, args.prompt, formats=args.format, out=args.out)
+    return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -161,6 +184,25 @@ def build_parser() -> argparse.ArgumentParser:
     batch_parser.add_argument("overrides", nargs="*", help="key.sub=value overrides for every prompt's run")
     batch_parser.set_defaults(func=cmd_batch)
 
+    amortized_parser = sub.add_parser(
+        "amortized", help="train a prompt-conditioned generator over a prompt corpus (DDP under torchrun)",
+        description="Trains CONFIG's generator on its corpus; under torchrun --nproc_per_node=N every rank takes its "
+        "own shard of each step's prompts. resume=RUN_DIR continues (on any world size).",
+    )
+    amortized_parser.add_argument("config", help="YAML preset, e.g. configs/amortized-quickstart.yaml")
+    amortized_parser.add_argument("--out", help="put the run exactly in this folder")
+    amortized_parser.add_argument("overrides", nargs="*", help="key.sub=value overrides; resume=RUN_DIR continues a run")
+    amortized_parser.set_defaults(func=cmd_amortized)
+
+    generate_parser = sub.add_parser("generate", help="one generator forward pass for a prompt, then the usual export")
+    generate_parser.add_argument("checkpoint", help="an amortized run folder or its checkpoint file")
+    generate_parser.add_argument("--prompt", required=True, help="the text prompt (need not be in the corpus)")
+    generate_parser.add_argument("--out", help="output folder (default: RUN/generated/<prompt-slug>)")
+    generate_parser.add_argument(
+        "--format", nargs="+", choices=["glb", "obj", "mp4", "png"], help="default: the run's export.formats"
+    )
+    generate_parser.set_defaults(func=cmd_generate)
+
     export_parser = sub.add_parser("export", help="export a finished or interrupted run")
     export_parser.add_argument("run_dir", help="the run folder")
     export_parser.add_argument(
@@ -192,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     # Overrides may come before or after --prompt/--out: argparse leaves the later ones over.
     args, extra = parser.parse_known_args(argv)
     if extra:
-        if args.command not in ("run", "batch") or any(item.startswith("-") or "=" not in item for item in extra):
+        if args.command not in ("run", "batch", "amortized") or any(item.startswith("-") or "=" not in item for item in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
     _setup_logging(args.verbose)

@@ -20,3 +20,4 @@ import lift3d.teachers.analytic  # noqa: F401
 import lift3d.teachers.deepfloyd  # noqa: F401  (diffusers itself is imported only when built)
 import lift3d.teachers.diffusers_sd  # noqa: F401
 import lift3d.teachers.video  # noqa: F401
+import lift3d.amortized.generate  # noqa: F401  (representation "generated": a NeRF from an amortized generator)

@@ -403,7 +403,7 @@ def to_dict(config: Any) -> Any:
         out = {}
         if isinstance(config, RunConfig):
             out.update(name=config.name, prompt=config.prompt, negative_prompt=config.negative_prompt)
-            for interface in registry.INTERFACES:
+            for interface in registry.RUN_INTERFACES:
                 section = getattr(config, interface)
                 out[interface] = {"type": registered_name(interface, section), **to_dict(section)}
             out["trainer"] = to_dict(config.trainer)

@@ -10,7 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, TypeVar
 
-INTERFACES = ("representation", "teacher", "guidance")
+INTERFACES = ("representation", "teacher", "guidance", "generator")
+"""Every pluggable interface; ``generator`` is the amortized (prompt -> field) network of ``lift3d amortized``."""
+
+RUN_INTERFACES = ("representation", "teacher", "guidance")
+"""The pluggable sections of a per-prompt run config (``RunConfig``)."""
 
 T = TypeVar("T")
 

@@ -75,8 +75,13 @@ PRESETS = Path(__file__).resolve().parents[1] / "configs"
 
 @pytest.mark.parametrize("preset", sorted(p.name for p in PRESETS.glob("*.yaml")))
 def test_every_preset_loads_and_validates(preset):
+    from lift3d.amortized.train import is_amortized, load_amortized_config
     from lift3d.pipeline import is_pipeline, load_pipeline
 
+    if is_amortized(PRESETS / preset):  # `lift3d amortized` presets: a corpus instead of a prompt
+        config = load_amortized_config(PRESETS / preset)
+        assert config.trainer.steps > 0 and config.corpus
+        return
     if is_pipeline(PRESETS / preset):  # every stage validates
         configs = [build_run_config(stage.data) for stage in load_pipeline(PRESETS / preset).stages]
     else:

@@ -41,7 +41,7 @@ from lift3d.registry import register
 from lift3d.teachers.base import (
     Conditioning, NoisePrediction, Teacher, clips_to_frames, frames_to_clips, scaled_linear_alphas_cumprod,
 )
-from lift3d.teachers.scenes import BACKGROUND, Scene, parse_prompt
+from lift3d.teachers.scenes import ARTICLES, BACKGROUND, COLOR_ALIASES, PALETTE, SHAPES, Scene, parse_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -207,6 +207,12 @@ class AnalyticTeacherConfig:
     F-frame clips x0 [B, C, F, h, w] at the cameras' times."""
     marginal_times: int = 8
     """Times (evenly spaced over [0, 1]) of the image teacher's time-marginal on a moving prompt."""
+    embedding_dim: int = 32
+    """Width of the frozen token embedding ``text_embedding`` gives amortized generators."""
+    embedding_tokens: int = 5
+    """Token slots of that embedding (a stacked prompt has 5 words besides articles)."""
+    embedding_seed: int = 0
+    """Seed of the fixed random word and position vectors."""
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first inconsistent field."""
@@ -235,6 +241,8 @@ class AnalyticTeacherConfig:
             raise ValueError("teacher.canonical_azimuths_deg must list at least one azimuth")
         if not self.unconditional_prompts:
             raise ValueError("teacher.unconditional_prompts must list at least one prompt")
+        if self.embedding_dim < 1 or self.embedding_tokens < 1:
+            raise ValueError("teacher.embedding_dim and teacher.embedding_tokens must be positive")
         if self.student_camera_dim < 1 or self.student_hidden_channels < 1:
             raise ValueError("teacher.student_camera_dim and teacher.student_hidden_channels must be positive")
 
@@ -427,6 +435,37 @@ class AnalyticTeacher(Teacher):
         """Exact E[x0 | x_t] [B, C, h, w] under one branch's mixture."""
         alpha, sigma = self._alpha_sigma(t, x_t)
         return mixture_posterior_mean(x_t, alpha, sigma, payload.means, payload.log_weights, payload.sigma)
+
+    def text_embedding(self, prompts: list[str]) -> Tensor:
+        """[B, embedding_tokens, embedding_dim] frozen token embeddings, built like CLIP's input layer:
+        one fixed random vector per vocabulary word plus one per token position, a pad vector in
+        unused slots. Word-level only (articles dropped, aliases folded): nothing of the parsed scene
+        (placement, scale, albedo) is in it, so a generator must learn what the words mean."""
+        words_table, positions, pad = self._token_tables()
+        rows = []
+        for prompt in prompts:
+            parse_prompt(prompt)  # the same errors as encode_prompt for an unusable prompt
+            words = [COLOR_ALIASES.get(w, w) for w in prompt.strip().lower().rstrip(".!?,;: \t\n").split() if w not in ARTICLES]
+            if len(words) > self.config.embedding_tokens:
+                raise ValueError(
+                    f"prompt {prompt!r} has {len(words)} words; teacher.embedding_tokens={self.config.embedding_tokens}"
+                )
+            tokens = [words_table[w] for w in words] + [pad] * (self.config.embedding_tokens - len(words))
+            rows.append(torch.stack(tokens) + positions)
+        return torch.stack(rows).to(self.background.device)
+
+    def text_embedding_identity(self) -> str:
+        cfg = self.config
+        return f"analytic-tokens-d{cfg.embedding_dim}-t{cfg.embedding_tokens}-s{cfg.embedding_seed}"
+
+    def _token_tables(self) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+        """Word vectors, position vectors [T, D] and the pad vector, from ``embedding_seed``."""
+        cfg = self.config
+        generator = torch.Generator().manual_seed(cfg.embedding_seed)
+        vocabulary = ["on", *PALETTE, *SHAPES]  # fixed order: the same seed gives the same vectors
+        table = torch.randn(len(vocabulary) + 1, cfg.embedding_dim, generator=generator)
+        positions = 0.5 * torch.randn(cfg.embedding_tokens, cfg.embedding_dim, generator=generator)
+        return dict(zip(vocabulary, table)), positions, table[-1]
 
     # ------------------------------------------------------------------ ground truth
 

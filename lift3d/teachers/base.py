@@ -104,6 +104,17 @@ class Teacher(nn.Module, ABC):
     def predict_noise(self, x_t: Tensor, t: Tensor, conditioning: Conditioning) -> NoisePrediction:
         """Noise prediction for both branches; ``t`` is [B] integer timesteps."""
 
+    def text_embedding(self, prompts: list[str]) -> Tensor:
+        """Frozen text embeddings [B, tokens, dim] of ``prompts`` (float32, on the teacher's device):
+        what amortized generators (``lift3d.amortized``) are conditioned on. Every text teacher has
+        one (CLIP/T5 hidden states for diffusers teachers, fixed token vectors for the analytic one)."""
+        raise NotImplementedError(f"{type(self).__name__} has no text embedding")
+
+    def text_embedding_identity(self) -> str:
+        """A string that changes whenever ``text_embedding`` would (model, weights, settings):
+        the key of on-disk embedding caches, together with the prompt."""
+        return type(self).__qualname__
+
     def make_student(self) -> nn.Module:
         """A trainable copy-like model for VSD-type objectives, starting equal to the teacher."""
         raise NotImplementedError(f"{type(self).__name__} has no student model")

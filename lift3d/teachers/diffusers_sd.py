@@ -429,18 +429,9 @@ class DiffusersTeacher(Teacher):
                 raise ValueError(f"embedding of {text!r} must be [L, D], got {tuple(embedding.shape)}")
             self._injected[self._preprocess_text(text)] = embedding.detach().float().cpu()
 
-    def encode_prompt(self, prompt: str, negative_prompt: str = "") -> TextPromptState:
-        """Embeddings of the prompt, its view prompts and the negative prompt.
-
-        Order of look-up per text: injected embeddings, the disk cache, the text encoder (loaded
-        on demand, freed afterwards unless ``free_text_encoder`` is off).
-        """
-        if not prompt.strip():
-            raise ValueError("the prompt is empty")
-        prompts = view_prompts(prompt, self.config.prompting)
-        views = {view: self._preprocess_text(text) for view, text in prompts.items()}
-        base, negative = self._preprocess_text(prompt), self._preprocess_text(negative_prompt)
-        texts = list(dict.fromkeys([base, negative, *views.values()]))
+    def _lookup_embeddings(self, texts: list[str]) -> dict[str, Tensor]:
+        """``{text: [L, D]}`` for preprocessed ``texts``: injected embeddings, then the disk cache,
+        then the text encoder (loaded on demand, freed afterwards unless ``free_text_encoder`` is off)."""
         found: dict[str, Tensor] = {}
         missing = []
         for text in texts:
@@ -466,6 +457,21 @@ class DiffusersTeacher(Teacher):
                 self.prompt_cache.store(text, embedding)
             if self.config.free_text_encoder:
                 self.free_text_encoder()
+        return found
+
+    def encode_prompt(self, prompt: str, negative_prompt: str = "") -> TextPromptState:
+        """Embeddings of the prompt, its view prompts and the negative prompt.
+
+        Order of look-up per text: injected embeddings, the disk cache, the text encoder (loaded
+        on demand, freed afterwards unless ``free_text_encoder`` is off).
+        """
+        if not prompt.strip():
+            raise ValueError("the prompt is empty")
+        prompts = view_prompts(prompt, self.config.prompting)
+        views = {view: self._preprocess_text(text) for view, text in prompts.items()}
+        base, negative = self._preprocess_text(prompt), self._preprocess_text(negative_prompt)
+        texts = list(dict.fromkeys([base, negative, *views.values()]))
+        found = self._lookup_embeddings(texts)
         shapes = {tuple(e.shape) for e in found.values()}
         if len(shapes) != 1:
             raise ValueError(f"prompt embeddings disagree in shape: {sorted(shapes)}")
@@ -474,6 +480,16 @@ class DiffusersTeacher(Teacher):
             prompt=prompt, negative_prompt=negative_prompt, base=found[base].to(device),
             views={view: found[text].to(device) for view, text in views.items()}, negative=found[negative].to(device),
         )
+
+    def text_embedding(self, prompts: list[str]) -> Tensor:
+        """[B, L, D] text-encoder hidden states of ``prompts`` (CLIP for Stable Diffusion, T5 for IF),
+        through the same injected/disk-cached/encoder look-up as ``encode_prompt``."""
+        texts = [self._preprocess_text(prompt) for prompt in prompts]
+        found = self._lookup_embeddings(list(dict.fromkeys(texts)))
+        return torch.stack([found[text] for text in texts]).float().to(self.device)
+
+    def text_embedding_identity(self) -> str:
+        return self.prompt_cache.identity
 
     def condition(
         self,
