@@ -380,17 +380,22 @@ def turntable(config: TurntableConfig) -> Cameras:
     )
 
 
-def view_time_grid(config: TurntableConfig, num_times: int) -> Cameras:
-    """The turntable's views at ``num_times`` evenly spaced times (held-out 4D evaluation).
+def view_time_grid(config: TurntableConfig, num_times: int, include_end: bool = False) -> Cameras:
+    """The turntable's views at ``num_times`` evenly spaced times.
 
-    Camera ``v * num_times + k`` is view v at time ``k / num_times`` (a periodic grid over [0, 1),
-    which the half-span shift of ``eval/time_margin_db`` permutes), so each view is a
-    fixed-camera clip of ``num_times`` frames.
+    Camera ``v * num_times + k`` is view v at time ``k / num_times``: a periodic grid over [0, 1),
+    which the half-span shift of ``eval/time_margin_db`` permutes (held-out 4D evaluation). With
+    ``include_end`` the times are ``k / (num_times - 1)``, covering the whole motion including
+    t = 1 (reconstruction targets, where a non-periodic motion must be seen to its end). Each
+    view is a fixed-camera clip of ``num_times`` frames.
     """
     if num_times < 1:
         raise ValueError(f"num_times must be >= 1, got {num_times}")
     ring = turntable(config)
-    times = torch.arange(num_times, dtype=torch.float32) / num_times
+    if include_end and num_times > 1:
+        times = torch.linspace(0.0, 1.0, num_times)
+    else:
+        times = torch.arange(num_times, dtype=torch.float32) / num_times
     index = torch.arange(len(ring)).repeat_interleave(num_times)
     grid = ring[index]
     return Cameras(grid.c2w, grid.fovy, grid.width, grid.height, grid.elevation_deg, grid.azimuth_deg,

@@ -409,9 +409,17 @@ def to_dict(config: Any) -> Any:
             out["trainer"] = to_dict(config.trainer)
             out["export"] = to_dict(config.export)
             return out
-        out = {f.name: to_dict(getattr(config, f.name)) for f in dataclasses.fields(config)}
-        nested = _registered_interface(config)  # a pluggable section nested in another (hybrid entries)
-        return {"type": registered_name(nested, config), **out} if nested else out
+        hints = typing.get_type_hints(type(config))
+        out = {}
+        for f in dataclasses.fields(config):
+            value = getattr(config, f.name)
+            out[f.name] = to_dict(value)
+            # A pluggable section nested in another (hybrid entries, typed Any) needs its ``type``
+            # back; a field declared as one concrete config class (a generator's NeRFConfig) does not.
+            nested = _registered_interface(value) if dataclasses.is_dataclass(value) and hints.get(f.name) is not type(value) else None
+            if nested:
+                out[f.name] = {"type": registered_name(nested, value), **out[f.name]}
+        return out
     if isinstance(config, (list, tuple)):
         return [to_dict(v) for v in config]
     if isinstance(config, dict):

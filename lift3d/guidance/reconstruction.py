@@ -87,7 +87,7 @@ class ReconstructionGuidance(Guidance):
             raise ValueError(
                 f"guidance.times={times} must be a multiple of the teacher's frames_per_clip={frames}"
             )
-        self.target_cameras = view_time_grid(config.views, times)
+        self.target_cameras = view_time_grid(config.views, times, include_end=True)
         self.frames = frames  # cameras per teacher sample
         self.num_samples = len(self.target_cameras) // frames
         self.num_batches = -(-self.num_samples // config.batch_size)
