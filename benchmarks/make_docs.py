@@ -71,7 +71,7 @@ def profile():
     for r in data["results"]:
         by = {row["stage"]: row for row in r["stages"]}
         cells = [f"{100 * by[s]['share']:.1f}% ({by[s]['ms_per_step']:.0f} ms, {by[s]['peak_rss_mib']:.0f} MiB)" if s in by else "–" for s in stages]
-        lines.append(f"| {r['name']} ({r['note']}) | {r['steps']} | {r['step_ms_median']:.0f} | {r['peak_rss_mib']:.0f} | " + " | ".join(cells) + " |")
+        lines.append(f"| {r['name']}{' (' + r['note'] + ')' if r['note'] else ''} | {r['steps']} | {r['step_ms_median']:.0f} | {r['peak_rss_mib']:.0f} | " + " | ".join(cells) + " |")
     m = data["machine"]
     return "\n".join(lines) + f"\n\nMachine: {m['platform']}, {m['threads']} threads, torch {m['torch']}. Each cell: share of the step (ms per step, peak RSS during that stage)."
 
