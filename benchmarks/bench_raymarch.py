@@ -108,11 +108,23 @@ def bench_march(size: str, args: argparse.Namespace) -> list[Result]:
 
 
 def bench_render(size: str, args: argparse.Namespace) -> list[Result]:
-    """``march_rays`` + field evaluation + ``composite`` forward and backward; size is ``WxH:N``.
+    """``march_rays`` + ``composite`` forward and backward; size is ``WxH:N``.
 
-    The "field" is a fixed function of the sample positions whose outputs are fresh leaves, so the
-    timing is the kernels' (the field itself costs the same for every tier).
+    The ray marcher's cost in a NeRF step, without the field: its outputs (densities and colours
+    of the ball at the sample midpoints) are computed once per tier from that tier's samples,
+    outside the timing (they cost the same in every tier, and the samples are identical), and the
+    upstream gradients of colour, opacity and depth go in as ``grad_outputs``.
     """
+    return _bench_render(size, args, with_field=False, case="raymarch_render")
+
+
+def bench_render_with_field(size: str, args: argparse.Namespace) -> list[Result]:
+    """As ``raymarch_render``, with the field evaluated inside the timing and the upstream
+    gradients applied through a product and sum (this case's timing before the kernel-only one)."""
+    return _bench_render(size, args, with_field=True, case="raymarch_render_field")
+
+
+def _bench_render(size: str, args: argparse.Namespace, with_field: bool, case: str) -> list[Result]:
     width, height, samples_per_ray = parse_size(size)
     device = torch.device(args.device)
     origins, dirs, grid, step = scene(width, height, samples_per_ray, device)
@@ -121,18 +133,30 @@ def bench_render(size: str, args: argparse.Namespace) -> list[Result]:
     g = torch.Generator().manual_seed(2)
     upstream = [torch.randn(shape, generator=g).to(device) for shape in ((R, 3), (R, 1), (R, 1))]
 
+    def march(tier: str):
+        return march_rays(
+            origins, dirs, grid.aabb, grid.occupancy, grid.resolution, step,
+            jitter=jitter, max_samples_per_ray=samples_per_ray, tier=tier,
+        )
+
+    def field(samples) -> tuple[Tensor, Tensor]:
+        points = origins[samples.ray_indices] + samples.midpoints().unsqueeze(-1) * dirs[samples.ray_indices]
+        return ball_density(points), (0.5 + 0.5 * points).clamp(0, 1)
+
     def make_run(tier: str) -> Callable[[], list[Tensor]]:
+        fixed = field(march(tier))
+
         def run() -> list[Tensor]:
-            samples = march_rays(
-                origins, dirs, grid.aabb, grid.occupancy, grid.resolution, step,
-                jitter=jitter, max_samples_per_ray=samples_per_ray, tier=tier,
-            )
-            points = origins[samples.ray_indices] + samples.midpoints().unsqueeze(-1) * dirs[samples.ray_indices]
-            sigmas = ball_density(points).requires_grad_(True)
-            rgb = (0.5 + 0.5 * points).clamp(0, 1).requires_grad_(True)
+            samples = march(tier)
+            sigmas, rgb = field(samples) if with_field else fixed
+            sigmas, rgb = sigmas.detach().requires_grad_(True), rgb.detach().requires_grad_(True)
             out = composite(sigmas, rgb, samples.t_starts, samples.t_ends, samples.ray_indices, R, tier=tier)
-            loss = sum((o * u).sum() for o, u in zip((out.accumulated, out.opacity, out.depth), upstream))
-            grads = torch.autograd.grad(loss, (sigmas, rgb))
+            outputs = (out.accumulated, out.opacity, out.depth)
+            if with_field:
+                loss = sum((o * u).sum() for o, u in zip(outputs, upstream))
+                grads = torch.autograd.grad(loss, (sigmas, rgb))
+            else:
+                grads = torch.autograd.grad(outputs, (sigmas, rgb), upstream)
             return [out.weights.detach(), out.accumulated.detach(), out.opacity.detach(), out.depth.detach(), *grads]
 
         return run
@@ -145,7 +169,7 @@ def bench_render(size: str, args: argparse.Namespace) -> list[Result]:
         "mean_opacity": round(float(probe[2].mean()), 4),
     }
     ops = (MARCH_OP, COMPOSITE_FORWARD_OP)
-    return compare_tiers("raymarch_render", size, live_tiers(device, ops), make_run, args.repeats, device, notes)
+    return compare_tiers(case, size, live_tiers(device, ops), make_run, args.repeats, device, notes)
 
 
 def cases() -> list[Case]:
@@ -153,6 +177,7 @@ def cases() -> list[Case]:
     return [
         Case("raymarch_march", bench_march, list(DEFAULT_SIZES)),
         Case("raymarch_render", bench_render, list(DEFAULT_SIZES)),
+        Case("raymarch_render_field", bench_render_with_field, list(DEFAULT_SIZES)),
     ]
 
 

@@ -51,6 +51,24 @@ class Result:
     max_relative_error: float | None = None
     """Largest ||tier - reference|| / ||reference|| over the outputs and input gradients."""
     notes: dict[str, float | int | str] = field(default_factory=dict)
+    peak_rss_mib: float | None = None
+    """Peak resident memory of the process while this tier's runs ran (MiB; Linux's VmHWM, reset
+    before the tier starts), or its lifetime peak where the mark cannot be reset."""
+
+
+def reset_peak_rss() -> None:
+    """Restart the kernel's RSS high-water mark (Linux >= 4.0; a no-op elsewhere)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_rss_mib() -> float:
+    """The process's peak RSS since the last reset, in MiB."""
+    from lift3d.profiling import current_peak_rss_bytes
+
+    return current_peak_rss_bytes() / 2**20
 
 
 def native_tiers(device: torch.device) -> list[str]:
@@ -98,8 +116,10 @@ def compare_tiers(
     outputs: dict[str, list[Tensor]] = {}
     for tier in tiers:
         logger.info("%s %s: timing tier %s", case, size, tier)
+        reset_peak_rss()
         times, outputs[tier] = time_runs(make_run(tier), repeats, device)
-        results.append(Result(case, size, tier, statistics.median(times), times, notes=dict(notes)))
+        results.append(Result(case, size, tier, statistics.median(times), times, notes=dict(notes),
+                              peak_rss_mib=peak_rss_mib()))
     if REFERENCE in outputs:
         reference_ms = next(r.median_ms for r in results if r.tier == REFERENCE)
         for result in results:
@@ -207,7 +227,7 @@ def all_cases() -> list[Case]:
 
 def format_table(results: list[Result]) -> str:
     """A plain-text table: case, size, tier, median ms, speed-up vs reference, max relative error."""
-    header = ("case", "size", "tier", "median ms", "speed-up", "max rel err")
+    header = ("case", "size", "tier", "median ms", "speed-up", "max rel err", "peak RSS MiB")
     rows = [
         (
             r.case,
@@ -216,6 +236,7 @@ def format_table(results: list[Result]) -> str:
             f"{r.median_ms:.2f}",
             "-" if r.speedup_vs_reference is None else f"{r.speedup_vs_reference:.1f}x",
             "-" if r.max_relative_error is None else f"{r.max_relative_error:.1e}",
+            "-" if r.peak_rss_mib is None else f"{r.peak_rss_mib:.0f}",
         )
         for r in results
     ]

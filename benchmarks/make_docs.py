@@ -51,13 +51,30 @@ def fmt(value, digits):
 def kernels():
     path = R / "kernels.json"
     data = json.loads(path.read_text())
-    lines = ["| case | size | tier | median ms | speed-up vs reference | max rel. error |", "|---|---|---|---|---|---|"]
+    lines = ["| case | size | tier | median ms | speed-up vs reference | max rel. error | peak RSS MiB |", "|---|---|---|---|---|---|---|"]
     for r in data["results"]:
         speed = "– (reference not run: too slow)" if r["speedup_vs_reference"] is None else f"{r['speedup_vs_reference']:.1f}×"
         error = "–" if r["max_relative_error"] is None else f"{r['max_relative_error']:.1e}"
-        lines.append(f"| {r['case']} | {r['size']} | {r['tier']} | {r['median_ms']:.1f} | {speed} | {error} |")
+        rss = "–" if r.get("peak_rss_mib") is None else f"{r['peak_rss_mib']:.0f}"
+        lines.append(f"| {r['case']} | {r['size']} | {r['tier']} | {r['median_ms']:.1f} | {speed} | {error} | {rss} |")
     m = data["machine"]
     return "\n".join(lines) + f"\n\nMachine: {m['platform']}, {m['threads']} threads, torch {m['torch']}, {data['repeats']} timed runs per tier (median)."
+
+def profile():
+    path = R / "profile.json"
+    if not path.is_file():
+        return "(not measured)"
+    data = json.loads(path.read_text())
+    stages = ["camera", "render", "teacher", "guidance", "backward", "optimizer", "hooks", "logging"]
+    head = "| run | steps | median step (ms) | peak RSS MiB | " + " | ".join(stages) + " |"
+    lines = [head, "|" + "---|" * (4 + len(stages))]
+    for r in data["results"]:
+        by = {row["stage"]: row for row in r["stages"]}
+        cells = [f"{100 * by[s]['share']:.1f}% ({by[s]['ms_per_step']:.0f} ms, {by[s]['peak_rss_mib']:.0f} MiB)" if s in by else "–" for s in stages]
+        lines.append(f"| {r['name']}{' (' + r['note'] + ')' if r['note'] else ''} | {r['steps']} | {r['step_ms_median']:.0f} | {r['peak_rss_mib']:.0f} | " + " | ".join(cells) + " |")
+    m = data["machine"]
+    return "\n".join(lines) + f"\n\nMachine: {m['platform']}, {m['threads']} threads, torch {m['torch']}. Each cell: share of the step (ms per step, peak RSS during that stage)."
+
 
 def quality(name):
     d = json.loads((R / name).read_text())
@@ -71,7 +88,7 @@ def main() -> None:
     text = TEMPLATE.read_text()
     text = text.replace("{{ACCEPTANCE}}", acceptance())
     text = text.replace("{{GUIDANCE}}", report("guidance-gaussians.json", "guidance-gaussians-2.json", "guidance-nerf-quick.json"))
-    text = text.replace("{{JANUS}}", janus()).replace("{{KERNELS}}", kernels()).replace("{{NERF}}", quality("quality-nerf.json"))
+    text = text.replace("{{JANUS}}", janus()).replace("{{KERNELS}}", kernels()).replace("{{PROFILE}}", profile()).replace("{{NERF}}", quality("quality-nerf.json"))
     text = text.replace("{{MESH}}", quality("quality-mesh.json") if (R / "quality-mesh.json").is_file() else "(not measured)")
     gaussians = json.loads((R / "quality-gaussians.json").read_text())
     text = text.replace("{{GAUSSIANS}}", quality("quality-gaussians.json") if gaussians.get("mean_chamfer") else "")

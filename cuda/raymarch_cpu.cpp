@@ -9,7 +9,10 @@
 //     i_c = floor((x_c - lo_c) * scale_c);  keep if every 0 <= i_c < res and occupied
 //     stop after max_samples kept samples.
 //   Every operation is one float32 rounding, exactly as the torch reference does it, so both tiers
-//   give identical samples. A count pass then a fill pass pack the samples in ray order.
+//   give identical samples. Cell by cell: one candidate is evaluated in full, and the run of
+//   candidates that provably round into its cell (Marcher::next_candidate) is skipped at once if
+//   the cell is empty, or kept with only t computed if it is occupied; the kept samples are the
+//   same. One pass: blocks of rays march into their own buffers, then copy out in ray order.
 //
 // composite: per ray (samples contiguous, sorted by t), sd_i = sigma_i * (t1_i - t0_i),
 //   excl_i = float(sum_{j<i} sd_j accumulated in double)   (torch.cumsum's CPU accumulation),
@@ -64,43 +67,139 @@ struct Marcher {
   float step;
   int64_t max_samples;
 
-  // Visits the kept samples of ray r in order; fn(t0, t1) returns nothing. Returns the count.
+  // What next_candidate needs of one ray, computed once per ray.
+  struct Ray {
+    float o[3], d[3];
+    float start, stop, j;
+    double inv_rate[3];  // 1 / (dU_c/dt), 0 where d_c = 0 (u_c constant)
+    double margin_u[3];  // 2 err_u: how far short of a cell face a skipped candidate must stay (in u)
+    double err_t;        // bound on |tm_k - (start + (k + j + 1/2) step)|
+    double last_k;       // a few candidates past the stop: no jump needs to go further
+  };
+
+  Ray setup(int64_t r) const {
+    constexpr double kRel = 4e-6;  // ~32 float ulps: covers each chain of roundings with room to spare
+    Ray ray;
+    for (int c = 0; c < 3; ++c) {
+      ray.o[c] = origins[3 * r + c];
+      ray.d[c] = dirs[3 * r + c];
+    }
+    ray.start = t_min[r];
+    ray.stop = t_max[r];
+    ray.j = jitter ? jitter[r] : 0.0f;
+    // The largest |t| of a candidate up to the stop (bounds the roundings of t and of t * d).
+    const double t_abs = std::max(std::fabs(static_cast<double>(ray.start)), std::fabs(static_cast<double>(ray.stop)));
+    for (int c = 0; c < 3; ++c) {
+      const double rate = static_cast<double>(ray.d[c]) * static_cast<double>(scale[c]);  // dU/dt, exact
+      ray.inv_rate[c] = rate == 0.0 ? 0.0 : 1.0 / rate;
+      // |u - U| over the four roundings of ((o + t * d) - lo) * scale, generously.
+      const double err_u = kRel * (t_abs * std::fabs(static_cast<double>(ray.d[c])) + std::fabs(static_cast<double>(ray.o[c])) +
+                                   std::fabs(static_cast<double>(lo[c]))) *
+                               std::fabs(static_cast<double>(scale[c])) +
+                           kRel * (res_f + 1.0);
+      ray.margin_u[c] = 2.0 * err_u;
+    }
+    const double step_d = step;
+    ray.err_t = kRel * (2.0 * t_abs + step_d);
+    ray.last_k = (static_cast<double>(ray.stop) - static_cast<double>(ray.start)) / step_d + 4.0;
+    return ray;
+  }
+
+  // Visits the kept samples of ray r in order; fn(t0) returns nothing (t1 is t0 + step, one float
+  // rounding, recomputed by the caller). Returns the count.
+  //
+  // A candidate k evaluated in full is evaluated exactly as the reference does. From its cell,
+  // next_candidate finds the first later candidate that can lie in another cell; all those in
+  // between provably lie in the same cell, so they are skipped when it is empty and kept (with
+  // only their t computed, the same roundings) when it is occupied.
   template <typename Fn>
   int64_t march(int64_t r, Fn&& fn) const {
-    const float o[3] = {origins[3 * r], origins[3 * r + 1], origins[3 * r + 2]};
-    const float d[3] = {dirs[3 * r], dirs[3 * r + 1], dirs[3 * r + 2]};
-    const float start = t_min[r];
-    const float stop = t_max[r];
-    const float j = jitter ? jitter[r] : 0.0f;
+    const Ray ray = setup(r);
     int64_t kept = 0;
-    for (int64_t k = 0; kept < max_samples; ++k) {
-      const float s = static_cast<float>(k) + j;
+    for (int64_t k = 0; kept < max_samples;) {
+      const float s = static_cast<float>(k) + ray.j;
       const float offset = s * step;
-      const float t0 = start + offset;
+      const float t0 = ray.start + offset;
       const float t1 = t0 + step;
-      if (!(t1 <= stop)) break;  // also stops on NaN
+      if (!(t1 <= ray.stop)) break;  // also stops on NaN
       const float tm = (t0 + t1) * 0.5f;
       int64_t cell = 0;
       bool inside = true;
+      float u[3];
       for (int c = 0; c < 3; ++c) {
-        const float along = tm * d[c];
-        const float x = o[c] + along;
-        const float u = (x - lo[c]) * scale[c];
+        const float along = tm * ray.d[c];
+        const float x = ray.o[c] + along;
+        u[c] = (x - lo[c]) * scale[c];
         // 0 <= floor(u) < res  <=>  0 <= u < res (res is an integer), and then floor(u) is the
         // truncation: same cells as the reference's floor without a libm call. Rejects NaN too.
-        if (!(u >= 0.0f && u < res_f)) {
+        if (!(u[c] >= 0.0f && u[c] < res_f)) {
           inside = false;
           break;
         }
-        cell = cell * res + static_cast<int64_t>(u);
+        cell = cell * res + static_cast<int64_t>(u[c]);
       }
-      if (!inside || !occupancy[cell]) continue;
-      fn(t0, t1);
+      if (!inside) {
+        ++k;
+        continue;
+      }
+      const int64_t next = next_candidate(ray, k, tm, u);
+      if (!occupancy[cell]) {
+        k = next;
+        continue;
+      }
+      fn(t0);
       ++kept;
+      // The rest of the run lies in this occupied cell: kept unless past the stop or the cap.
+      for (++k; k < next && kept < max_samples; ++k) {
+        const float s_k = static_cast<float>(k) + ray.j;
+        const float offset_k = s_k * step;
+        const float t0_k = ray.start + offset_k;
+        const float t1_k = t0_k + step;
+        if (!(t1_k <= ray.stop)) return kept;  // t1 only grows with k: the ray is done
+        fn(t0_k);
+        ++kept;
+      }
     }
     return kept;
   }
+
+  // The first candidate after k (whose midpoint tm lies in a cell, with in-cell coordinates u)
+  // that can lie outside that cell. Everything before it provably rounds into the cell:
+  //  - each float u_c(tm) = ((o_c + tm * d_c) - lo_c) * scale_c is a chain of monotone roundings,
+  //    so it never moves against the sign of d_c * scale_c as tm grows (nor as k grows: tm_k is
+  //    monotone in k too); with d_c = 0 it is constant. A candidate can leave the cell only
+  //    through the far face of some axis.
+  //  - Each float differs from the exact linear U_c(t) = (o_c + t d_c - lo_c) * scale_c by at most
+  //    err_u, and tm_k from start + (k + j + 1/2) step by at most err_t (Ray::setup). Candidates
+  //    whose exact midpoint is short of the far face by 2 err_u (in u) and err_t (in t)
+  //    therefore still round into the cell.
+  // Everything here is double and conservative; when in doubt (NaN, overflow) it returns k + 1.
+  int64_t next_candidate(const Ray& ray, int64_t k, float tm, const float u[3]) const {
+    double t_exit = std::numeric_limits<double>::infinity();
+    for (int c = 0; c < 3; ++c) {
+      const double inv = ray.inv_rate[c];
+      if (inv == 0.0) continue;
+      const double uc = u[c];
+      const double cell = std::floor(uc);
+      const double face = inv > 0.0 ? cell + 1.0 - ray.margin_u[c] : cell + ray.margin_u[c];
+      t_exit = std::min(t_exit, static_cast<double>(tm) + (face - uc) * inv);
+    }
+    const double step_d = step;
+    // Largest k' whose exact midpoint start + (k' + j + 1/2) step stays below t_exit - err_t.
+    const double last = std::floor((t_exit - ray.err_t - static_cast<double>(ray.start)) / step_d -
+                                   static_cast<double>(ray.j) - 0.5);
+    // Past the stop nothing is kept: a few candidates beyond it are far enough (the exact test
+    // there ends the ray).
+    const double next = std::min(last, ray.last_k) + 1.0;
+    if (!(next > static_cast<double>(k + 1))) return k + 1;  // also NaN
+    if (!(next < 9.0e15)) return k + 1;
+    return static_cast<int64_t>(next);
+  }
 };
+
+// Rays handled per task of the one-pass march: each task keeps its samples' t0 in its own buffer,
+// then all tasks copy into the packed outputs at their offsets.
+constexpr int64_t kMarchBlock = 32;
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> march_rays(const at::Tensor& origins, const at::Tensor& dirs,
                                                           const at::Tensor& t_min, const at::Tensor& t_max,
@@ -130,10 +229,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> march_rays(const at::Tensor& orig
   m.step = static_cast<float>(step_size);
   m.max_samples = max_samples;
 
-  // Pass 1: count per ray. Pass 2: fill at the exclusive prefix offsets (packed in ray order).
+  // One pass: each block of rays marches into its own buffer (t0 only) and records per-ray counts;
+  // a prefix sum gives the offsets, then the blocks copy out in ray order.
+  const int64_t blocks = (R + kMarchBlock - 1) / kMarchBlock;
+  std::vector<std::vector<float>> block_t0(static_cast<size_t>(blocks));
   std::vector<int64_t> offsets(R + 1, 0);
-#pragma omp parallel for schedule(dynamic, 16)
-  for (int64_t r = 0; r < R; ++r) offsets[r + 1] = m.march(r, [](float, float) {});
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t b = 0; b < blocks; ++b) {
+    std::vector<float>& buffer = block_t0[b];
+    const int64_t end = std::min(R, (b + 1) * kMarchBlock);
+    for (int64_t r = b * kMarchBlock; r < end; ++r) {
+      offsets[r + 1] = m.march(r, [&](float t0) { buffer.push_back(t0); });
+    }
+  }
   for (int64_t r = 0; r < R; ++r) offsets[r + 1] += offsets[r];
 
   const int64_t S = offsets[R];
@@ -143,15 +251,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> march_rays(const at::Tensor& orig
   int64_t* out_ray = ray_indices.data_ptr<int64_t>();
   float* out_t0 = t_starts.data_ptr<float>();
   float* out_t1 = t_ends.data_ptr<float>();
-#pragma omp parallel for schedule(dynamic, 16)
-  for (int64_t r = 0; r < R; ++r) {
-    int64_t at = offsets[r];
-    m.march(r, [&](float t0, float t1) {
-      out_ray[at] = r;
-      out_t0[at] = t0;
-      out_t1[at] = t1;
-      ++at;
-    });
+  const float step = m.step;
+#pragma omp parallel for schedule(static)
+  for (int64_t b = 0; b < blocks; ++b) {
+    const float* t0 = block_t0[b].data();
+    const int64_t end = std::min(R, (b + 1) * kMarchBlock);
+    for (int64_t r = b * kMarchBlock; r < end; ++r) {
+      for (int64_t i = offsets[r]; i < offsets[r + 1]; ++i) {
+        out_ray[i] = r;
+        out_t0[i] = *t0;
+        out_t1[i] = *t0 + step;  // the same single rounding as the march's t1
+        ++t0;
+      }
+    }
+    std::vector<float>().swap(block_t0[b]);
   }
   return {ray_indices, t_starts, t_ends};
 }

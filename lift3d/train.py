@@ -35,6 +35,7 @@ from lift3d.export.video import write_strip, write_video
 from lift3d.interrupts import RunInterrupted, graceful_stop
 from lift3d.kernels._backend import prepare_kernels
 from lift3d.metrics import mean_psnr, time_margin_db, time_shifted
+from lift3d.profiling import NULL_PROFILER
 from lift3d.prompts import slugify
 from lift3d.representations.base import Representation
 from lift3d.teachers.base import Teacher
@@ -137,6 +138,7 @@ class Trainer:
         self.camera_generator = torch.Generator().manual_seed(trainer_cfg.seed + 1)
         self.background = self.teacher.background.to(self.device) if hasattr(self.teacher, "background") else torch.ones(3, device=self.device)
         self.step = 0
+        self.profiler = NULL_PROFILER  # benchmarks/step_profile.py swaps in a StageProfiler
         if resume_state is not None:
             self.representation.load_state_dict(resume_state["representation"])
             self.representation.to(self.device)
@@ -218,6 +220,7 @@ class Trainer:
 
     def train_step(self, step: int) -> dict[str, float]:
         cfg = self.config.trainer
+        stage = self.profiler.stage
         for group in self.optimizer.param_groups:
             scheduled = getattr(self.representation, "learning_rates", lambda s: {})(step)
             if group.get("name") in scheduled:
@@ -229,39 +232,51 @@ class Trainer:
         guidance_logs: dict[str, float] = {}
         render = None
         for term in terms:
-            cameras = term.objective.own_cameras(step)  # e.g. reconstruction targets; None: the sampler's
-            cameras = self.sample_cameras(step, term.teacher.frames_per_clip) if cameras is None else cameras.to(self.device)
-            term_render = self.representation.render(cameras, self.background)
+            with stage("camera"):
+                cameras = term.objective.own_cameras(step)  # e.g. reconstruction targets; None: the sampler's
+                cameras = self.sample_cameras(step, term.teacher.frames_per_clip) if cameras is None else cameras.to(self.device)
+            with stage("render"):
+                term_render = self.representation.render(cameras, self.background)
             if render is None:  # the first render feeds the regularisers and on_step
                 render = term_render
-            conditioning = term.teacher.condition(
-                self.prompt_states[id(term.teacher)], cameras, view_dependent=cfg.view_dependent_prompts,
-                with_unconditional=term.objective.needs_unconditional,
-            )
-            output = term.objective(term_render, conditioning, cameras, step)
-            guidance_loss = guidance_loss + term.weight * output.loss
+            with stage("guidance"):  # the teacher's calls inside are timed as "teacher" when profiled
+                conditioning = term.teacher.condition(
+                    self.prompt_states[id(term.teacher)], cameras, view_dependent=cfg.view_dependent_prompts,
+                    with_unconditional=term.objective.needs_unconditional,
+                )
+                output = term.objective(term_render, conditioning, cameras, step)
+                guidance_loss = guidance_loss + term.weight * output.loss
             prefix = f"{term.name}/" if several else ""
             guidance_logs.update({f"{prefix}{key}": value for key, value in output.logs.items()})
         if render is None:  # no term drawn this step: regularisers only, on a plain batch
-            render = self.representation.render(self.sample_cameras(step), self.background)
-        regularizers = self.representation.regularization(render, step)
-        loss = guidance_loss + sum(regularizers.values(), torch.zeros((), device=self.device))
-        logs = {"loss": float(loss.detach()), **guidance_logs}
-        logs.update({f"reg/{name}": float(value.detach()) for name, value in regularizers.items()})
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.guidance_optimizer is not None:
-            self.guidance_optimizer.zero_grad(set_to_none=True)
+            with stage("camera"):
+                cameras = self.sample_cameras(step)
+            with stage("render"):
+                render = self.representation.render(cameras, self.background)
+        with stage("guidance"):
+            regularizers = self.representation.regularization(render, step)
+            loss = guidance_loss + sum(regularizers.values(), torch.zeros((), device=self.device))
+        with stage("logging"):
+            logs = {"loss": float(loss.detach()), **guidance_logs}
+            logs.update({f"reg/{name}": float(value.detach()) for name, value in regularizers.items()})
+        with stage("optimizer"):
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.guidance_optimizer is not None:
+                self.guidance_optimizer.zero_grad(set_to_none=True)
         if not torch.isfinite(loss):
             logger.warning("step %d: non-finite loss, step skipped", step)
             logs["skipped"] = 1.0
             return logs
-        loss.backward()
-        if cfg.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.representation.parameters(), cfg.max_grad_norm)
-        self.optimizer.step()
-        if self.guidance_optimizer is not None:
-            self.guidance_optimizer.step()
-        self.representation.on_step(step, render, self.optimizer)
+        with stage("backward"):
+            loss.backward()
+        with stage("optimizer"):
+            if cfg.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(self.representation.parameters(), cfg.max_grad_norm)
+            self.optimizer.step()
+            if self.guidance_optimizer is not None:
+                self.guidance_optimizer.step()
+        with stage("hooks"):
+            self.representation.on_step(step, render, self.optimizer)
         logs["num_primitives"] = float(getattr(self.representation, "num_gaussians", 0))
         return logs
 
@@ -287,17 +302,19 @@ class Trainer:
                 while self.step < cfg.steps and not stop.requested:
                     logs = self.train_step(self.step)
                     self.step += 1
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{logs['loss']:.4g}", refresh=False)
-                    if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                        self.log_metrics({"step": self.step, **logs})
-                    if cfg.val_every and self.step % cfg.val_every == 0:
-                        self.save_validation(f"val_{self.step:06d}.png")
-                    due_by_steps = cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0
-                    due_by_time = cfg.checkpoint_every_minutes and time.monotonic() - last_save >= 60.0 * cfg.checkpoint_every_minutes
-                    if (due_by_steps or due_by_time) and self.step < cfg.steps:
-                        self.save()
-                        last_save = time.monotonic()
+                    with self.profiler.stage("logging"):
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{logs['loss']:.4g}", refresh=False)
+                        if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                            self.log_metrics({"step": self.step, **logs})
+                        if cfg.val_every and self.step % cfg.val_every == 0:
+                            self.save_validation(f"val_{self.step:06d}.png")
+                        due_by_steps = cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0
+                        due_by_time = cfg.checkpoint_every_minutes and time.monotonic() - last_save >= 60.0 * cfg.checkpoint_every_minutes
+                        if (due_by_steps or due_by_time) and self.step < cfg.steps:
+                            self.save()
+                            last_save = time.monotonic()
+                    self.profiler.step_done()
             finally:
                 bar.close()
             path = self.save()

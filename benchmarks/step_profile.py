@@ -1,0 +1,216 @@
+"""Share of a training step in each stage (camera, render, teacher, guidance, backward, optimizer,
+hooks, logging), with the peak RSS of each, for the quickstart presets and one full-size Stable
+Diffusion step.
+
+The stages are timed inside the one loop (``Trainer.train_step`` / ``fit``) by swapping a
+``lift3d.profiling.StageProfiler`` in for the default no-op profiler; the final evaluation and
+export are skipped (they are not part of a step).
+
+    python benchmarks/step_profile.py                           # quickstart, -nerf, -mesh; writes benchmarks/results/profile.json
+    python benchmarks/step_profile.py --runs quickstart-nerf --steps 20 --warmup 5
+    python benchmarks/step_profile.py --runs dreamfusion-sd     # one step on the SD 2.1-base architecture, random weights
+
+``dreamfusion-sd`` needs no weights: the UNet, VAE and text encoder are built with random weights
+from ``benchmarks/sd21_base_architecture.json`` (the configs of stabilityai/stable-diffusion-2-1-base)
+and saved as a local diffusers folder (about 5 GB, under ``--sd-folder``) that ``teacher.model``
+then names; CPU float32, 512^2 renders to 64^2 latents.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# Run as a script, this folder comes first on sys.path, where kernels.py would shadow the
+# `kernels` package that transformers imports; nothing here imports its siblings.
+if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    sys.path.pop(0)
+
+import torch  # noqa: E402
+
+try:
+    import lift3d  # noqa: F401
+except ImportError:  # run as a script from a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lift3d.config import RunConfig, load_config  # noqa: E402
+from lift3d.pipeline import load_pipeline  # noqa: E402
+from lift3d.profiling import StageProfiler  # noqa: E402
+from lift3d.train import Trainer  # noqa: E402
+
+logger = logging.getLogger("benchmarks.profile")
+
+ROOT = Path(__file__).resolve().parents[1]
+SD_ARCHITECTURE = Path(__file__).resolve().parent / "sd21_base_architecture.json"
+QUIET = ["trainer.progress_bar=false", "trainer.checkpoint_every=0", "trainer.checkpoint_every_minutes=0"]
+
+
+@dataclass
+class ProfileRun:
+    """A preset to profile: its file, the pipeline stage (if a pipeline) and extra overrides."""
+
+    name: str
+    config: str
+    stage: str | None = None
+    overrides: tuple[str, ...] = ()
+    note: str = ""
+
+
+RUNS = {
+    "quickstart": ProfileRun("quickstart", "configs/quickstart.yaml"),
+    "quickstart-nerf": ProfileRun("quickstart-nerf", "configs/quickstart-nerf.yaml", note="64 px (the first 450 steps)"),
+    "quickstart-nerf-128": ProfileRun(
+        "quickstart-nerf-128", "configs/quickstart-nerf.yaml",
+        overrides=("trainer.cameras.width=128", "trainer.cameras.height=128", "trainer.resolution_milestones=[]"),
+        note="128 px (the last 450 steps)",
+    ),
+    "quickstart-mesh": ProfileRun(
+        "quickstart-mesh", "configs/quickstart-mesh.yaml", stage="mesh",
+        note="the DMTet stage, started from its default shape instead of the NeRF",
+    ),
+    "dreamfusion-sd": ProfileRun(
+        "dreamfusion-sd", "configs/dreamfusion-sd.yaml", note="SD 2.1-base architecture, random weights, CPU float32",
+    ),
+}
+
+
+# ------------------------------------------------------------------------------ the SD folder
+
+
+def _char_clip_tokenizer(folder: Path, max_length: int) -> Any:
+    """A character-level CLIP tokenizer from vocabulary files written here (no hub access)."""
+    from transformers import CLIPTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for char in "abcdefghijklmnopqrstuvwxyz,":
+        vocab[char] = len(vocab)
+        vocab[char + "</w>"] = len(vocab)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length)
+
+
+def build_sd21_folder(folder: Path, seed: int = 0) -> Path:
+    """A diffusers SD folder with the 2.1-base architecture and random weights (kept if already built)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    done = folder / ".complete"
+    if done.is_file():
+        return folder
+    spec = json.loads(SD_ARCHITECTURE.read_text())
+    folder.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    tokenizer = _char_clip_tokenizer(folder / "tokenizer", spec["tokenizer_max_length"])
+    tokenizer.save_pretrained(folder / "tokenizer")
+    torch.manual_seed(seed)
+    UNet2DConditionModel(**spec["unet"]).save_pretrained(folder / "unet")
+    torch.manual_seed(seed + 1)
+    AutoencoderKL(**spec["vae"]).save_pretrained(folder / "vae")
+    torch.manual_seed(seed + 2)
+    text = dict(spec["text_encoder"], bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    CLIPTextModel(CLIPTextConfig(**text)).save_pretrained(folder / "text_encoder")
+    DDIMScheduler(**spec["scheduler"]).save_pretrained(folder / "scheduler")
+    index = {
+        "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.27.0",
+        "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+        "scheduler": ["diffusers", "DDIMScheduler"], "safety_checker": [None, None], "feature_extractor": [None, None],
+    }
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    done.write_text("")
+    logger.info("built the SD 2.1-base-architecture folder %s in %.0f s", folder, time.perf_counter() - start)
+    return folder
+
+
+# ------------------------------------------------------------------------------ profiling
+
+
+def run_config(run: ProfileRun, steps: int, extra: list[str]) -> RunConfig:
+    overrides = [*run.overrides, f"trainer.steps={steps}", *QUIET, *extra]
+    path = ROOT / run.config
+    if run.stage is None:
+        return load_config(path, overrides)
+    stages = {stage.name: stage for stage in load_pipeline(path, [f"{run.stage}.{o}" for o in overrides]).stages}
+    config = stages[run.stage].config
+    assert config is not None
+    return config
+
+
+def profile(run: ProfileRun, steps: int, warmup: int, extra: list[str]) -> dict[str, Any]:
+    """Stage shares over ``steps`` recorded steps after ``warmup`` unrecorded ones."""
+    config = run_config(run, steps + warmup, extra)
+    with tempfile.TemporaryDirectory(prefix=f"lift3d-profile-{run.name}-") as tmp:
+        start = time.perf_counter()
+        trainer = Trainer(config, run_dir=Path(tmp) / "run")
+        setup_s = time.perf_counter() - start
+        profiler = StageProfiler(skip_steps=warmup)
+        profiler.instrument_teacher(trainer.teacher)
+        trainer.profiler = profiler
+        trainer.finish = lambda: {}  # type: ignore[method-assign]  # evaluation/export are not a step
+        start = time.perf_counter()
+        trainer.fit()
+        loop_s = time.perf_counter() - start
+    summary = profiler.summary()
+    summary.update(name=run.name, config=run.config, stage=run.stage, note=run.note, warmup=warmup,
+                   setup_s=setup_s, loop_s=loop_s, overrides=list(run.overrides) + extra)
+    return summary
+
+
+def format_table(result: dict[str, Any]) -> str:
+    lines = [f"{result['name']}: {result['steps']} steps, median step {result['step_ms_median']:.1f} ms, "
+             f"peak RSS {result['peak_rss_mib']:.0f} MiB",
+             f"{'stage':<10} {'ms/step':>10} {'share':>7} {'peak RSS MiB':>13}"]
+    for row in result["stages"]:
+        lines.append(f"{row['stage']:<10} {row['ms_per_step']:>10.1f} {100 * row['share']:>6.1f}% {row['peak_rss_mib']:>13.0f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", default="quickstart,quickstart-nerf,quickstart-mesh",
+                        help=f"comma-separated, of: {', '.join(RUNS)}")
+    parser.add_argument("--steps", type=int, default=20, help="recorded steps per run (dreamfusion-sd: --sd-steps)")
+    parser.add_argument("--warmup", type=int, default=5, help="unrecorded steps first (dreamfusion-sd: none)")
+    parser.add_argument("--sd-steps", type=int, default=1, help="recorded steps of dreamfusion-sd")
+    parser.add_argument("--sd-folder", type=Path, default=Path(tempfile.gettempdir()) / "lift3d-sd21-base-random",
+                        help="where the random-weight SD 2.1-base-architecture folder is built (and reused)")
+    parser.add_argument("--override", action="append", default=[], help="extra override for every run (repeatable)")
+    parser.add_argument("--json", type=Path, default=Path("benchmarks/results/profile.json"))
+    args = parser.parse_args(argv)
+    names = args.runs.split(",")
+    unknown = [n for n in names if n not in RUNS]
+    if unknown:
+        raise SystemExit(f"unknown run(s) {unknown}; choose from {', '.join(RUNS)}")
+    results = []
+    for name in names:
+        run = RUNS[name]
+        if name == "dreamfusion-sd":
+            folder = build_sd21_folder(args.sd_folder)
+            result = profile(run, args.sd_steps, 0, [f"teacher.model={folder}", "trainer.device=cpu", *args.override])
+        else:
+            result = profile(run, args.steps, args.warmup, args.override)
+        print(format_table(result), flush=True)
+        results.append(result)
+    machine = {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()}
+    previous = json.loads(args.json.read_text()) if args.json.is_file() else {}
+    merged = {r["name"]: r for r in previous.get("results", [])}  # keep runs measured separately
+    merged.update({r["name"]: r for r in results})
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"machine": machine, "results": list(merged.values())}, indent=2) + "\n")
+    logger.info("wrote %s", args.json)
+    return results
+
+
+if __name__ == "__main__":
+    main()

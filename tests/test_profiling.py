@@ -1,0 +1,96 @@
+"""Stage profiler: exclusive times of nested stages (on a fake clock), the teacher's methods timed
+as their own stage, the no-op default, and the stages of a tiny real training loop."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+
+from lift3d import profiling
+from lift3d.config import load_config
+from lift3d.profiling import NULL_PROFILER, STAGES, StageProfiler
+from lift3d.train import Trainer
+from conftest import QUICKSTART, TINY_QUICKSTART
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
+    fake = FakeClock()
+    monkeypatch.setattr(profiling.time, "perf_counter", fake)
+    return fake
+
+
+def test_nested_stages_are_exclusive_and_warmup_is_skipped(clock: FakeClock) -> None:
+    profiler = StageProfiler(skip_steps=1)
+    for step in range(3):
+        with profiler.stage("guidance"):
+            clock.now += 1.0
+            with profiler.stage("teacher"):
+                clock.now += 3.0
+            clock.now += 0.5
+        with profiler.stage("backward"):
+            clock.now += 2.0
+        profiler.step_done()
+    summary = profiler.summary()
+    assert summary["steps"] == 2
+    rows = {row["stage"]: row for row in summary["stages"]}
+    assert rows["guidance"]["ms_per_step"] == pytest.approx(1500.0)
+    assert rows["teacher"]["ms_per_step"] == pytest.approx(3000.0)
+    assert rows["backward"]["ms_per_step"] == pytest.approx(2000.0)
+    assert sum(row["share"] for row in summary["stages"]) == pytest.approx(1.0)
+    assert summary["step_ms_median"] == pytest.approx(6500.0)
+    assert [row["stage"] for row in summary["stages"]] == ["teacher", "guidance", "backward"]  # loop order
+    assert all(row["peak_rss_mib"] > 0 for row in summary["stages"])
+
+
+def test_instrument_teacher_times_its_methods_as_the_teacher_stage(clock: FakeClock) -> None:
+    class Teacher:
+        def predict_noise(self, x: float) -> float:
+            clock.now += 4.0
+            return 2 * x
+
+    teacher = Teacher()
+    profiler = StageProfiler()
+    profiler.instrument_teacher(teacher)
+    profiler.instrument_teacher(teacher)  # idempotent: not wrapped twice
+    with profiler.stage("guidance"):
+        assert teacher.predict_noise(3.0) == 6.0
+        clock.now += 1.0
+    profiler.step_done()
+    rows = {row["stage"]: row for row in profiler.summary()["stages"]}
+    assert rows["teacher"]["ms_per_step"] == pytest.approx(4000.0)
+    assert rows["teacher"]["calls_per_step"] == 1
+    assert rows["guidance"]["ms_per_step"] == pytest.approx(1000.0)
+    assert "predict_noise" not in vars(Teacher())  # the class is untouched
+
+
+def test_default_profiler_is_a_shared_no_op() -> None:
+    assert isinstance(NULL_PROFILER.stage("render"), contextlib.nullcontext)
+    assert NULL_PROFILER.stage("render") is NULL_PROFILER.stage("backward")
+
+
+def test_tiny_training_loop_reports_every_stage(tmp_path) -> None:
+    config = load_config(QUICKSTART, [*TINY_QUICKSTART, "trainer.steps=3", "trainer.progress_bar=false"])
+    trainer = Trainer(config, run_dir=tmp_path / "run")
+    assert trainer.profiler is NULL_PROFILER
+    profiler = StageProfiler(skip_steps=1)
+    profiler.instrument_teacher(trainer.teacher)
+    trainer.profiler = profiler
+    trainer.finish = lambda: {}  # evaluation and export are not part of a step
+    trainer.fit()
+    summary = profiler.summary()
+    assert summary["steps"] == 2
+    names = [row["stage"] for row in summary["stages"]]
+    assert set(names) == set(STAGES)
+    assert names == [name for name in STAGES if name in names]
+    assert sum(row["share"] for row in summary["stages"]) == pytest.approx(1.0)
+    assert {row["stage"]: row["calls_per_step"] for row in summary["stages"]}["optimizer"] == 2  # zero_grad, step
