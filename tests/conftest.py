@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -77,3 +79,14 @@ def require_cpu_ops(*ops: str) -> None:
     for op in ops:
         if not tier_available("cpu", op):
             pytest.skip(f"the cpu extension has no {op} op")
+
+
+def load_render_glb():
+    """``tools/render_glb.py`` (the three.js-in-headless-Chromium viewer), imported once as a module."""
+    name = "lift3d_tools_render_glb"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "tools" / "render_glb.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]

@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import functools
 import http.server
-import importlib.util
 import json
 import os
 import re
 import subprocess
-import sys
 import threading
 import urllib.request
 from html.parser import HTMLParser
@@ -37,6 +35,7 @@ from lift3d.cli import main
 from lift3d.export.gltf import write_glb
 from lift3d.export.video import write_strip, write_video
 from lift3d.report import ASSETS_DIR, RUN_PAGES_DIR, find_runs, svg_curve, write_report
+from conftest import load_render_glb
 
 ROOT = Path(__file__).resolve().parents[1]
 BACKGROUND = (0xF4, 0xF5, 0xF7)  # the viewer's clear colour (report.js)
@@ -249,12 +248,6 @@ def test_setup_ships_every_asset() -> None:
 # --------------------------------------------------------------------------- in Chromium
 
 
-def _load_renderer():
-    spec = importlib.util.spec_from_file_location("lift3d_tools_render_glb_report", ROOT / "tools" / "render_glb.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
@@ -275,7 +268,7 @@ def server(batch: Path):
 @pytest.fixture(scope="module")
 def browser(batch: Path, server: str, tmp_path_factory) -> dict[str, dict]:
     """The index page and two run pages as headless Chromium saw them (one browser for all)."""
-    render_glb = _load_renderer()
+    render_glb = load_render_glb()
     try:
         viewer = render_glb.ensure_viewer()
     except render_glb.ViewerUnavailable as error:

@@ -7,9 +7,7 @@ training. ``LIFT3D_VIEWER_RENDERS=<folder>`` keeps the viewer renders there.
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +28,7 @@ from lift3d.export.animated import (
 from lift3d.export.gltf import world_to_file_rotation
 from lift3d.render.mesh import render_mesh
 from test_mesh_export import _find_validator  # the Khronos validator, installed the same way
+from conftest import load_render_glb
 
 ROOT = Path(__file__).resolve().parents[2]
 SIZE = 128
@@ -143,12 +142,6 @@ def test_grid_image_tiles_rows_of_views_and_columns_of_times():
 # --------------------------------------------------------------------------- three.js vs lift3d
 
 
-def _load_renderer():
-    spec = importlib.util.spec_from_file_location("lift3d_tools_render_glb", ROOT / "tools" / "render_glb.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def _camera():
@@ -168,7 +161,7 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def test_threejs_at_keyframe_k_draws_what_lift3d_renders_at_t_k(animated, tmp_path):
-    render_glb = _load_renderer()
+    render_glb = load_render_glb()
     path, vertices, faces, frames, times = animated
     camera = _camera()
     rotation = world_to_file_rotation()

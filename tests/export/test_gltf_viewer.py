@@ -15,12 +15,10 @@ is computed from that construction by ray casting, independently of the writer.
 
 from __future__ import annotations
 
-import importlib.util
 import inspect
 import math
 import os
 import shutil
-import sys
 import warnings
 from pathlib import Path
 
@@ -30,6 +28,7 @@ from PIL import Image, ImageDraw
 
 from lift3d.export.gltf import write_glb
 from test_mesh_export import _find_validator  # the Khronos validator, installed the same way
+from conftest import load_render_glb
 
 ROOT = Path(__file__).resolve().parents[2]
 SIZE = 192  # image side in pixels
@@ -44,15 +43,9 @@ TILT = 35.0  # degrees the "tilted" normal maps lean their normals (north: +Y, e
 RED, GREEN, BLUE = 0, 1, 2
 
 
-def _load_renderer():
-    spec = importlib.util.spec_from_file_location("lift3d_tools_render_glb", ROOT / "tools" / "render_glb.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
-render_glb = _load_renderer()
+render_glb = load_render_glb()
 
 
 # --------------------------------------------------------------------------- the model
