@@ -11,7 +11,7 @@ export are skipped (they are not part of a step).
     python benchmarks/step_profile.py --runs dreamfusion-sd     # one step on the SD 2.1-base architecture, random weights
 
 ``dreamfusion-sd`` needs no weights: the UNet, VAE and text encoder are built with random weights
-from ``benchmarks/sd21_base_architecture.json`` (the configs of stabilityai/stable-diffusion-2-1-base)
+by ``benchmarks/teacher.py``'s ``save_sd21_base`` (the configs of stabilityai/stable-diffusion-2-1-base)
 and saved as a local diffusers folder (about 5 GB, under ``--sd-folder``) that ``teacher.model``
 then names; CPU float32, 512^2 renders to 64^2 latents.
 """
@@ -19,6 +19,7 @@ then names; CPU float32, 512^2 renders to 64^2 latents.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import platform
@@ -30,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 # Run as a script, this folder comes first on sys.path, where kernels.py would shadow the
-# `kernels` package that transformers imports; nothing here imports its siblings.
+# `kernels` package that transformers imports; siblings are imported by path (_sibling).
 if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     sys.path.pop(0)
 
@@ -49,7 +50,6 @@ from lift3d.train import Trainer  # noqa: E402
 logger = logging.getLogger("benchmarks.profile")
 
 ROOT = Path(__file__).resolve().parents[1]
-SD_ARCHITECTURE = Path(__file__).resolve().parent / "sd21_base_architecture.json"
 QUIET = ["trainer.progress_bar=false", "trainer.checkpoint_every=0", "trainer.checkpoint_every_minutes=0"]
 
 
@@ -85,48 +85,25 @@ RUNS = {
 # ------------------------------------------------------------------------------ the SD folder
 
 
-def _char_clip_tokenizer(folder: Path, max_length: int) -> Any:
-    """A character-level CLIP tokenizer from vocabulary files written here (no hub access)."""
-    from transformers import CLIPTokenizer
-
-    folder.mkdir(parents=True, exist_ok=True)
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for char in "abcdefghijklmnopqrstuvwxyz,":
-        vocab[char] = len(vocab)
-        vocab[char + "</w>"] = len(vocab)
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length)
+def _sibling(name: str) -> Any:
+    """Import ``benchmarks/<name>.py`` by path (this folder is off ``sys.path``, see above)."""
+    module_name = f"lift3d_benchmarks_{name}"
+    if module_name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(module_name, Path(__file__).resolve().parent / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module  # dataclasses look their module up while the file runs
+        spec.loader.exec_module(module)
+    return sys.modules[module_name]
 
 
 def build_sd21_folder(folder: Path, seed: int = 0) -> Path:
-    """A diffusers SD folder with the 2.1-base architecture and random weights (kept if already built)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
+    """A diffusers SD folder with the 2.1-base architecture and random weights (kept if already built):
+    ``benchmarks/teacher.py``'s ``save_sd21_base``, the one writer of that folder."""
     done = folder / ".complete"
     if done.is_file():
         return folder
-    spec = json.loads(SD_ARCHITECTURE.read_text())
-    folder.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    tokenizer = _char_clip_tokenizer(folder / "tokenizer", spec["tokenizer_max_length"])
-    tokenizer.save_pretrained(folder / "tokenizer")
-    torch.manual_seed(seed)
-    UNet2DConditionModel(**spec["unet"]).save_pretrained(folder / "unet")
-    torch.manual_seed(seed + 1)
-    AutoencoderKL(**spec["vae"]).save_pretrained(folder / "vae")
-    torch.manual_seed(seed + 2)
-    text = dict(spec["text_encoder"], bos_token_id=0, eos_token_id=1, pad_token_id=1)
-    CLIPTextModel(CLIPTextConfig(**text)).save_pretrained(folder / "text_encoder")
-    DDIMScheduler(**spec["scheduler"]).save_pretrained(folder / "scheduler")
-    index = {
-        "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.27.0",
-        "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
-        "scheduler": ["diffusers", "DDIMScheduler"], "safety_checker": [None, None], "feature_extractor": [None, None],
-    }
-    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    _sibling("teacher").save_sd21_base(folder, seed)
     done.write_text("")
     logger.info("built the SD 2.1-base-architecture folder %s in %.0f s", folder, time.perf_counter() - start)
     return folder
