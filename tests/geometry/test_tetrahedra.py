@@ -6,7 +6,7 @@ import pytest
 import torch
 import trimesh
 
-from lift3d.geometry.tetrahedra import marching_tetrahedra, tetrahedral_grid
+from lift3d.geometry.tetrahedra import crossing_cell_tets, marching_tetrahedra, tetrahedral_grid, used_vertices
 
 
 def _signed_volumes(vertices, tets):
@@ -56,3 +56,47 @@ def test_zero_crossing_is_linear_and_differentiable():
     assert empty_surface.shape == (0, 3) and empty_faces.shape == (0, 3)
     with pytest.raises(ValueError, match="sdf must be"):
         marching_tetrahedra(vertices, tets, torch.ones(3))
+
+
+def test_surface_vertices_sit_on_the_sorted_unique_crossing_edges():
+    """One surface vertex per sign-changing edge, in the lexicographic order of (a, b), a < b."""
+    vertices, tets = tetrahedral_grid(5)
+    sdf = vertices.norm(dim=-1) - 0.55 + 0.05 * torch.randn(len(vertices), generator=torch.Generator().manual_seed(0))
+    surface, faces = marching_tetrahedra(vertices, tets, sdf)
+    pairs = torch.cat([tets[:, [i, j]] for i, j in ((0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3))]).sort(-1).values
+    pairs = pairs[(sdf[pairs[:, 0]] < 0) != (sdf[pairs[:, 1]] < 0)]
+    edges = torch.unique(pairs, dim=0)  # row-wise unique: sorted lexicographically
+    a, b = edges[:, 0], edges[:, 1]
+    expected = (vertices[a] * sdf[b, None] - vertices[b] * sdf[a, None]) / (sdf[b, None] - sdf[a, None])
+    assert torch.equal(surface, expected)
+    assert int(faces.max()) == len(surface) - 1
+
+
+@pytest.mark.parametrize("resolution", [2, 7, 12])
+def test_crossing_cells_and_used_vertices_give_the_same_mesh(resolution):
+    """Marching only the tetrahedra of cells with corners of both signs, over only the vertices
+    they use, is the full march: same surface (bit for bit), same faces, same gradients."""
+    g = torch.Generator().manual_seed(resolution)
+    grid_vertices, tets = tetrahedral_grid(resolution)
+    vertices = grid_vertices + 0.3 / resolution * torch.rand(grid_vertices.shape, generator=g)
+    sdf = grid_vertices.norm(dim=-1) - 0.6 + 0.1 * torch.randn(len(grid_vertices), generator=g)
+    full = marching_tetrahedra(vertices, tets, sdf)
+    candidates = crossing_cell_tets(tets, sdf, resolution)
+    assert 0 < len(candidates) <= len(tets) and (resolution == 2 or len(candidates) < len(tets))
+    used, local = used_vertices(candidates, len(vertices))
+    assert torch.equal(used, used.sort().values) and torch.equal(used[local], candidates)
+    leaves = [vertices[used].clone().requires_grad_(), sdf[used].clone().requires_grad_()]
+    pruned = marching_tetrahedra(leaves[0], local, leaves[1])
+    assert torch.equal(pruned[0], full[0]) and torch.equal(pruned[1], full[1])
+    full_leaves = [vertices.clone().requires_grad_(), sdf.clone().requires_grad_()]
+    surface = marching_tetrahedra(full_leaves[0], tets, full_leaves[1])[0]
+    weights = torch.randn(surface.shape, generator=g)
+    (surface * weights).sum().backward()
+    (pruned[0] * weights).sum().backward()
+    for leaf, full_leaf in zip(leaves, full_leaves):
+        assert torch.equal(leaf.grad, full_leaf.grad[used])
+        unused = torch.ones(len(vertices), dtype=torch.bool)
+        unused[used] = False
+        assert not full_leaf.grad[unused].any()  # nothing outside the crossing cells gets a gradient
+    with pytest.raises(ValueError, match="Kuhn grid"):
+        crossing_cell_tets(tets, sdf[:-1], resolution)
