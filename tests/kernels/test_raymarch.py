@@ -31,6 +31,15 @@ def cpu_tier() -> None:
     require_cpu_ops(MARCH_OP, COMPOSITE_FORWARD_OP)
 
 
+@pytest.fixture(params=["default", "baseline"])
+def march_build(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The cpu march runs 8 candidates per step with AVX2 where the CPU has it, and by cell
+    skipping in the baseline build (``LIFT3D_KERNELS_NO_AVX2=1``): both must be the reference."""
+    if request.param == "baseline":
+        monkeypatch.setenv("LIFT3D_KERNELS_NO_AVX2", "1")
+    return request.param
+
+
 def random_rays(seed: int, R: int, miss_fraction: float = 0.2) -> tuple[Tensor, Tensor]:
     """Unit rays from a sphere of radius 3 aimed near the origin; a fraction aimed away (misses),
     and a few starting inside the box."""
@@ -135,7 +144,7 @@ def test_march_full_grid_counts_and_max_samples() -> None:
 
 
 @pytest.mark.parametrize("stratified", [False, True])
-def test_march_cpu_matches_reference_exactly(cpu_tier: None, stratified: bool) -> None:
+def test_march_cpu_matches_reference_exactly(cpu_tier: None, march_build: str, stratified: bool) -> None:
     grid = sphere_grid()
     # A partly empty grid with holes inside the ball too.
     holes = torch.rand(grid.occupancy.shape, generator=torch.Generator().manual_seed(3)) < 0.3
@@ -162,10 +171,11 @@ def test_march_cpu_matches_reference_exactly(cpu_tier: None, stratified: bool) -
 
 
 @pytest.mark.parametrize("trial", range(6))
-def test_march_cpu_cell_skipping_is_exact(cpu_tier: None, trial: int) -> None:
-    """The cpu tier skips or keeps whole runs of candidates per cell; the samples must still be the
-    reference's bit for bit on awkward geometry: off-centre boxes, rays starting exactly on cell
-    faces, axis-parallel and nearly plane-parallel rays, coarse and fine grids and steps."""
+def test_march_cpu_cell_skipping_is_exact(cpu_tier: None, march_build: str, trial: int) -> None:
+    """The cpu tier skips or keeps whole runs of candidates per cell (baseline build) or evaluates
+    them 8 at a time (AVX2); the samples must still be the reference's bit for bit on awkward
+    geometry: off-centre boxes, rays starting exactly on cell faces, axis-parallel and nearly
+    plane-parallel rays, coarse and fine grids and steps."""
     g = torch.Generator().manual_seed(100 + trial)
     res = [4, 16, 64][trial % 3]
     occupancy = torch.rand(res**3, generator=g) < [0.1, 0.5][trial % 2]
@@ -191,7 +201,7 @@ def test_march_cpu_cell_skipping_is_exact(cpu_tier: None, trial: int) -> None:
     assert_same_samples(march_rays(*args, jitter=jitter, tier="cpu"), reference)
 
 
-def test_march_cpu_edge_cases(cpu_tier: None) -> None:
+def test_march_cpu_edge_cases(cpu_tier: None, march_build: str) -> None:
     aabb = torch.tensor([-1.0, -1.0, -1.0, 1.0, 1.0, 1.0])
     occupancy = torch.ones(4**3, dtype=torch.bool)
     for origins, dirs in [
