@@ -26,6 +26,7 @@
 #include <torch/extension.h>
 
 #include "cpu_features.h"
+#include "cpu_output_pool.h"
 #include "raymarch_inputs.h"
 
 #include <algorithm>
@@ -35,6 +36,7 @@
 #include <limits>
 #include <memory>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #ifdef LIFT3D_CPU_X86
@@ -295,11 +297,13 @@ __attribute__((target("avx2"))) int64_t march_ray_avx2(const Marcher& m, const u
     }
     const int inside_bits = _mm256_movemask_ps(inside);
     if (inside_bits != 0) {
-      // Lanes outside the grid are masked off: their cell index is never read.
-      const __m256i bytes = _mm256_mask_i32gather_epi32(_mm256_setzero_si256(), reinterpret_cast<const int*>(occupancy),
-                                                        cell, _mm256_castps_si256(inside), 1);
-      const __m256i occupied = _mm256_cmpgt_epi32(_mm256_and_si256(bytes, _mm256_set1_epi32(0xff)), _mm256_setzero_si256());
-      const int keep_bits = _mm256_movemask_ps(_mm256_castsi256_ps(occupied)) & inside_bits;
+      // Eight byte loads, not a gather (microcoded and several times slower on AMD); lanes outside
+      // the grid read cell 0 and are masked off.
+      alignas(32) int32_t cells[8];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(cells), _mm256_and_si256(cell, _mm256_castps_si256(inside)));
+      unsigned occupied = 0;
+      for (int lane = 0; lane < 8; ++lane) occupied |= static_cast<unsigned>(occupancy[cells[lane]]) << lane;
+      const int keep_bits = static_cast<int>(occupied) & inside_bits;
       if (keep_bits != 0) {
         const __m256i lanes = _mm256_load_si256(reinterpret_cast<const __m256i*>(kCompress.lanes[keep_bits]));
         _mm256_storeu_ps(out.reserve(8), _mm256_permutevar8x32_ps(t0, lanes));
@@ -416,50 +420,55 @@ struct CompositeInputs {
   float max_optical_depth;  // -log(threshold), rounded to float like torch's scalar comparison
 };
 
-// One sample's forward quantities, shared by forward and backward so both decide identically.
-struct SampleState {
-  float sd;    // sigma * delta
-  float T;     // transmittance before the sample, exp(-excl)
-  float w;     // weight (0 when terminated)
-  bool kept;
-};
-
-// Advances the per-ray optical depth accumulator (double, like torch.cumsum on CPU).
-inline SampleState sample_state(const CompositeInputs& in, int64_t i, double& optical_depth) {
-  SampleState s;
-  const float delta = in.t_ends[i] - in.t_starts[i];
-  s.sd = in.sigmas[i] * delta;
-  const float excl = static_cast<float>(optical_depth);
-  optical_depth += static_cast<double>(s.sd);
-  s.kept = excl <= in.max_optical_depth;  // false on NaN too
-  if (s.kept) {
-    s.T = std::exp(-excl);
-    s.w = s.T * -std::expm1(-s.sd);
-  } else {
-    s.T = 0.0f;
-    s.w = 0.0f;
+// Calls fn(std::integral_constant<int64_t, C>) for the channel counts worth a loop of their own
+// (C = 1, 3, 4: densities, colours, colours + a feature), fn(std::integral_constant<int64_t, 0>)
+// for any other C: per-ray accumulators then live in registers.
+template <typename Fn>
+void with_channels(int64_t C, Fn&& fn) {
+  switch (C) {
+    case 1: fn(std::integral_constant<int64_t, 1>{}); break;
+    case 3: fn(std::integral_constant<int64_t, 3>{}); break;
+    case 4: fn(std::integral_constant<int64_t, 4>{}); break;
+    default: fn(std::integral_constant<int64_t, 0>{}); break;
   }
-  return s;
 }
 
 // Ray r's samples are [offsets[r], offsets[r + 1]); checks ray_indices is sorted and in range.
+// Each sample writes the offsets of the rays that start at it, so every entry is written once
+// and the scan runs in parallel.
 std::vector<int64_t> ray_offsets(const at::Tensor& ray_indices, int64_t R) {
   const int64_t S = ray_indices.size(0);
   const int64_t* idx = ray_indices.data_ptr<int64_t>();
-  std::vector<int64_t> offsets(R + 1, 0);
-  int64_t previous = 0;
+  std::vector<int64_t> offsets(R + 1);
+  bool ordered = true;
+#pragma omp parallel for schedule(static) reduction(&& : ordered)
   for (int64_t i = 0; i < S; ++i) {
+    const int64_t previous = i > 0 ? idx[i - 1] : -1;
     const int64_t r = idx[i];
-    TORCH_CHECK(r >= previous && r < R, "composite: ray_indices must be non-decreasing and in [0, num_rays); got ",
-                r, " at position ", i);
-    ++offsets[r + 1];
-    previous = r;
+    if (r < previous || r >= R) {
+      ordered = false;
+      continue;
+    }
+    for (int64_t q = previous + 1; q <= r; ++q) offsets[q] = i;  // rays previous + 1 .. r start here
   }
-  for (int64_t r = 0; r < R; ++r) offsets[r + 1] += offsets[r];
+  if (!ordered) {
+    int64_t previous = 0;
+    for (int64_t i = 0; i < S; ++i) {
+      TORCH_CHECK(idx[i] >= previous && idx[i] < R,
+                  "composite: ray_indices must be non-decreasing and in [0, num_rays); got ", idx[i], " at position ", i);
+      previous = idx[i];
+    }
+  }
+  for (int64_t q = S > 0 ? idx[S - 1] + 1 : 0; q <= R; ++q) offsets[q] = S;
   return offsets;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> composite_forward(
+// A float32 output of `sizes`, its memory recycled when it is large (cpu_output_pool.h).
+at::Tensor pooled(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  return lift3d_cpu::OutputPool::take(sizes, options).tensor;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> composite_forward(
     const at::Tensor& sigmas, const at::Tensor& values, const at::Tensor& t_starts, const at::Tensor& t_ends,
     const at::Tensor& ray_indices, int64_t num_rays, double transmittance_threshold) {
   const auto [S, C, R] = check_composite_forward_inputs(Tier::kCpu, sigmas, values, t_starts, t_ends, ray_indices,
@@ -471,112 +480,145 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> composite
                            static_cast<float>(-std::log(transmittance_threshold))};
 
   const auto f32 = sigmas.options();
-  at::Tensor weights = at::empty({S}, f32);  // every entry is written
-  at::Tensor accumulated = at::zeros({R, C}, f32);
-  at::Tensor opacity = at::zeros({R, 1}, f32);
-  at::Tensor depth = at::zeros({R, 1}, f32);
+  // Every entry of these is written.
+  at::Tensor weights = pooled({S}, f32);
+  at::Tensor transmittance = pooled({S}, f32);
+  at::Tensor survival = pooled({S}, f32);
+  at::Tensor accumulated = at::empty({R, C}, f32);
+  at::Tensor opacity = at::empty({R, 1}, f32);
+  at::Tensor depth = at::empty({R, 1}, f32);
   float* w_out = weights.data_ptr<float>();
+  float* T_out = transmittance.data_ptr<float>();
+  float* e_out = survival.data_ptr<float>();
   float* acc_out = accumulated.data_ptr<float>();
   float* op_out = opacity.data_ptr<float>();
   float* depth_out = depth.data_ptr<float>();
 
+  with_channels(C, [&](auto channels) {
+    constexpr int64_t kC = decltype(channels)::value;
 #pragma omp parallel
-  {
-    std::vector<double> acc(C);
+    {
+      std::vector<double> acc_dynamic(kC > 0 ? 0 : C);
 #pragma omp for schedule(dynamic, 16)
-    for (int64_t r = 0; r < R; ++r) {
-      std::fill(acc.begin(), acc.end(), 0.0);
-      double optical_depth = 0.0, total = 0.0, depth_sum = 0.0;
-      for (int64_t i = offsets[r]; i < offsets[r + 1]; ++i) {
-        // No early exit: with sigma >= 0 a terminated ray stays terminated, but the rule is per
-        // sample (as in the reference), so negative densities give the same answer in both tiers.
-        const SampleState s = sample_state(in, i, optical_depth);
-        w_out[i] = s.w;  // 0 when terminated
-        if (!s.kept) continue;
-        const double w = s.w;
-        total += w;
-        depth_sum += w * (0.5 * (static_cast<double>(in.t_starts[i]) + in.t_ends[i]));
-        const float* v = in.values + i * C;
-        for (int64_t c = 0; c < C; ++c) acc[c] += w * v[c];
+      for (int64_t r = 0; r < R; ++r) {
+        double acc_fixed[kC > 0 ? kC : 1] = {};
+        double* acc = kC > 0 ? acc_fixed : acc_dynamic.data();
+        const int64_t Cr = kC > 0 ? kC : C;
+        std::fill(acc, acc + Cr, 0.0);
+        const int64_t begin = offsets[r], end = offsets[r + 1];
+        // Pass 1: the weights. Only the optical depth is live across the libm calls here, so
+        // they spill nothing (all vector registers are caller-saved).
+        double optical_depth = 0.0;
+        for (int64_t i = begin; i < end; ++i) {
+          const float delta = in.t_ends[i] - in.t_starts[i];
+          const float sd = in.sigmas[i] * delta;
+          const float excl = static_cast<float>(optical_depth);  // double accumulation, like torch.cumsum on CPU
+          optical_depth += static_cast<double>(sd);
+          // No early exit: with sigma >= 0 a terminated ray stays terminated, but the rule is per
+          // sample (as in the reference), so negative densities give the same answer in every tier.
+          if (!(excl <= in.max_optical_depth)) {  // terminated (or NaN): no weight, no gradient
+            w_out[i] = T_out[i] = e_out[i] = 0.0f;
+            continue;
+          }
+          // T and exp(-sd) are kept for the backward, which then needs no transcendental.
+          const float T = std::exp(-excl);
+          w_out[i] = T * -std::expm1(-sd);
+          T_out[i] = T;
+          e_out[i] = std::exp(-sd);
+        }
+        // Pass 2: the sums, in sample order (terminated samples add nothing).
+        double total = 0.0, depth_sum = 0.0;
+        for (int64_t i = begin; i < end; ++i) {
+          if (T_out[i] == 0.0f) continue;
+          const double wd = w_out[i];
+          total += wd;
+          depth_sum += wd * (0.5 * (static_cast<double>(in.t_starts[i]) + in.t_ends[i]));
+          const float* v = in.values + i * Cr;
+          for (int64_t c = 0; c < Cr; ++c) acc[c] += wd * v[c];
+        }
+        for (int64_t c = 0; c < Cr; ++c) acc_out[r * Cr + c] = static_cast<float>(acc[c]);
+        op_out[r] = static_cast<float>(total);
+        depth_out[r] = static_cast<float>(depth_sum);
       }
-      for (int64_t c = 0; c < C; ++c) acc_out[r * C + c] = static_cast<float>(acc[c]);
-      op_out[r] = static_cast<float>(total);
-      depth_out[r] = static_cast<float>(depth_sum);
     }
-  }
+  });
   at::Tensor offsets_tensor = at::empty({R + 1}, ray_indices.options());
   std::copy(offsets.begin(), offsets.end(), offsets_tensor.data_ptr<int64_t>());
-  return {weights, accumulated, opacity, depth, offsets_tensor};
+  return {weights, accumulated, opacity, depth, offsets_tensor, transmittance, survival};
 }
 
-std::tuple<at::Tensor, at::Tensor> composite_backward(const at::Tensor& sigmas, const at::Tensor& values,
-                                                      const at::Tensor& t_starts, const at::Tensor& t_ends,
-                                                      const at::Tensor& ray_offsets_tensor,
-                                                      const at::Tensor& grad_weights,
+// With G_i = dL/dw_i (direct + through colour, opacity and depth) and the forward's w, T and
+// exp(-sd) (T = 0 marks a terminated sample):
+//   dL/dsd_j = G_j T_j exp(-sd_j) - sum_{i>j} G_i w_i   (a suffix sum, O(S) per ray);  dL/dv_j = w_j dL/dacc.
+std::tuple<at::Tensor, at::Tensor> composite_backward(const at::Tensor& values, const at::Tensor& t_starts,
+                                                      const at::Tensor& t_ends, const at::Tensor& ray_offsets_tensor,
+                                                      const at::Tensor& weights, const at::Tensor& transmittance,
+                                                      const at::Tensor& survival, const at::Tensor& grad_weights,
                                                       const at::Tensor& grad_accumulated,
-                                                      const at::Tensor& grad_opacity, const at::Tensor& grad_depth,
-                                                      double transmittance_threshold) {
-  const auto [S, C, R] = check_composite_backward_inputs(Tier::kCpu, sigmas, values, t_starts, t_ends, ray_offsets_tensor,
-                                                         grad_weights, grad_accumulated, grad_opacity, grad_depth);
+                                                      const at::Tensor& grad_opacity, const at::Tensor& grad_depth) {
+  const auto [S, C, R] = check_composite_backward_inputs(Tier::kCpu, values, t_starts, t_ends, ray_offsets_tensor,
+                                                         weights, transmittance, survival, grad_weights,
+                                                         grad_accumulated, grad_opacity, grad_depth);
 
   const int64_t* offsets = ray_offsets_tensor.data_ptr<int64_t>();
-  const CompositeInputs in{sigmas.data_ptr<float>(), values.data_ptr<float>(), t_starts.data_ptr<float>(),
-                           t_ends.data_ptr<float>(), C,
-                           static_cast<float>(-std::log(transmittance_threshold))};
   TORCH_CHECK(R >= 0 && offsets[0] == 0 && offsets[R] == S, "composite_backward: bad ray_offsets");
   for (int64_t r = 0; r < R; ++r)
     TORCH_CHECK(offsets[r] <= offsets[r + 1], "composite_backward: ray_offsets must be non-decreasing");
+  const float* values_in = values.data_ptr<float>();
+  const float* t0 = t_starts.data_ptr<float>();
+  const float* t1 = t_ends.data_ptr<float>();
+  const float* w_in = weights.data_ptr<float>();
+  const float* T_in = transmittance.data_ptr<float>();
+  const float* e_in = survival.data_ptr<float>();
   const float* g_w = grad_weights.data_ptr<float>();
   const float* g_acc = grad_accumulated.data_ptr<float>();
   const float* g_op = grad_opacity.data_ptr<float>();
   const float* g_depth = grad_depth.data_ptr<float>();
 
   // Every entry is written below (offsets cover [0, S) exactly).
-  at::Tensor grad_sigmas = at::empty({S}, sigmas.options());
-  at::Tensor grad_values = at::empty({S, C}, values.options());
+  at::Tensor grad_sigmas = pooled({S}, values.options());
+  at::Tensor grad_values = pooled({S, C}, values.options());
   float* gs = grad_sigmas.data_ptr<float>();
   float* gv = grad_values.data_ptr<float>();
 
+  with_channels(C, [&](auto channels) {
+    constexpr int64_t kC = decltype(channels)::value;
+    const int64_t Cr = kC > 0 ? kC : C;
 #pragma omp parallel
-  {
-    // Per ray: G_i * w_i (for the suffix sums) and G_i * T_i * exp(-sd_i) (the sample's own term).
-    std::vector<double> gw, own;
+    {
+      std::vector<double> G;  // per sample of the ray: dL/dw (0 where terminated)
 #pragma omp for schedule(dynamic, 16)
-    for (int64_t r = 0; r < R; ++r) {
-      const int64_t begin = offsets[r], end = offsets[r + 1];
-      const float* ga = g_acc + r * C;
-      gw.clear();
-      own.clear();
-      double optical_depth = 0.0;
-      for (int64_t i = begin; i < end; ++i) {
-        const SampleState s = sample_state(in, i, optical_depth);
-        if (!s.kept) {  // zero weight, zero gradient, and nothing added to earlier samples' suffix
-          std::fill(gv + i * C, gv + (i + 1) * C, 0.0f);
-          gw.push_back(0.0);
-          own.push_back(0.0);
-          continue;
+      for (int64_t r = 0; r < R; ++r) {
+        const int64_t begin = offsets[r], end = offsets[r + 1];
+        const float* ga = g_acc + r * Cr;
+        if (static_cast<int64_t>(G.size()) < end - begin) G.resize(static_cast<size_t>(end - begin));
+        for (int64_t i = begin; i < end; ++i) {
+          float* gvi = gv + i * Cr;
+          if (T_in[i] == 0.0f) {  // terminated: zero weight, zero gradient, nothing added to the suffix
+            std::fill(gvi, gvi + Cr, 0.0f);
+            G[i - begin] = 0.0;
+            continue;
+          }
+          const float* v = values_in + i * Cr;
+          double Gi = static_cast<double>(g_w[i]) + g_op[r] +
+                      static_cast<double>(g_depth[r]) * (0.5 * (static_cast<double>(t0[i]) + t1[i]));
+          for (int64_t c = 0; c < Cr; ++c) {
+            Gi += static_cast<double>(ga[c]) * v[c];
+            gvi[c] = w_in[i] * ga[c];
+          }
+          G[i - begin] = Gi;
         }
-        const float* v = in.values + i * C;
-        double G = static_cast<double>(g_w[i]) + g_op[r] +
-                   static_cast<double>(g_depth[r]) * (0.5 * (static_cast<double>(in.t_starts[i]) + in.t_ends[i]));
-        float* gvi = gv + i * C;
-        for (int64_t c = 0; c < C; ++c) {
-          G += static_cast<double>(ga[c]) * v[c];
-          gvi[c] = s.w * ga[c];
+        double suffix = 0.0;  // sum_{i > j} G_i w_i
+        for (int64_t i = end - 1; i >= begin; --i) {
+          const double Gi = G[i - begin];
+          const double d_sd = Gi * T_in[i] * e_in[i] - suffix;
+          suffix += Gi * w_in[i];
+          const float delta = t1[i] - t0[i];
+          gs[i] = static_cast<float>(d_sd * delta);
         }
-        gw.push_back(G * s.w);
-        own.push_back(G * s.T * std::exp(-s.sd));
-      }
-      double suffix = 0.0;  // sum_{i > j} G_i w_i
-      for (int64_t i = end - 1; i >= begin; --i) {
-        const int64_t n = i - begin;
-        const double d_sd = own[n] - suffix;
-        suffix += gw[n];
-        const float delta = in.t_ends[i] - in.t_starts[i];
-        gs[i] = static_cast<float>(d_sd * delta);
       }
     }
-  }
+  });
   return {grad_sigmas, grad_values};
 }
 
@@ -591,11 +633,11 @@ TORCH_LIBRARY_FRAGMENT(lift3d_cpu, m) {
   m.def(
       "composite_forward(Tensor sigmas, Tensor values, Tensor t_starts, Tensor t_ends, Tensor ray_indices, "
       "int num_rays, float transmittance_threshold) -> (Tensor weights, Tensor accumulated, Tensor opacity, "
-      "Tensor depth, Tensor ray_offsets)",
+      "Tensor depth, Tensor ray_offsets, Tensor transmittance, Tensor survival)",
       &composite_forward);
   m.def(
-      "composite_backward(Tensor sigmas, Tensor values, Tensor t_starts, Tensor t_ends, Tensor ray_offsets, "
-      "Tensor grad_weights, Tensor grad_accumulated, Tensor grad_opacity, Tensor grad_depth, "
-      "float transmittance_threshold) -> (Tensor grad_sigmas, Tensor grad_values)",
+      "composite_backward(Tensor values, Tensor t_starts, Tensor t_ends, Tensor ray_offsets, Tensor weights, "
+      "Tensor transmittance, Tensor survival, Tensor grad_weights, Tensor grad_accumulated, Tensor grad_opacity, "
+      "Tensor grad_depth) -> (Tensor grad_sigmas, Tensor grad_values)",
       &composite_backward);
 }

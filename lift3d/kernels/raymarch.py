@@ -554,13 +554,14 @@ class _CompositeNative(torch.autograd.Function):
         threshold: float,
         tier: str,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        inputs = [t.contiguous() for t in (sigmas, values, t_starts, t_ends)]
+        sigmas, values, t_starts, t_ends = (t.contiguous() for t in (sigmas, values, t_starts, t_ends))
         forward_op = native_op(tier, "composite_forward", sigmas.device)
-        weights, accumulated, opacity, depth, offsets = forward_op(
-            *inputs, ray_indices.contiguous(), num_rays, threshold
+        weights, accumulated, opacity, depth, offsets, transmittance, survival = forward_op(
+            sigmas, values, t_starts, t_ends, ray_indices.contiguous(), num_rays, threshold
         )
-        ctx.save_for_backward(*inputs, offsets)
-        ctx.threshold, ctx.tier = threshold, tier
+        # The backward reuses the forward's w, T and exp(-sigma delta): no transcendental there.
+        ctx.save_for_backward(values, t_starts, t_ends, offsets, weights, transmittance, survival)
+        ctx.tier = tier
         return weights, accumulated, opacity, depth
 
     @staticmethod
@@ -571,19 +572,20 @@ class _CompositeNative(torch.autograd.Function):
         grad_opacity: Tensor,
         grad_depth: Tensor,
     ) -> tuple[Tensor | None, ...]:
-        sigmas, values, t_starts, t_ends, offsets = ctx.saved_tensors
-        backward_op = native_op(ctx.tier, "composite_backward", sigmas.device)
+        values, t_starts, t_ends, offsets, weights, transmittance, survival = ctx.saved_tensors
+        backward_op = native_op(ctx.tier, "composite_backward", values.device)
         grad_sigmas, grad_values = backward_op(
-            sigmas,
             values,
             t_starts,
             t_ends,
             offsets,
+            weights,
+            transmittance,
+            survival,
             grad_weights.contiguous().float(),
             grad_accumulated.contiguous().float(),
             grad_opacity.contiguous().float(),
             grad_depth.contiguous().float(),
-            ctx.threshold,
         )
         return grad_sigmas, grad_values, None, None, None, None, None, None
 
