@@ -463,9 +463,181 @@ std::vector<int64_t> ray_offsets(const at::Tensor& ray_indices, int64_t R) {
   return offsets;
 }
 
+// Whether some sample of [begin, end) has sigma * delta < 0 (the optical depth can then shrink).
+inline bool any_negative_density(const CompositeInputs& in, int64_t begin, int64_t end) {
+  bool negative = false;
+  for (int64_t i = begin; i < end; ++i) negative |= in.sigmas[i] * (in.t_ends[i] - in.t_starts[i]) < 0.0f;
+  return negative;
+}
+
+// exp and expm1 of one argument, in double: x = k ln2 + r with |r| <= ln2 / 2, q = expm1(r) by
+// its Taylor series to r^11 (truncation < 1e-14 relative), then exp(x) = 2^k (1 + q) and
+// expm1(x) = 2^k q + (2^k - 1). Rounded to float these are the correctly rounded values unless
+// the exact one lies within ~1e-14 of a rounding boundary: as accurate as libm's expf (<= 0.502
+// ulp) and more than its expm1f, and, unlike libm, the same operations scalar or 4 lanes at a time
+// (no FMA here), so the baseline and AVX2 builds agree bit for bit.
+namespace exp_double {
+constexpr double kLog2e = 1.4426950408889634;
+constexpr double kLn2Hi = 6.93147180369123816490e-01;  // fdlibm's split: k * kLn2Hi is exact for |k| < 2^20
+constexpr double kLn2Lo = 1.90821492927058770002e-10;
+constexpr double kShifter = 6755399441055744.0;       // 1.5 * 2^52: x + kShifter rounds x to an integer
+constexpr uint64_t kShifterBits = 0x4338000000000000ull;
+constexpr double kLowest = -200.0, kHighest = 100.0;  // beyond them the float results are 0, -1 or inf
+// 1/n! for n = 2 .. 11, lowest first.
+constexpr double kInverseFactorial[10] = {1.0 / 2,         1.0 / 6,          1.0 / 24,          1.0 / 120,
+                                          1.0 / 720,       1.0 / 5040,       1.0 / 40320,       1.0 / 362880,
+                                          1.0 / 3628800.0, 1.0 / 39916800.0};
+
+struct ExpExpm1 {
+  double exp, expm1;
+};
+
+inline ExpExpm1 exp_expm1(double x) {
+  x = x < kLowest ? kLowest : x;  // NaN passes through both and comes out NaN
+  x = x > kHighest ? kHighest : x;
+  const double shifted = x * kLog2e + kShifter;
+  const double k = shifted - kShifter;
+  uint64_t bits;
+  std::memcpy(&bits, &shifted, sizeof(bits));
+  const double r = (x - k * kLn2Hi) - k * kLn2Lo;
+  double p = kInverseFactorial[9];
+  for (int n = 8; n >= 0; --n) p = p * r + kInverseFactorial[n];
+  const double q = r + (r * r) * p;
+  const uint64_t scale_bits = (bits - kShifterBits + 1023) << 52;  // 2^k
+  double scale;
+  std::memcpy(&scale, &scale_bits, sizeof(scale));
+  return {scale * (1.0 + q), scale * q + (scale - 1.0)};
+}
+
+#ifdef LIFT3D_CPU_X86
+// The same sequence on 4 lanes.
+__attribute__((target("avx2"))) inline void exp_expm1_avx2(__m256d x, __m256d& exp, __m256d& expm1) {
+  x = _mm256_max_pd(_mm256_set1_pd(kLowest), x);  // max/min return the second operand on NaN
+  x = _mm256_min_pd(_mm256_set1_pd(kHighest), x);
+  const __m256d shifted = _mm256_add_pd(_mm256_mul_pd(x, _mm256_set1_pd(kLog2e)), _mm256_set1_pd(kShifter));
+  const __m256d k = _mm256_sub_pd(shifted, _mm256_set1_pd(kShifter));
+  const __m256d r = _mm256_sub_pd(_mm256_sub_pd(x, _mm256_mul_pd(k, _mm256_set1_pd(kLn2Hi))),
+                                  _mm256_mul_pd(k, _mm256_set1_pd(kLn2Lo)));
+  __m256d p = _mm256_set1_pd(kInverseFactorial[9]);
+  for (int n = 8; n >= 0; --n) p = _mm256_add_pd(_mm256_mul_pd(p, r), _mm256_set1_pd(kInverseFactorial[n]));
+  const __m256d q = _mm256_add_pd(r, _mm256_mul_pd(_mm256_mul_pd(r, r), p));
+  const __m256i k_bits = _mm256_sub_epi64(_mm256_castpd_si256(shifted), _mm256_set1_epi64x(static_cast<int64_t>(kShifterBits)));
+  const __m256d scale = _mm256_castsi256_pd(_mm256_slli_epi64(_mm256_add_epi64(k_bits, _mm256_set1_epi64x(1023)), 52));
+  const __m256d one = _mm256_set1_pd(1.0);
+  exp = _mm256_mul_pd(scale, _mm256_add_pd(one, q));
+  expm1 = _mm256_add_pd(_mm256_mul_pd(scale, q), _mm256_sub_pd(scale, one));
+}
+#endif
+}  // namespace exp_double
+
+// The kept samples' transmittance T = exp(-excl), survival e = exp(-sd) and weight
+// w = T * (-expm1(-sd)) from their optical depths before them (excl) and their own (sd), written
+// over those: on entry T holds excl, e holds sd and w holds 1 where the sample is kept, 0 where it
+// is terminated (and gets zeros).
+inline void sample_weights(float* T, float* e, float* w, int64_t i) {
+  if (w[i] == 0.0f) {
+    T[i] = e[i] = 0.0f;
+    return;
+  }
+  const float transmittance = static_cast<float>(exp_double::exp_expm1(-static_cast<double>(T[i])).exp);
+  const exp_double::ExpExpm1 own = exp_double::exp_expm1(-static_cast<double>(e[i]));
+  T[i] = transmittance;
+  e[i] = static_cast<float>(own.exp);
+  w[i] = transmittance * static_cast<float>(-own.expm1);
+}
+
+void sample_weights_scalar(float* T, float* e, float* w, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) sample_weights(T, e, w, i);
+}
+
+#ifdef LIFT3D_CPU_X86
+__attribute__((target("avx2"))) void sample_weights_avx2(float* T, float* e, float* w, int64_t n) {
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) {
+    __m256d T_exp, T_expm1, e_exp, e_expm1;
+    exp_double::exp_expm1_avx2(_mm256_sub_pd(_mm256_setzero_pd(), _mm256_cvtps_pd(_mm_loadu_ps(T + i))), T_exp, T_expm1);
+    exp_double::exp_expm1_avx2(_mm256_sub_pd(_mm256_setzero_pd(), _mm256_cvtps_pd(_mm_loadu_ps(e + i))), e_exp, e_expm1);
+    const __m128 kept = _mm_cmpneq_ps(_mm_loadu_ps(w + i), _mm_setzero_ps());
+    const __m128 transmittance = _mm_and_ps(kept, _mm256_cvtpd_ps(T_exp));
+    const __m128 alpha = _mm256_cvtpd_ps(_mm256_sub_pd(_mm256_setzero_pd(), e_expm1));
+    _mm_storeu_ps(T + i, transmittance);
+    _mm_storeu_ps(e + i, _mm_and_ps(kept, _mm256_cvtpd_ps(e_exp)));
+    _mm_storeu_ps(w + i, _mm_and_ps(kept, _mm_mul_ps(transmittance, alpha)));
+  }
+  for (; i < n; ++i) sample_weights(T, e, w, i);
+}
+#endif
+
+using SampleWeightsFn = void (*)(float*, float*, float*, int64_t);
+
+SampleWeightsFn pick_sample_weights() {
+#ifdef LIFT3D_CPU_X86
+  if (lift3d_cpu::use_avx2()) return sample_weights_avx2;
+#endif
+  return sample_weights_scalar;
+}
+
 // A float32 output of `sizes`, its memory recycled when it is large (cpu_output_pool.h).
 at::Tensor pooled(at::IntArrayRef sizes, const at::TensorOptions& options) {
   return lift3d_cpu::OutputPool::take(sizes, options).tensor;
+}
+
+struct RaySums {
+  double opacity, depth;
+};
+
+// Ray r's samples [begin, end): writes their w, T (0 where terminated) and exp(-sd), and returns
+// the ray's sums, its colour in acc[C] (double, in sample order). The outputs are restrict
+// parameters so that their stores do not make the compiler reload every input.
+template <int64_t kC>
+RaySums forward_ray(const CompositeInputs& in, SampleWeightsFn weights_of, int64_t begin, int64_t end,
+                    float* __restrict__ w, float* __restrict__ T, float* __restrict__ e, double* __restrict__ acc) {
+  const int64_t C = kC > 0 ? kC : in.C;
+  // Pass 1: the optical depths (a serial chain) and the termination decisions; T and e hold the
+  // optical depth before the sample and the sample's own until pass 2, w whether it is kept.
+  double optical_depth = 0.0;
+  int64_t last_kept = begin - 1;
+  bool checked = false;  // whether the rest of the ray was searched for a negative density
+  for (int64_t i = begin; i < end; ++i) {
+    const float delta = in.t_ends[i] - in.t_starts[i];
+    const float sd = in.sigmas[i] * delta;
+    const float excl = static_cast<float>(optical_depth);  // double accumulation, like torch.cumsum on CPU
+    optical_depth += static_cast<double>(sd);
+    const bool kept = excl <= in.max_optical_depth;  // false on NaN
+    T[i] = excl;
+    e[i] = sd;
+    w[i] = kept ? 1.0f : 0.0f;
+    last_kept = kept ? i : last_kept;
+    // The rule is per sample (as in the reference), so a negative density could bring a
+    // terminated ray back; without one after it (a vectorised check) it stays terminated.
+    if (!kept && !checked) {
+      if (!any_negative_density(in, i + 1, end)) break;
+      checked = true;
+    }
+  }
+  // Pass 2: T, exp(-sd) (kept for the backward, which then needs no transcendental) and w,
+  // vectorised up to the last kept sample; terminated samples get zeros.
+  const int64_t stop = last_kept + 1;
+  weights_of(T + begin, e + begin, w + begin, stop - begin);
+  std::fill(T + stop, T + end, 0.0f);
+  std::fill(e + stop, e + end, 0.0f);
+  std::fill(w + stop, w + end, 0.0f);
+  // Pass 3: the sums, in sample order (terminated samples add nothing); with C known here the
+  // colour sums live in registers.
+  double fixed[kC > 0 ? kC : 1] = {};
+  double* sum = kC > 0 ? fixed : acc;
+  std::fill(sum, sum + C, 0.0);
+  RaySums sums{0.0, 0.0};
+  for (int64_t i = begin; i < stop; ++i) {
+    if (T[i] == 0.0f) continue;
+    const double wd = w[i];
+    sums.opacity += wd;
+    sums.depth += wd * (0.5 * (static_cast<double>(in.t_starts[i]) + in.t_ends[i]));
+    const float* v = in.values + i * C;
+    for (int64_t c = 0; c < C; ++c) sum[c] += wd * v[c];
+  }
+  if (kC > 0) std::copy(fixed, fixed + C, acc);
+  return sums;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> composite_forward(
@@ -494,51 +666,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   float* op_out = opacity.data_ptr<float>();
   float* depth_out = depth.data_ptr<float>();
 
+  const SampleWeightsFn weights_of = pick_sample_weights();
   with_channels(C, [&](auto channels) {
     constexpr int64_t kC = decltype(channels)::value;
 #pragma omp parallel
     {
-      std::vector<double> acc_dynamic(kC > 0 ? 0 : C);
+      std::vector<double> acc(C);
 #pragma omp for schedule(dynamic, 16)
       for (int64_t r = 0; r < R; ++r) {
-        double acc_fixed[kC > 0 ? kC : 1] = {};
-        double* acc = kC > 0 ? acc_fixed : acc_dynamic.data();
-        const int64_t Cr = kC > 0 ? kC : C;
-        std::fill(acc, acc + Cr, 0.0);
-        const int64_t begin = offsets[r], end = offsets[r + 1];
-        // Pass 1: the weights. Only the optical depth is live across the libm calls here, so
-        // they spill nothing (all vector registers are caller-saved).
-        double optical_depth = 0.0;
-        for (int64_t i = begin; i < end; ++i) {
-          const float delta = in.t_ends[i] - in.t_starts[i];
-          const float sd = in.sigmas[i] * delta;
-          const float excl = static_cast<float>(optical_depth);  // double accumulation, like torch.cumsum on CPU
-          optical_depth += static_cast<double>(sd);
-          // No early exit: with sigma >= 0 a terminated ray stays terminated, but the rule is per
-          // sample (as in the reference), so negative densities give the same answer in every tier.
-          if (!(excl <= in.max_optical_depth)) {  // terminated (or NaN): no weight, no gradient
-            w_out[i] = T_out[i] = e_out[i] = 0.0f;
-            continue;
-          }
-          // T and exp(-sd) are kept for the backward, which then needs no transcendental.
-          const float T = std::exp(-excl);
-          w_out[i] = T * -std::expm1(-sd);
-          T_out[i] = T;
-          e_out[i] = std::exp(-sd);
-        }
-        // Pass 2: the sums, in sample order (terminated samples add nothing).
-        double total = 0.0, depth_sum = 0.0;
-        for (int64_t i = begin; i < end; ++i) {
-          if (T_out[i] == 0.0f) continue;
-          const double wd = w_out[i];
-          total += wd;
-          depth_sum += wd * (0.5 * (static_cast<double>(in.t_starts[i]) + in.t_ends[i]));
-          const float* v = in.values + i * Cr;
-          for (int64_t c = 0; c < Cr; ++c) acc[c] += wd * v[c];
-        }
-        for (int64_t c = 0; c < Cr; ++c) acc_out[r * Cr + c] = static_cast<float>(acc[c]);
-        op_out[r] = static_cast<float>(total);
-        depth_out[r] = static_cast<float>(depth_sum);
+        const RaySums sums = forward_ray<kC>(in, weights_of, offsets[r], offsets[r + 1], w_out, T_out, e_out, acc.data());
+        for (int64_t c = 0; c < C; ++c) acc_out[r * C + c] = static_cast<float>(acc[c]);
+        op_out[r] = static_cast<float>(sums.opacity);
+        depth_out[r] = static_cast<float>(sums.depth);
       }
     }
   });
@@ -547,9 +686,72 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   return {weights, accumulated, opacity, depth, offsets_tensor, transmittance, survival};
 }
 
+// Whether x[0..8) are all +0.0 (a terminated sample's saved transmittance), in one branch.
+inline bool all_zero8(const float* x) {
+  uint32_t bits[8];
+  std::memcpy(bits, x, sizeof(bits));
+  uint32_t any = 0;
+  for (int j = 0; j < 8; ++j) any |= bits[j];
+  return any == 0;
+}
+
 // With G_i = dL/dw_i (direct + through colour, opacity and depth) and the forward's w, T and
 // exp(-sd) (T = 0 marks a terminated sample):
 //   dL/dsd_j = G_j T_j exp(-sd_j) - sum_{i>j} G_i w_i   (a suffix sum, O(S) per ray);  dL/dv_j = w_j dL/dacc.
+struct BackwardInputs {
+  const float* values;
+  const float* t_starts;
+  const float* t_ends;
+  const float* weights;
+  const float* transmittance;  // 0 where terminated
+  const float* survival;
+  const float* grad_weights;
+  const float* grad_accumulated;
+  const float* grad_opacity;
+  const float* grad_depth;
+  int64_t C;
+};
+
+// Ray r's gradients: samples [begin, end), G[begin, end) scratch. The outputs are restrict
+// parameters so that their stores do not make the compiler reload every input.
+template <int64_t kC>
+void backward_ray(const BackwardInputs& in, int64_t r, int64_t begin, int64_t end, double* __restrict__ G,
+                  float* __restrict__ gs, float* __restrict__ gv) {
+  const int64_t C = kC > 0 ? kC : in.C;
+  const float* ga = in.grad_accumulated + r * C;
+  const double g_op = in.grad_opacity[r], g_depth = in.grad_depth[r];
+  const float* T = in.transmittance;
+  // Past the last kept sample everything is zero (no weight of their own, none after them).
+  int64_t last = end;
+  while (last - 8 >= begin && all_zero8(T + last - 8)) last -= 8;
+  while (last > begin && T[last - 1] == 0.0f) --last;
+  std::fill(gv + last * C, gv + end * C, 0.0f);
+  std::fill(gs + last, gs + end, 0.0f);
+  for (int64_t i = begin; i < last; ++i) {
+    float* gvi = gv + i * C;
+    if (T[i] == 0.0f) {  // terminated: zero weight, zero gradient, nothing added to the suffix
+      std::fill(gvi, gvi + C, 0.0f);
+      G[i] = 0.0;
+      continue;
+    }
+    const float* v = in.values + i * C;
+    double Gi = static_cast<double>(in.grad_weights[i]) + g_op +
+                g_depth * (0.5 * (static_cast<double>(in.t_starts[i]) + in.t_ends[i]));
+    for (int64_t c = 0; c < C; ++c) {
+      Gi += static_cast<double>(ga[c]) * v[c];
+      gvi[c] = in.weights[i] * ga[c];
+    }
+    G[i] = Gi;
+  }
+  double suffix = 0.0;  // sum_{i > j} G_i w_i
+  for (int64_t i = last - 1; i >= begin; --i) {
+    const double d_sd = G[i] * T[i] * in.survival[i] - suffix;
+    suffix += G[i] * in.weights[i];
+    const float delta = in.t_ends[i] - in.t_starts[i];
+    gs[i] = static_cast<float>(d_sd * delta);
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor> composite_backward(const at::Tensor& values, const at::Tensor& t_starts,
                                                       const at::Tensor& t_ends, const at::Tensor& ray_offsets_tensor,
                                                       const at::Tensor& weights, const at::Tensor& transmittance,
@@ -564,16 +766,12 @@ std::tuple<at::Tensor, at::Tensor> composite_backward(const at::Tensor& values, 
   TORCH_CHECK(R >= 0 && offsets[0] == 0 && offsets[R] == S, "composite_backward: bad ray_offsets");
   for (int64_t r = 0; r < R; ++r)
     TORCH_CHECK(offsets[r] <= offsets[r + 1], "composite_backward: ray_offsets must be non-decreasing");
-  const float* values_in = values.data_ptr<float>();
-  const float* t0 = t_starts.data_ptr<float>();
-  const float* t1 = t_ends.data_ptr<float>();
-  const float* w_in = weights.data_ptr<float>();
-  const float* T_in = transmittance.data_ptr<float>();
-  const float* e_in = survival.data_ptr<float>();
-  const float* g_w = grad_weights.data_ptr<float>();
-  const float* g_acc = grad_accumulated.data_ptr<float>();
-  const float* g_op = grad_opacity.data_ptr<float>();
-  const float* g_depth = grad_depth.data_ptr<float>();
+  const BackwardInputs in{values.data_ptr<float>(),       t_starts.data_ptr<float>(),
+                          t_ends.data_ptr<float>(),        weights.data_ptr<float>(),
+                          transmittance.data_ptr<float>(), survival.data_ptr<float>(),
+                          grad_weights.data_ptr<float>(),  grad_accumulated.data_ptr<float>(),
+                          grad_opacity.data_ptr<float>(),  grad_depth.data_ptr<float>(),
+                          C};
 
   // Every entry is written below (offsets cover [0, S) exactly).
   at::Tensor grad_sigmas = pooled({S}, values.options());
@@ -583,39 +781,14 @@ std::tuple<at::Tensor, at::Tensor> composite_backward(const at::Tensor& values, 
 
   with_channels(C, [&](auto channels) {
     constexpr int64_t kC = decltype(channels)::value;
-    const int64_t Cr = kC > 0 ? kC : C;
 #pragma omp parallel
     {
       std::vector<double> G;  // per sample of the ray: dL/dw (0 where terminated)
 #pragma omp for schedule(dynamic, 16)
       for (int64_t r = 0; r < R; ++r) {
         const int64_t begin = offsets[r], end = offsets[r + 1];
-        const float* ga = g_acc + r * Cr;
         if (static_cast<int64_t>(G.size()) < end - begin) G.resize(static_cast<size_t>(end - begin));
-        for (int64_t i = begin; i < end; ++i) {
-          float* gvi = gv + i * Cr;
-          if (T_in[i] == 0.0f) {  // terminated: zero weight, zero gradient, nothing added to the suffix
-            std::fill(gvi, gvi + Cr, 0.0f);
-            G[i - begin] = 0.0;
-            continue;
-          }
-          const float* v = values_in + i * Cr;
-          double Gi = static_cast<double>(g_w[i]) + g_op[r] +
-                      static_cast<double>(g_depth[r]) * (0.5 * (static_cast<double>(t0[i]) + t1[i]));
-          for (int64_t c = 0; c < Cr; ++c) {
-            Gi += static_cast<double>(ga[c]) * v[c];
-            gvi[c] = w_in[i] * ga[c];
-          }
-          G[i - begin] = Gi;
-        }
-        double suffix = 0.0;  // sum_{i > j} G_i w_i
-        for (int64_t i = end - 1; i >= begin; --i) {
-          const double Gi = G[i - begin];
-          const double d_sd = Gi * T_in[i] * e_in[i] - suffix;
-          suffix += Gi * w_in[i];
-          const float delta = t1[i] - t0[i];
-          gs[i] = static_cast<float>(d_sd * delta);
-        }
+        backward_ray<kC>(in, r, begin, end, G.data() - begin, gs, gv);
       }
     }
   });

@@ -445,3 +445,47 @@ def test_chunking_is_ignored_while_autograd_records() -> None:
     assert out.weights is not None and out.samples is not None  # one call: the graph needs every sample
     out.rgb.sum().backward()
     assert colour.grad is not None
+
+
+def test_composite_cpu_weights_are_correctly_rounded(cpu_tier: None, march_build: str) -> None:
+    """The cpu tier evaluates exp and expm1 in double (4 lanes at a time with AVX2): rounded to
+    float, w_1 = 1 - exp(-sd_1) and T_2 = exp(-sd_1) of two-sample rays are the correctly rounded
+    values, over optical depths from 1e-7 (expm1's cancellation) to 120 (underflow)."""
+    R = 20000
+    g = torch.Generator().manual_seed(8)
+    sd = torch.exp(torch.empty(R).uniform_(math.log(1e-7), math.log(120.0), generator=g))
+    sigmas = torch.stack([sd, torch.rand(R, generator=g)], dim=1).reshape(-1)
+    t_starts = torch.stack([torch.zeros(R), torch.ones(R)], dim=1).reshape(-1)
+    t_ends = t_starts + 1.0  # delta = 1: sd_i = sigma_i exactly
+    ray_indices = torch.arange(R).repeat_interleave(2)
+    values = torch.ones(2 * R, 1)
+    out = composite(sigmas, values, t_starts, t_ends, ray_indices, R, transmittance_threshold=1e-30, tier="cpu")
+    first = sigmas[0::2].double()
+    assert torch.equal(out.weights[0::2], (-torch.expm1(-first)).float())
+    T = torch.exp(-first).float()
+    kept = sigmas[0::2] <= -math.log(1e-30)  # past that depth the second sample is terminated
+    alpha = (-torch.expm1(-sigmas[1::2].double())).float()
+    assert torch.equal(out.weights[1::2][kept], (T * alpha)[kept])
+    assert not out.weights[1::2][~kept].any()
+    assert kept.float().mean() > 0.5 and (~kept).any()
+
+
+def test_composite_cpu_baseline_build_matches_avx2_bit_for_bit(cpu_tier: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    # exp/expm1 run 4 lanes at a time with AVX2 and one at a time otherwise: the same double
+    # operations in the same order (no FMA), so not a single bit of output or gradient may differ.
+    sigmas, values, starts, ends, ray_indices = composite_case(2)
+    R = int(ray_indices.max()) + 1
+    g = torch.Generator().manual_seed(3)
+    cotangents = [torch.randn(shape, generator=g) for shape in ((sigmas.numel(),), (R, 4), (R, 1), (R, 1))]
+
+    def run() -> list[Tensor]:
+        s, v = sigmas.clone().requires_grad_(), values.clone().requires_grad_()
+        out = composite(s, v, starts, ends, ray_indices, R, tier="cpu")
+        outputs = [out.weights, out.accumulated, out.opacity, out.depth]
+        return [o.detach() for o in outputs] + list(torch.autograd.grad(outputs, (s, v), cotangents))
+
+    default = run()
+    monkeypatch.setenv("LIFT3D_KERNELS_NO_AVX2", "1")
+    baseline = run()
+    for name, a, b in zip(["weights", "accumulated", "opacity", "depth", "d_sigmas", "d_values"], default, baseline):
+        assert torch.equal(a, b), name
