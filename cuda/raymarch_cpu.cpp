@@ -320,6 +320,61 @@ __attribute__((target("avx2"))) int64_t march_ray_avx2(const Marcher& m, const u
 }
 #endif
 
+// ------------------------------------------------------------------------------------------------
+// ray_segments: raymarch.py's _ray_segments (ray_aabb, clipped to [near, far]) in one pass, the same
+// float32 operations (1 / d, (lo - o) * inverse, ...), so the marches start from identical t.
+// ------------------------------------------------------------------------------------------------
+
+// torch.minimum / torch.maximum / amin / amax: a NaN operand wins.
+inline float nan_min(float a, float b) { return a != a ? a : (b != b ? b : (b < a ? b : a)); }
+inline float nan_max(float a, float b) { return a != a ? a : (b != b ? b : (b > a ? b : a)); }
+
+std::tuple<at::Tensor, at::Tensor> ray_segments(const at::Tensor& origins, const at::Tensor& dirs,
+                                                const at::Tensor& aabb, double near, double far) {
+  const int64_t R = origins.size(0);
+  lift3d_raymarch::check_tensor(origins, Tier::kCpu, "ray_segments", "origins", at::kFloat, {R, 3});
+  lift3d_raymarch::check_tensor(dirs, Tier::kCpu, "ray_segments", "dirs", at::kFloat, {R, 3});
+  lift3d_raymarch::check_tensor(aabb, Tier::kCpu, "ray_segments", "aabb", at::kFloat, {6});
+  at::Tensor t_min = at::empty({R}, origins.options());
+  at::Tensor t_max = at::empty({R}, origins.options());
+  const float* o = origins.data_ptr<float>();
+  const float* d = dirs.data_ptr<float>();
+  const float* box = aabb.data_ptr<float>();
+  float* out_min = t_min.data_ptr<float>();
+  float* out_max = t_max.data_ptr<float>();
+  const float near_f = static_cast<float>(near), far_f = static_cast<float>(far);
+  const float inf = std::numeric_limits<float>::infinity();
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < R; ++r) {
+    float t_near = -inf, t_far = inf;
+    bool moving = false;
+    for (int c = 0; c < 3; ++c) {
+      const float oc = o[3 * r + c], dc = d[3 * r + c], lo = box[c], hi = box[c + 3];
+      float t_lo, t_hi;
+      if (dc == 0.0f) {  // the slab is the whole line (origin between the planes) or empty
+        const bool inside = oc >= lo && oc <= hi;
+        t_lo = inside ? -inf : inf;
+        t_hi = inside ? inf : -inf;
+      } else {
+        const float inverse = 1.0f / dc;
+        const float t0 = (lo - oc) * inverse, t1 = (hi - oc) * inverse;
+        t_lo = nan_min(t0, t1);
+        t_hi = nan_max(t0, t1);
+        moving = true;
+      }
+      t_near = c == 0 ? t_lo : nan_max(t_near, t_lo);
+      t_far = c == 0 ? t_hi : nan_min(t_far, t_hi);
+    }
+    const bool hit = t_near <= t_far && t_far >= 0.0f;
+    const float lo_t = nan_max(t_near, near_f), hi_t = nan_min(t_far, far_f);
+    // Zero directions would march forever in place; non-finite ends cannot be stepped.
+    const bool ok = hit && lo_t < hi_t && std::isfinite(lo_t) && std::isfinite(hi_t) && moving;
+    out_min[r] = ok ? lo_t : 0.0f;
+    out_max[r] = ok ? hi_t : 0.0f;
+  }
+  return {t_min, t_max};
+}
+
 // Rays handled per task of the one-pass march: each task keeps its samples' t0 in its own buffer,
 // then all tasks copy into the packed outputs at their offsets.
 constexpr int64_t kMarchBlock = 32;
@@ -798,6 +853,8 @@ std::tuple<at::Tensor, at::Tensor> composite_backward(const at::Tensor& values, 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(lift3d_cpu, m) {
+  m.def("ray_segments(Tensor origins, Tensor dirs, Tensor aabb, float near, float far) -> (Tensor t_min, Tensor t_max)",
+        &ray_segments);
   m.def(
       "march_rays(Tensor origins, Tensor dirs, Tensor t_min, Tensor t_max, Tensor aabb, Tensor occupancy, "
       "int resolution, float step_size, Tensor? jitter, int max_samples) -> (Tensor ray_indices, "

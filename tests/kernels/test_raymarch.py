@@ -201,6 +201,33 @@ def test_march_cpu_cell_skipping_is_exact(cpu_tier: None, march_build: str, tria
     assert_same_samples(march_rays(*args, jitter=jitter, tier="cpu"), reference)
 
 
+def test_cpu_ray_segments_match_the_torch_definition(cpu_tier: None) -> None:
+    """The cpu tier clips rays to the box and [near, far] in one native pass; t_min and t_max must
+    be those of ``_ray_segments`` bit for bit (the march starts from them): random rays, rays from
+    inside, on the box faces, axis-parallel, zero, NaN and infinite directions."""
+    from lift3d.kernels._backend import native_op
+    from lift3d.kernels.raymarch import SEGMENTS_OP, _ray_segments
+
+    g = torch.Generator().manual_seed(9)
+    aabb = torch.tensor([-1.0, -0.5, -2.0, 1.0, 1.5, 0.25])
+    origins, dirs = random_rays(10, 400)
+    origins[:40] = aabb[:3] + (aabb[3:] - aabb[:3]) * torch.randint(0, 2, (40, 3), generator=g)  # box corners
+    dirs[40:80, torch.randint(0, 3, (40,), generator=g)] = 0.0  # parallel to a slab
+    dirs[80:90] = 0.0
+    dirs[90, 1] = float("nan")
+    dirs[91, 0] = float("inf")
+    dirs[92] = torch.tensor([1e-40, 1.0, 0.0])  # 1 / d overflows
+    origins[93] = torch.tensor([1.0, 0.0, 0.0])  # on a face, moving along it
+    dirs[93] = torch.tensor([0.0, 1.0, 0.0])
+    op = native_op("cpu", SEGMENTS_OP, origins.device)
+    for near, far in ((0.0, 1e10), (2.5, 3.0), (-1.0, 0.5)):
+        native = op(origins, dirs, aabb, near, far)
+        expected = _ray_segments(origins, dirs, aabb, near, far)
+        for a, b in zip(native, expected):
+            assert torch.equal(a, b)
+        assert (native[1] > native[0]).sum() > (100 if near == 0.0 else 5)
+
+
 def test_march_cpu_edge_cases(cpu_tier: None, march_build: str) -> None:
     aabb = torch.tensor([-1.0, -1.0, -1.0, 1.0, 1.0, 1.0])
     occupancy = torch.ones(4**3, dtype=torch.bool)
