@@ -102,10 +102,11 @@ struct CompositeInputs {
 };
 
 __global__ void composite_forward_kernel(CompositeInputs in, float* weights, float* transmittance, float* survival,
-                                         float* accumulated, float* opacity, float* depth) {
+                                         float* accumulated, float* opacity, float* depth, int64_t* kept_ends) {
   const int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (r >= in.R) return;
   double optical_depth = 0.0, total = 0.0, depth_sum = 0.0;
+  int64_t kept_end = in.offsets[r];
   for (int64_t i = in.offsets[r]; i < in.offsets[r + 1]; ++i) {
     const float delta = __fsub_rn(in.t_ends[i], in.t_starts[i]);
     const float sd = __fmul_rn(in.sigmas[i], delta);
@@ -121,6 +122,7 @@ __global__ void composite_forward_kernel(CompositeInputs in, float* weights, flo
     weights[i] = w;
     transmittance[i] = T;
     survival[i] = expf(-sd);
+    kept_end = i + 1;
     total += w;
     depth_sum += static_cast<double>(w) * (0.5 * (static_cast<double>(in.t_starts[i]) + in.t_ends[i]));
   }
@@ -134,6 +136,7 @@ __global__ void composite_forward_kernel(CompositeInputs in, float* weights, flo
   }
   opacity[r] = static_cast<float>(total);
   depth[r] = static_cast<float>(depth_sum);
+  kept_ends[r] = kept_end;
 }
 
 struct BackwardInputs {
@@ -151,8 +154,8 @@ struct BackwardInputs {
 __device__ __forceinline__ double sample_gradient(const BackwardInputs& in, int64_t r, int64_t i,
                                                   const float* grad_weights, const float* grad_accumulated,
                                                   const float* grad_opacity, const float* grad_depth) {
-  // G_i = dL/dw_i: direct, through the opacity, the depth and every channel.
-  double G = static_cast<double>(grad_weights[i]) + grad_opacity[r] +
+  // G_i = dL/dw_i: direct (none when grad_weights is null), through the opacity, the depth and every channel.
+  double G = static_cast<double>(grad_weights ? grad_weights[i] : 0.0f) + grad_opacity[r] +
              static_cast<double>(grad_depth[r]) * (0.5 * (static_cast<double>(in.t_starts[i]) + in.t_ends[i]));
   for (int c = 0; c < in.C; ++c) G += static_cast<double>(grad_accumulated[r * in.C + c]) * in.values[i * in.C + c];
   return G;
@@ -215,18 +218,20 @@ const char* lift3d_march_fill(const float* origins, const float* dirs, const flo
   return lift3d::launch_status();
 }
 
-// Writes every output entry.
+// Writes every output entry. kept_ends[r]: one past ray r's last kept sample.
 const char* lift3d_composite_forward(const float* sigmas, const float* values, const float* t_starts,
                                      const float* t_ends, const int64_t* offsets, int64_t R, int C,
                                      float max_optical_depth, float* weights, float* transmittance, float* survival,
-                                     float* accumulated, float* opacity, float* depth, cudaStream_t stream) {
+                                     float* accumulated, float* opacity, float* depth, int64_t* kept_ends,
+                                     cudaStream_t stream) {
   if (R == 0) return nullptr;
   const CompositeInputs in{sigmas, values, t_starts, t_ends, offsets, R, C, max_optical_depth};
   composite_forward_kernel<<<lift3d::ceil_div(R, kThreads), kThreads, 0, stream>>>(
-      in, weights, transmittance, survival, accumulated, opacity, depth);
+      in, weights, transmittance, survival, accumulated, opacity, depth, kept_ends);
   return lift3d::launch_status();
 }
 
+// grad_weights null: zero. (The cpu tier also reads kept_ends; here one thread walks its whole ray anyway.)
 const char* lift3d_composite_backward(const float* values, const float* t_starts, const float* t_ends,
                                       const int64_t* offsets, int64_t R, int C, const float* weights,
                                       const float* transmittance, const float* survival, const float* grad_weights,

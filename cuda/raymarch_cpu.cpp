@@ -639,11 +639,13 @@ at::Tensor pooled(at::IntArrayRef sizes, const at::TensorOptions& options) {
 
 struct RaySums {
   double opacity, depth;
+  int64_t kept_end;  // one past the last kept sample
 };
 
-// Ray r's samples [begin, end): writes their w, T (0 where terminated) and exp(-sd), and returns
-// the ray's sums, its colour in acc[C] (double, in sample order). The outputs are restrict
-// parameters so that their stores do not make the compiler reload every input.
+// Ray r's samples [begin, end): writes their w, and T (0 where terminated) and exp(-sd) up to the
+// last kept sample (the backward reads no further), and returns the ray's sums, its colour in
+// acc[C] (double, in sample order). The outputs are restrict parameters so that their stores do
+// not make the compiler reload every input.
 template <int64_t kC>
 RaySums forward_ray(const CompositeInputs& in, SampleWeightsFn weights_of, int64_t begin, int64_t end,
                     float* __restrict__ w, float* __restrict__ T, float* __restrict__ e, double* __restrict__ acc) {
@@ -674,15 +676,13 @@ RaySums forward_ray(const CompositeInputs& in, SampleWeightsFn weights_of, int64
   // vectorised up to the last kept sample; terminated samples get zeros.
   const int64_t stop = last_kept + 1;
   weights_of(T + begin, e + begin, w + begin, stop - begin);
-  std::fill(T + stop, T + end, 0.0f);
-  std::fill(e + stop, e + end, 0.0f);
   std::fill(w + stop, w + end, 0.0f);
   // Pass 3: the sums, in sample order (terminated samples add nothing); with C known here the
   // colour sums live in registers.
   double fixed[kC > 0 ? kC : 1] = {};
   double* sum = kC > 0 ? fixed : acc;
   std::fill(sum, sum + C, 0.0);
-  RaySums sums{0.0, 0.0};
+  RaySums sums{0.0, 0.0, stop};
   for (int64_t i = begin; i < stop; ++i) {
     if (T[i] == 0.0f) continue;
     const double wd = w[i];
@@ -695,9 +695,10 @@ RaySums forward_ray(const CompositeInputs& in, SampleWeightsFn weights_of, int64
   return sums;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> composite_forward(
-    const at::Tensor& sigmas, const at::Tensor& values, const at::Tensor& t_starts, const at::Tensor& t_ends,
-    const at::Tensor& ray_indices, int64_t num_rays, double transmittance_threshold) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+composite_forward(const at::Tensor& sigmas, const at::Tensor& values, const at::Tensor& t_starts,
+                  const at::Tensor& t_ends, const at::Tensor& ray_indices, int64_t num_rays,
+                  double transmittance_threshold) {
   const auto [S, C, R] = check_composite_forward_inputs(Tier::kCpu, sigmas, values, t_starts, t_ends, ray_indices,
                                                         num_rays, transmittance_threshold);
 
@@ -714,6 +715,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor accumulated = at::empty({R, C}, f32);
   at::Tensor opacity = at::empty({R, 1}, f32);
   at::Tensor depth = at::empty({R, 1}, f32);
+  at::Tensor kept_ends = at::empty({R}, ray_indices.options());
+  int64_t* kept_end_out = kept_ends.data_ptr<int64_t>();
   float* w_out = weights.data_ptr<float>();
   float* T_out = transmittance.data_ptr<float>();
   float* e_out = survival.data_ptr<float>();
@@ -733,34 +736,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         for (int64_t c = 0; c < C; ++c) acc_out[r * C + c] = static_cast<float>(acc[c]);
         op_out[r] = static_cast<float>(sums.opacity);
         depth_out[r] = static_cast<float>(sums.depth);
+        kept_end_out[r] = sums.kept_end;
       }
     }
   });
   at::Tensor offsets_tensor = at::empty({R + 1}, ray_indices.options());
   std::copy(offsets.begin(), offsets.end(), offsets_tensor.data_ptr<int64_t>());
-  return {weights, accumulated, opacity, depth, offsets_tensor, transmittance, survival};
+  return {weights, accumulated, opacity, depth, offsets_tensor, kept_ends, transmittance, survival};
 }
 
-// Whether x[0..8) are all +0.0 (a terminated sample's saved transmittance), in one branch.
-inline bool all_zero8(const float* x) {
-  uint32_t bits[8];
-  std::memcpy(bits, x, sizeof(bits));
-  uint32_t any = 0;
-  for (int j = 0; j < 8; ++j) any |= bits[j];
-  return any == 0;
-}
-
-// With G_i = dL/dw_i (direct + through colour, opacity and depth) and the forward's w, T and
-// exp(-sd) (T = 0 marks a terminated sample):
-//   dL/dsd_j = G_j T_j exp(-sd_j) - sum_{i>j} G_i w_i   (a suffix sum, O(S) per ray);  dL/dv_j = w_j dL/dacc.
 struct BackwardInputs {
   const float* values;
   const float* t_starts;
   const float* t_ends;
+  const int64_t* kept_ends;    // [R]: one past each ray's last kept sample
   const float* weights;
-  const float* transmittance;  // 0 where terminated
+  const float* transmittance;  // 0 where terminated (read only before kept_ends)
   const float* survival;
-  const float* grad_weights;
+  const float* grad_weights;   // null: zero
   const float* grad_accumulated;
   const float* grad_opacity;
   const float* grad_depth;
@@ -777,9 +770,7 @@ void backward_ray(const BackwardInputs& in, int64_t r, int64_t begin, int64_t en
   const double g_op = in.grad_opacity[r], g_depth = in.grad_depth[r];
   const float* T = in.transmittance;
   // Past the last kept sample everything is zero (no weight of their own, none after them).
-  int64_t last = end;
-  while (last - 8 >= begin && all_zero8(T + last - 8)) last -= 8;
-  while (last > begin && T[last - 1] == 0.0f) --last;
+  const int64_t last = in.kept_ends[r];
   std::fill(gv + last * C, gv + end * C, 0.0f);
   std::fill(gs + last, gs + end, 0.0f);
   for (int64_t i = begin; i < last; ++i) {
@@ -790,7 +781,7 @@ void backward_ray(const BackwardInputs& in, int64_t r, int64_t begin, int64_t en
       continue;
     }
     const float* v = in.values + i * C;
-    double Gi = static_cast<double>(in.grad_weights[i]) + g_op +
+    double Gi = static_cast<double>(in.grad_weights ? in.grad_weights[i] : 0.0f) + g_op +
                 g_depth * (0.5 * (static_cast<double>(in.t_starts[i]) + in.t_ends[i]));
     for (int64_t c = 0; c < C; ++c) {
       Gi += static_cast<double>(ga[c]) * v[c];
@@ -809,23 +800,32 @@ void backward_ray(const BackwardInputs& in, int64_t r, int64_t begin, int64_t en
 
 std::tuple<at::Tensor, at::Tensor> composite_backward(const at::Tensor& values, const at::Tensor& t_starts,
                                                       const at::Tensor& t_ends, const at::Tensor& ray_offsets_tensor,
-                                                      const at::Tensor& weights, const at::Tensor& transmittance,
-                                                      const at::Tensor& survival, const at::Tensor& grad_weights,
+                                                      const at::Tensor& kept_ends, const at::Tensor& weights,
+                                                      const at::Tensor& transmittance, const at::Tensor& survival,
+                                                      const at::Tensor& grad_weights,
                                                       const at::Tensor& grad_accumulated,
                                                       const at::Tensor& grad_opacity, const at::Tensor& grad_depth) {
   const auto [S, C, R] = check_composite_backward_inputs(Tier::kCpu, values, t_starts, t_ends, ray_offsets_tensor,
-                                                         weights, transmittance, survival, grad_weights,
+                                                         kept_ends, weights, transmittance, survival, grad_weights,
                                                          grad_accumulated, grad_opacity, grad_depth);
 
   const int64_t* offsets = ray_offsets_tensor.data_ptr<int64_t>();
+  const int64_t* ends = kept_ends.data_ptr<int64_t>();
   TORCH_CHECK(R >= 0 && offsets[0] == 0 && offsets[R] == S, "composite_backward: bad ray_offsets");
   for (int64_t r = 0; r < R; ++r)
-    TORCH_CHECK(offsets[r] <= offsets[r + 1], "composite_backward: ray_offsets must be non-decreasing");
-  const BackwardInputs in{values.data_ptr<float>(),       t_starts.data_ptr<float>(),
-                          t_ends.data_ptr<float>(),        weights.data_ptr<float>(),
-                          transmittance.data_ptr<float>(), survival.data_ptr<float>(),
-                          grad_weights.data_ptr<float>(),  grad_accumulated.data_ptr<float>(),
-                          grad_opacity.data_ptr<float>(),  grad_depth.data_ptr<float>(),
+    TORCH_CHECK(offsets[r] <= ends[r] && ends[r] <= offsets[r + 1],
+                "composite_backward: ray_offsets must be non-decreasing, with kept_ends between them");
+  const BackwardInputs in{values.data_ptr<float>(),
+                          t_starts.data_ptr<float>(),
+                          t_ends.data_ptr<float>(),
+                          ends,
+                          weights.data_ptr<float>(),
+                          transmittance.data_ptr<float>(),
+                          survival.data_ptr<float>(),
+                          grad_weights.numel() > 0 ? grad_weights.data_ptr<float>() : nullptr,
+                          grad_accumulated.data_ptr<float>(),
+                          grad_opacity.data_ptr<float>(),
+                          grad_depth.data_ptr<float>(),
                           C};
 
   // Every entry is written below (offsets cover [0, S) exactly).
@@ -863,11 +863,11 @@ TORCH_LIBRARY_FRAGMENT(lift3d_cpu, m) {
   m.def(
       "composite_forward(Tensor sigmas, Tensor values, Tensor t_starts, Tensor t_ends, Tensor ray_indices, "
       "int num_rays, float transmittance_threshold) -> (Tensor weights, Tensor accumulated, Tensor opacity, "
-      "Tensor depth, Tensor ray_offsets, Tensor transmittance, Tensor survival)",
+      "Tensor depth, Tensor ray_offsets, Tensor kept_ends, Tensor transmittance, Tensor survival)",
       &composite_forward);
   m.def(
-      "composite_backward(Tensor values, Tensor t_starts, Tensor t_ends, Tensor ray_offsets, Tensor weights, "
-      "Tensor transmittance, Tensor survival, Tensor grad_weights, Tensor grad_accumulated, Tensor grad_opacity, "
-      "Tensor grad_depth) -> (Tensor grad_sigmas, Tensor grad_values)",
+      "composite_backward(Tensor values, Tensor t_starts, Tensor t_ends, Tensor ray_offsets, Tensor kept_ends, "
+      "Tensor weights, Tensor transmittance, Tensor survival, Tensor grad_weights, Tensor grad_accumulated, "
+      "Tensor grad_opacity, Tensor grad_depth) -> (Tensor grad_sigmas, Tensor grad_values)",
       &composite_backward);
 }

@@ -560,12 +560,15 @@ class _CompositeNative(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         sigmas, values, t_starts, t_ends = (t.contiguous() for t in (sigmas, values, t_starts, t_ends))
         forward_op = native_op(tier, "composite_forward", sigmas.device)
-        weights, accumulated, opacity, depth, offsets, transmittance, survival = forward_op(
+        weights, accumulated, opacity, depth, offsets, kept_ends, transmittance, survival = forward_op(
             sigmas, values, t_starts, t_ends, ray_indices.contiguous(), num_rays, threshold
         )
         # The backward reuses the forward's w, T and exp(-sigma delta): no transcendental there.
-        ctx.save_for_backward(values, t_starts, t_ends, offsets, weights, transmittance, survival)
+        ctx.save_for_backward(values, t_starts, t_ends, offsets, kept_ends, weights, transmittance, survival)
         ctx.tier = tier
+        # An output without a gradient comes to backward as None, not as a tensor of zeros: the
+        # [S] zeros of an unused `weights` would cost more than some of the backward itself.
+        ctx.set_materialize_grads(False)
         return weights, accumulated, opacity, depth
 
     @staticmethod
@@ -576,20 +579,26 @@ class _CompositeNative(torch.autograd.Function):
         grad_opacity: Tensor,
         grad_depth: Tensor,
     ) -> tuple[Tensor | None, ...]:
-        values, t_starts, t_ends, offsets, weights, transmittance, survival = ctx.saved_tensors
+        values, t_starts, t_ends, offsets, kept_ends, weights, transmittance, survival = ctx.saved_tensors
+        R, C = offsets.shape[0] - 1, values.shape[1]
+
+        def upstream(grad: Tensor | None, *shape: int) -> Tensor:
+            return values.new_zeros(shape) if grad is None else grad.contiguous().float()
+
         backward_op = native_op(ctx.tier, "composite_backward", values.device)
         grad_sigmas, grad_values = backward_op(
             values,
             t_starts,
             t_ends,
             offsets,
+            kept_ends,
             weights,
             transmittance,
             survival,
-            grad_weights.contiguous().float(),
-            grad_accumulated.contiguous().float(),
-            grad_opacity.contiguous().float(),
-            grad_depth.contiguous().float(),
+            upstream(grad_weights, 0),  # empty: zero
+            upstream(grad_accumulated, R, C),
+            upstream(grad_opacity, R, 1),
+            upstream(grad_depth, R, 1),
         )
         return grad_sigmas, grad_values, None, None, None, None, None, None
 

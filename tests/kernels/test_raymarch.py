@@ -330,6 +330,15 @@ def test_composite_cpu_matches_reference(cpu_tier: None) -> None:
         assert rel_err(native, reference) <= 1e-4, name
     # Identical termination decisions: zero weights in exactly the same places.
     assert torch.equal(results["cpu"][0] == 0, results["reference"][0] == 0)
+    # Only some outputs in the loss: the others' gradients reach the native backward as None.
+    grads = {}
+    for tier in ("reference", "cpu"):
+        s = sigmas.clone().requires_grad_()
+        v = values.clone().requires_grad_()
+        out = composite(s, v, starts, ends, ray_indices, R, tier=tier)
+        grads[tier] = torch.autograd.grad((out.accumulated * cotangents[1]).sum() + out.depth.sum(), (s, v))
+    for native, reference in zip(grads["cpu"], grads["reference"]):
+        assert rel_err(native, reference) <= 1e-4
 
 
 def test_composite_rejects_unsorted_rays(cpu_tier: None) -> None:
