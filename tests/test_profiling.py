@@ -94,3 +94,15 @@ def test_tiny_training_loop_reports_every_stage(tmp_path) -> None:
     assert names == [name for name in STAGES if name in names]
     assert sum(row["share"] for row in summary["stages"]) == pytest.approx(1.0)
     assert {row["stage"]: row["calls_per_step"] for row in summary["stages"]}["optimizer"] == 2  # zero_grad, step
+
+
+def test_a_given_clock_times_the_stages() -> None:
+    """``clock=time.process_time`` (CPU time) replaces the wall clock everywhere."""
+    fake = FakeClock()
+    profiler = StageProfiler(clock=fake)
+    with profiler.stage("render"):
+        fake.now += 0.25
+    profiler.step_done()
+    summary = profiler.summary()
+    assert summary["stages"][0]["ms_per_step"] == pytest.approx(250.0)
+    assert summary["step_ms_median"] == pytest.approx(250.0)
