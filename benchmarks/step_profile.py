@@ -146,7 +146,9 @@ def profile(run: ProfileRun, steps: int, warmup: int, extra: list[str], clock: s
         trainer = Trainer(config, run_dir=Path(tmp) / "run")
         setup_s = time.perf_counter() - start
         profiler = StageProfiler(skip_steps=warmup, clock=CLOCKS[clock])
-        profiler.instrument_teacher(trainer.teacher)
+        # A hybrid guidance judges its terms with teachers of their own: time every one as "teacher".
+        for teacher in [trainer.teacher, *(term.teacher for term in trainer.guidance.terms())]:
+            profiler.instrument_teacher(teacher)
         trainer.profiler = profiler
         trainer.finish = lambda: {}  # type: ignore[method-assign]  # evaluation/export are not a step
         start = time.perf_counter()
