@@ -3,21 +3,26 @@
 //
 // Semantics: lift3d/kernels/raymarch.py (the reference tier is the definition).
 //
-// march_rays: per ray, with t_min/t_max already clipped to the box and [near, far] in Python,
+// ray_segments: t_min/t_max of each ray (box and [near, far] clipping), raymarch.py's
+//   _ray_segments in one pass with the same float32 operations.
+//
+// march_rays: per ray, from t_min/t_max,
 //   for k = 0, 1, ...:  s = float(k) + jitter;  t0 = t_min + s * step;  t1 = t0 + step
 //     stop unless t1 <= t_max;  tm = (t0 + t1) * 0.5;  x_c = o_c + tm * d_c
 //     i_c = floor((x_c - lo_c) * scale_c);  keep if every 0 <= i_c < res and occupied
 //     stop after max_samples kept samples.
 //   Every operation is one float32 rounding, exactly as the torch reference does it, so both tiers
-//   give identical samples. Cell by cell: one candidate is evaluated in full, and the run of
+//   give identical samples. With AVX2 (march_ray_avx2), 8 candidates per step, each evaluated in
+//   full. The baseline build goes cell by cell: one candidate is evaluated in full, and the run of
 //   candidates that provably round into its cell (Marcher::next_candidate) is skipped at once if
-//   the cell is empty, or kept with only t computed if it is occupied; the kept samples are the
+//   the cell is empty, or kept with only t computed if it is occupied. The kept samples are the
 //   same. One pass: blocks of rays march into their own buffers, then copy out in ray order.
 //
 // composite: per ray (samples contiguous, sorted by t), sd_i = sigma_i * (t1_i - t0_i),
 //   excl_i = float(sum_{j<i} sd_j accumulated in double)   (torch.cumsum's CPU accumulation),
 //   kept_i = excl_i <= -log(threshold)   (i.e. T_i >= threshold; decided identically in both tiers),
-//   w_i = kept_i * exp(-excl_i) * (-expm1(-sd_i)).
+//   w_i = kept_i * exp(-excl_i) * (-expm1(-sd_i)), exp and expm1 evaluated in double (exp_double)
+//   and rounded to float. The forward keeps T_i, exp(-sd_i) and each ray's kept end for the backward.
 //   Backward: with G_i = dL/dw_i (direct + through colour, opacity and depth),
 //   dL/dsd_j = kept_j G_j T_j exp(-sd_j) - sum_{i>j} G_i w_i   (a suffix sum, O(S) per ray).
 //
@@ -26,7 +31,6 @@
 #include <torch/extension.h>
 
 #include "cpu_features.h"
-#include "cpu_output_pool.h"
 #include "raymarch_inputs.h"
 
 #include <algorithm>
@@ -632,11 +636,6 @@ SampleWeightsFn pick_sample_weights() {
   return sample_weights_scalar;
 }
 
-// A float32 output of `sizes`, its memory recycled when it is large (cpu_output_pool.h).
-at::Tensor pooled(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  return lift3d_cpu::OutputPool::take(sizes, options).tensor;
-}
-
 struct RaySums {
   double opacity, depth;
   int64_t kept_end;  // one past the last kept sample
@@ -709,9 +708,9 @@ composite_forward(const at::Tensor& sigmas, const at::Tensor& values, const at::
 
   const auto f32 = sigmas.options();
   // Every entry of these is written.
-  at::Tensor weights = pooled({S}, f32);
-  at::Tensor transmittance = pooled({S}, f32);
-  at::Tensor survival = pooled({S}, f32);
+  at::Tensor weights = at::empty({S}, f32);
+  at::Tensor transmittance = at::empty({S}, f32);
+  at::Tensor survival = at::empty({S}, f32);
   at::Tensor accumulated = at::empty({R, C}, f32);
   at::Tensor opacity = at::empty({R, 1}, f32);
   at::Tensor depth = at::empty({R, 1}, f32);
@@ -829,8 +828,8 @@ std::tuple<at::Tensor, at::Tensor> composite_backward(const at::Tensor& values, 
                           C};
 
   // Every entry is written below (offsets cover [0, S) exactly).
-  at::Tensor grad_sigmas = pooled({S}, values.options());
-  at::Tensor grad_values = pooled({S, C}, values.options());
+  at::Tensor grad_sigmas = at::empty({S}, values.options());
+  at::Tensor grad_values = at::empty({S, C}, values.options());
   float* gs = grad_sigmas.data_ptr<float>();
   float* gv = grad_values.data_ptr<float>();
 
