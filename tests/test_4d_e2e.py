@@ -157,3 +157,18 @@ def test_tiny_4d_run_end_to_end(tmp_path):
         assert (out / relative).is_file(), relative
     # Resume from the run folder, and exports of a finished dynamic run still work.
     assert main(["export", str(out), "--format", "png"]) == 0
+
+
+def test_quickstart_4d_learns_the_motion(tmp_path):
+    """The shipped hybrid (motion-blind image term + clip term), shrunk to 16 px and 150 steps:
+    the motion is learnt (seeds 0-3 gave 26.4-27.9 dB and 6.8-8.4 dB of time margin; with
+    clip_span=1 the same run froze: 19.8 dB, -0.5 dB)."""
+    out = tmp_path / "run"
+    small = [
+        "trainer.steps=150", "trainer.cameras.width=16", "trainer.cameras.height=16", "trainer.eval.width=16",
+        "trainer.eval.height=16", "trainer.eval.num_views=4", "teacher.resolution=16", "representation.num_points=1024",
+        "export.formats=[]", "trainer.progress_bar=false",
+    ]
+    assert main(["run", QUICKSTART_4D, "--out", str(out), *small]) == 0
+    final = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
+    assert final["eval/psnr"] > 23.0 and final["eval/time_margin_db"] > 4.0, final
