@@ -131,8 +131,7 @@ def profile(run: ProfileRun, steps: int, warmup: int, extra: list[str]) -> dict[
         trainer = Trainer(config, run_dir=Path(tmp) / "run")
         setup_s = time.perf_counter() - start
         profiler = StageProfiler(skip_steps=warmup)
-        profiler.instrument_teacher(trainer.teacher)
-        trainer.profiler = profiler
+        profiler.attach(trainer)
         trainer.finish = lambda: {}  # type: ignore[method-assign]  # evaluation/export are not a step
         start = time.perf_counter()
         trainer.fit()
