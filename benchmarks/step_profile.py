@@ -146,10 +146,7 @@ def profile(run: ProfileRun, steps: int, warmup: int, extra: list[str], clock: s
         trainer = Trainer(config, run_dir=Path(tmp) / "run")
         setup_s = time.perf_counter() - start
         profiler = StageProfiler(skip_steps=warmup, clock=CLOCKS[clock])
-        # A hybrid guidance judges its terms with teachers of their own: time every one as "teacher".
-        for teacher in [trainer.teacher, *(term.teacher for term in trainer.guidance.terms())]:
-            profiler.instrument_teacher(teacher)
-        trainer.profiler = profiler
+        profiler.attach(trainer)
         trainer.finish = lambda: {}  # type: ignore[method-assign]  # evaluation/export are not a step
         start = time.perf_counter()
         trainer.fit()

@@ -263,8 +263,12 @@ class OrbitSamplerConfig:
     """Uniform range of the random time of each single frame (dynamic representations only)."""
     clips_per_batch: int = 1
     """Clips per step when a teacher judges clips (each of the teacher's ``frames_per_clip`` frames)."""
-    clip_span: float = 1.0
-    """Fraction of the time range [0, 1] one clip covers; its frames are evenly spaced over it."""
+    clip_span: float = 0.75
+    """Fraction of the time range [0, 1] one clip covers; its frames are evenly spaced over it and it
+    starts at a uniform random time in [0, 1 - clip_span]. Keep it below 1: at 1 every clip's frames
+    fall on the same F times k / (F - 1), and all other times are then shaped by the frame-level
+    (motion-blind) terms alone (Adam takes full-size steps on parameters only one term reaches,
+    whatever that term's weight). (F - 1) / F spaces the frames 1 / F apart and covers [0, 1]."""
     clip_orbit_deg: float = 0.0
     """Azimuth the camera sweeps during one clip, degrees (0 = a fixed camera per clip, as Dream-in-4D)."""
 

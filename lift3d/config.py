@@ -306,17 +306,43 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+def _entry_index(items: list, part: str, path: list[str]) -> int:
+    """The position in a list section that ``part`` names: an index (negative from the end) or the
+    ``name`` of an entry (hybrid guidance terms, pipeline stages)."""
+    names = [item.get("name") for item in items if isinstance(item, dict) and item.get("name")]
+    if part.lstrip("-").isdigit():
+        index = int(part)
+        if -len(items) <= index < len(items):
+            return index % len(items)
+    elif part in names:
+        return [isinstance(item, dict) and item.get("name") for item in items].index(part)
+    choices = f"an index 0..{len(items) - 1}" + (f" or one of the names {', '.join(names)}" if names else "")
+    raise ConfigError(f"cannot set {'.'.join(path)}: {part!r} is not an entry of that list; use {choices}")
+
+
 def apply_override(data: dict, path: list[str], value: Any) -> None:
-    """Set ``data[path[0]][path[1]]... = value``, creating nested mappings."""
-    node = data
-    for part in path[:-1]:
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-        if not isinstance(child, dict):
+    """Set ``data[path[0]][path[1]]... = value``, creating nested mappings. A list on the way is
+    entered by index or by an entry's ``name``: ``guidance.entries.1.weight=0.5`` or
+    ``guidance.entries.clip.weight=0.5``."""
+    node: Any = data
+    for depth, part in enumerate(path):
+        last = depth == len(path) - 1
+        if isinstance(node, list):
+            index = _entry_index(node, part, path)
+            if last:
+                node[index] = value
+                return
+            child = node[index]
+        else:
+            if last:
+                node[part] = value
+                return
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+        if not isinstance(child, (dict, list)):
             raise ConfigError(f"cannot set {'.'.join(path)}: {part!r} is not a section")
         node = child
-    node[path[-1]] = value
 
 
 def _build_pluggable(interface: str, data: Any, key: str | None = None) -> Any:

@@ -160,6 +160,13 @@ class StageProfiler:
         self._seen += 1
         self._step_start = None
 
+    def attach(self, trainer: Any) -> None:
+        """Profile ``trainer``'s loop: become its profiler and time every teacher it calls as
+        ``teacher`` (the run's and each guidance term's, e.g. a hybrid's clip teacher)."""
+        for teacher in (trainer.teacher, *(term.teacher for term in trainer.guidance.terms())):
+            self.instrument_teacher(teacher)
+        trainer.profiler = self
+
     def instrument_teacher(self, teacher: Any) -> None:
         """Time the teacher's :data:`TEACHER_METHODS` as the ``teacher`` stage (instance attributes
         wrapping the bound methods; the class is untouched)."""

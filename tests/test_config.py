@@ -88,3 +88,20 @@ def test_every_preset_loads_and_validates(preset):
         configs = [load_config(PRESETS / preset)]
     for config in configs:
         assert config.trainer.steps > 0 and config.prompt
+
+
+def test_overrides_reach_list_entries_by_index_or_name():
+    hybrid = "configs/quickstart-4d.yaml"
+    config = load_config(hybrid, ["guidance.entries.1.weight=0.3", "guidance.entries.image.teacher.marginal_times=8",
+                                  "guidance.entries.-1.guidance.guidance_scale=2"])
+    image, clip = config.guidance.entries
+    assert clip.weight == 0.3 and image.teacher.marginal_times == 8 and clip.guidance.guidance_scale == 2.0
+    assert image.weight == 1.0  # untouched entries stay as the preset has them
+    with pytest.raises(ConfigError, match=r"'2' is not an entry of that list; use an index 0\.\.1 or one of the names image, clip"):
+        load_config(hybrid, ["guidance.entries.2.weight=1"])
+    with pytest.raises(ConfigError, match="'video' is not an entry"):
+        load_config(hybrid, ["guidance.entries.video.weight=1"])
+    with pytest.raises(ConfigError, match=r"unknown key 'guidance.entries\[1\]\.weigth' \(did you mean 'weight'\?\)"):
+        load_config(hybrid, ["guidance.entries.clip.weigth=1"])
+    with pytest.raises(ConfigError, match="'steps' is not a section"):
+        load_config(QUICKSTART, ["trainer.steps.x=1"])

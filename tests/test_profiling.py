@@ -83,8 +83,7 @@ def test_tiny_training_loop_reports_every_stage(tmp_path) -> None:
     trainer = Trainer(config, run_dir=tmp_path / "run")
     assert trainer.profiler is NULL_PROFILER
     profiler = StageProfiler(skip_steps=1)
-    profiler.instrument_teacher(trainer.teacher)
-    trainer.profiler = profiler
+    profiler.attach(trainer)
     trainer.finish = lambda: {}  # evaluation and export are not part of a step
     trainer.fit()
     summary = profiler.summary()
@@ -106,3 +105,23 @@ def test_a_given_clock_times_the_stages() -> None:
     summary = profiler.summary()
     assert summary["stages"][0]["ms_per_step"] == pytest.approx(250.0)
     assert summary["step_ms_median"] == pytest.approx(250.0)
+
+
+def test_every_term_teacher_of_a_hybrid_is_timed_as_teacher(tmp_path) -> None:
+    overrides = ["trainer.steps=2", "trainer.progress_bar=false", "trainer.cameras.width=16", "trainer.cameras.height=16",
+                 "representation.num_points=100", "guidance.entries.image.teacher.resolution=16",
+                 "guidance.entries.clip.teacher.resolution=16"]
+    trainer = Trainer(load_config("configs/quickstart-4d.yaml", overrides), run_dir=tmp_path / "run")
+    profiler = StageProfiler()
+    profiler.attach(trainer)
+    assert trainer.profiler is profiler
+    teachers = [term.teacher for term in trainer.guidance.terms()]
+    assert len({id(t) for t in teachers}) == 2 and all(t is not trainer.teacher for t in teachers)
+    for teacher in teachers:
+        assert getattr(teacher.predict_noise, "_lift3d_profiled", False)
+    trainer.finish = lambda: {}
+    trainer.fit()
+    rows = {row["stage"]: row for row in profiler.summary()["stages"]}
+    # Per step each of the two terms conditions, encodes and predicts at least once (the run's own
+    # teacher, the only one instrumented before, is not called by the loop at all here).
+    assert rows["teacher"]["calls_per_step"] >= 6 and rows["teacher"]["ms_per_step"] > 0

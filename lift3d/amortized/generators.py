@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from lift3d import registry
 from lift3d.config import registered_name
 from lift3d.kernels.hashgrid import HashGridConfig, HashGridEncoding
-from lift3d.kernels.raymarch import OccupancyGrid, OccupancyGridConfig
+from lift3d.kernels.raymarch import OccupancyGridConfig
 from lift3d.registry import register
 from lift3d.representations.nerf import NeRF, NeRFConfig, _mlp
 
@@ -62,20 +62,12 @@ class GeneratedNeRF(NeRF):
         nn.Module.__init__(self)  # not NeRF.__init__: the field replaces its hash grid and MLP
         if config.background == "neural" or config.progressive_start_levels:
             raise ValueError("generated fields support representation background solid/random and no progressive levels")
-        self.config = config
+        self.setup_rendering(config)
         self.field = field_module
         self.field_lr = lr
-        self.background_network = None
-        occupancy = OccupancyGridConfig(**{**config.occupancy.__dict__, "radius": config.radius, "aabb": None})
-        self.grid = OccupancyGrid(occupancy)
-        self.step = 0
 
-    def _raw(self, points: Tensor) -> tuple[Tensor, Tensor]:
-        out = self.field((points / self.config.radius + 1.0) * 0.5)
-        raw_density, raw_albedo = out[..., 0], out[..., 1:]
-        if self.config.density_bias == "blob_magic3d":
-            raw_density = raw_density + self.config.blob_scale * (1.0 - points.norm(dim=-1) / self.config.blob_std)
-        return raw_density, raw_albedo
+    def _field_output(self, unit: Tensor) -> Tensor:
+        return self.field(unit)
 
     @torch.no_grad()
     def refresh_grid(self) -> None:

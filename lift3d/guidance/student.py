@@ -63,7 +63,10 @@ class StudentConfig:
 
 
 def student_camera_embedding(student: nn.Module, cameras: Cameras) -> Tensor:
-    """The camera input [B, D] this student expects (lookup order in the module docstring)."""
+    """The camera input [B, D] this student expects (lookup order in the module docstring); for
+    clips of F frames one row per clip, its first frame's camera (the clip's view label too)."""
+    if cameras.frames > 1:
+        cameras = cameras[:: cameras.frames]
     for name in ("camera_embedding_of", "camera_features"):
         method = getattr(student, name, None)
         if callable(method):

@@ -133,19 +133,25 @@ class NeRF(Representation):
 
     def __init__(self, config: NeRFConfig, generator: torch.Generator | None = None):
         super().__init__()
-        self.config = config
         if generator is not None:  # the MLP init draws from torch's global RNG; seed it from the run
             torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=generator)))
         tier = config.kernel_tier or None
         self.encoding = HashGridEncoding(config.encoding, tier=tier)
         self.network = _mlp(self.encoding.output_dim, 1 + self.field_channels, config.hidden_dim, config.hidden_layers)
+        self.setup_rendering(config)
+        if config.progressive_start_levels:
+            self.encoding.active_levels = config.progressive_start_levels
+
+    def setup_rendering(self, config: NeRFConfig) -> None:
+        """What every NeRF renders with, whatever computes its field: the config, the background
+        network, the occupancy grid and the step counter (a generated NeRF calls this with a field
+        of its own instead of the hash grid and MLP)."""
+        self.config = config
         self.background_network = (
             _mlp(3, self.field_channels, 32, 1) if config.background == "neural" else None
         )
         occupancy = OccupancyGridConfig(**{**config.occupancy.__dict__, "radius": config.radius, "aabb": None})
         self.grid = OccupancyGrid(occupancy)
-        if config.progressive_start_levels:
-            self.encoding.active_levels = config.progressive_start_levels
         self.step = 0
 
     @property
@@ -159,9 +165,12 @@ class NeRF(Representation):
         NeRF adds its space-time features here)."""
         return self.encoding(unit)
 
+    def _field_output(self, unit: Tensor) -> Tensor:
+        """[N, 1 + field_channels] raw density and albedo at unit-cube points [N, 3]."""
+        return self.network(self._features(unit))
+
     def _raw(self, points: Tensor) -> tuple[Tensor, Tensor]:
-        unit = (points / self.config.radius + 1.0) * 0.5
-        out = self.network(self._features(unit))
+        out = self._field_output((points / self.config.radius + 1.0) * 0.5)
         raw_density, raw_albedo = out[..., 0], out[..., 1:]
         if self.config.density_bias == "blob_magic3d":
             raw_density = raw_density + self.config.blob_scale * (1.0 - points.norm(dim=-1) / self.config.blob_std)

@@ -494,10 +494,9 @@ class AnalyticTeacher(Teacher):
     # ------------------------------------------------------------------ student
 
     def make_student(self) -> "AnalyticStudent":
-        """The analytic conditional eps plus a zero-initialised conv residual (trainable)."""
+        """The analytic conditional eps plus a zero-initialised conv residual (trainable); of a clip
+        teacher, a clip student (the residual runs frame by frame, see :class:`AnalyticStudent`)."""
         cfg = self.config
-        if cfg.frames_per_clip > 1:
-            raise NotImplementedError("the analytic student is an image model; use frames_per_clip=1 for VSD-type objectives")
         return AnalyticStudent(
             self.alphas_cumprod.detach().clone(), cfg.sigma_data, self.channels,
             cfg.student_camera_dim, cfg.student_hidden_channels,
@@ -597,6 +596,11 @@ class AnalyticStudent(nn.Module):
     Without the posterior mean the residual could not place anything in the image at high noise
     (x_t is then nearly pure noise and a 3x3 conv stack has no notion of position), so VSD's
     gradient, teacher minus student, stayed near zero (11.9 dB on the quickstart).
+
+    Clips x_t [B, C, F, h, w] (a clip teacher's student): the analytic part is the clip teacher's
+    exact eps and posterior mean over whole clips, so frames stay coupled; the residual runs on
+    each frame with its clip's timestep and camera (a clip's camera is its first frame's, as its
+    view label is).
     """
 
     def __init__(
@@ -626,7 +630,8 @@ class AnalyticStudent(nn.Module):
         return mixture_eps(x_t, abar.sqrt(), (1.0 - abar).sqrt(), payload.means, payload.log_weights, payload.sigma)
 
     def forward(self, x_t: Tensor, t: Tensor, conditioning: Conditioning, camera: Tensor | None = None) -> Tensor:
-        """eps [B, C, h, w] for noisy x_t [B, C, h, w], integer timesteps t [B], camera embedding [B, D] or None."""
+        """eps [B, C, h, w] (or clips [B, C, F, h, w]) for noisy x_t of that shape, integer timesteps
+        t [B], camera embedding [B, D] or None."""
         embedding = self.time_projection(timestep_embedding(t, self.time_embedding_dim).to(x_t.dtype))
         if camera is not None:
             if camera.shape != (x_t.shape[0], self.camera_dim):
@@ -637,6 +642,14 @@ class AnalyticStudent(nn.Module):
         x0_teacher = mixture_posterior_mean(
             x_t, abar.sqrt(), (1.0 - abar).sqrt(), payload.means, payload.log_weights, payload.sigma
         ).to(x_t.dtype)
-        hidden = F.silu(self.conv_in(torch.cat([x_t, x0_teacher], dim=1)) + embedding[:, :, None, None])
-        hidden = F.silu(self.conv_mid(hidden))
-        return self.analytic_eps(x_t, t, conditioning) + self.conv_out(hidden)
+        frames = x_t.shape[2] if x_t.dim() == 5 else 1
+        if x_t.dim() == 5:  # the residual sees one frame at a time, with its clip's embedding
+            x_in, x0_in = clips_to_frames(x_t), clips_to_frames(x0_teacher)
+            embedding = embedding.repeat_interleave(frames, dim=0)
+        else:
+            x_in, x0_in = x_t, x0_teacher
+        hidden = F.silu(self.conv_in(torch.cat([x_in, x0_in], dim=1)) + embedding[:, :, None, None])
+        residual = self.conv_out(F.silu(self.conv_mid(hidden)))
+        if x_t.dim() == 5:
+            residual = frames_to_clips(residual, frames)
+        return self.analytic_eps(x_t, t, conditioning) + residual
