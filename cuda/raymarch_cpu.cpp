@@ -258,11 +258,10 @@ constexpr int64_t kAvx2MaxResolution = 1024;
 
 // March of ray r, 8 candidates per step: every candidate evaluated in full with the reference's
 // float32 operations, lane by lane the same IEEE roundings as the scalar code (no FMA: this
-// function's target has none, and fp-contract is off), so the samples are identical. The
-// occupancy is read by a gather of 4 bytes per lane from `occupancy` (padded by 3 bytes).
+// function's target has none, and fp-contract is off), so the samples are identical.
 // Cheaper than the scalar march's cell skipping: no divisions, floors or branches per cell.
-__attribute__((target("avx2"))) int64_t march_ray_avx2(const Marcher& m, const uint8_t* occupancy, int64_t r,
-                                                        SampleBuffer& out) {
+__attribute__((target("avx2"))) int64_t march_ray_avx2(const Marcher& m, int64_t r, SampleBuffer& out) {
+  const bool* occupancy = m.occupancy;
   const float j = m.jitter ? m.jitter[r] : 0.0f;
   const __m256 jitter = _mm256_set1_ps(j);
   const __m256 step = _mm256_set1_ps(m.step);
@@ -412,19 +411,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> march_rays(const at::Tensor& orig
   m.max_samples = max_samples;
 
 #ifdef LIFT3D_CPU_X86
-  // The AVX2 march gathers 4 bytes per cell: a copy of the grid with 3 bytes of padding.
   const bool avx2 = lift3d_cpu::use_avx2() && resolution <= kAvx2MaxResolution;
-  std::vector<uint8_t> padded;
-  if (avx2) {
-    const size_t cells = static_cast<size_t>(resolution * resolution * resolution);
-    padded.assign(cells + 3, 0);
-    std::memcpy(padded.data(), m.occupancy, cells);
-  }
 #endif
   const auto march_ray = [&](int64_t r, SampleBuffer& buffer) -> int64_t {
 #ifdef LIFT3D_CPU_X86
     if (avx2 && (static_cast<double>(m.t_max[r]) - m.t_min[r]) / m.step < kAvx2MaxCandidates)
-      return march_ray_avx2(m, padded.data(), r, buffer);
+      return march_ray_avx2(m, r, buffer);
 #endif
     return m.march(r, [&](float t0) { buffer.push(t0); });
   };
