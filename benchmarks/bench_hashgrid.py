@@ -103,7 +103,7 @@ def bench_hashgrid(size: str, args: argparse.Namespace, dims: int = 3) -> list[R
         "position_grads": int(position_grads),
         "threads": torch.get_num_threads(),
     }
-    return compare_tiers("hashgrid" if dims == 3 else "hashgrid4d", size, tiers, make_run, args.repeats, device, notes)
+    return compare_tiers("hashgrid" if dims == 3 else "hashgrid4d", size, tiers, make_run, args.repeats, device, notes, args.clock)
 
 
 def bench_hashgrid4d(size: str, args: argparse.Namespace) -> list[Result]:

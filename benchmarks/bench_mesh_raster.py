@@ -140,7 +140,7 @@ def bench_mesh_raster(size: str, args: argparse.Namespace) -> list[Result]:
         "coverage": round(coverage, 3),
         "threads": torch.get_num_threads(),
     }
-    return compare_tiers("mesh_raster", size, tiers, make_run, args.repeats, device, notes)
+    return compare_tiers("mesh_raster", size, tiers, make_run, args.repeats, device, notes, args.clock)
 
 
 def cases() -> list[Case]:

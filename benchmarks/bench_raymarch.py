@@ -104,7 +104,7 @@ def bench_march(size: str, args: argparse.Namespace) -> list[Result]:
         "samples": count,
         "occupied_cells": int(grid.occupancy.sum()),
     }
-    return compare_tiers("raymarch_march", size, live_tiers(device, (MARCH_OP,)), make_run, args.repeats, device, notes)
+    return compare_tiers("raymarch_march", size, live_tiers(device, (MARCH_OP,)), make_run, args.repeats, device, notes, args.clock)
 
 
 def bench_render(size: str, args: argparse.Namespace) -> list[Result]:
@@ -169,7 +169,7 @@ def _bench_render(size: str, args: argparse.Namespace, with_field: bool, case: s
         "mean_opacity": round(float(probe[2].mean()), 4),
     }
     ops = (MARCH_OP, COMPOSITE_FORWARD_OP)
-    return compare_tiers(case, size, live_tiers(device, ops), make_run, args.repeats, device, notes)
+    return compare_tiers(case, size, live_tiers(device, ops), make_run, args.repeats, device, notes, args.clock)
 
 
 def cases() -> list[Case]:

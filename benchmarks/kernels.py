@@ -11,8 +11,10 @@ backward (the training cost), median over ``--repeats`` after one warm-up run.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import logging
+import os
 import platform
 import statistics
 import sys
@@ -89,16 +91,23 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_runs(run: Callable[[], list[Tensor]], repeats: int, device: torch.device) -> tuple[list[float], list[Tensor]]:
-    """Milliseconds of ``repeats`` calls after one warm-up, and the last call's tensors."""
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
+"""``--clock``: ``wall`` (elapsed time) or ``cpu`` (CPU time of the whole process, all threads).
+On a machine shared with other jobs, CPU time does not count the waits for a core, so ratios of
+``--clock cpu --threads 1`` runs stay comparable where wall-clock ones measure the load."""
+
+
+def time_runs(run: Callable[[], list[Tensor]], repeats: int, device: torch.device,
+              clock: Callable[[], float] = time.perf_counter) -> tuple[list[float], list[Tensor]]:
+    """Milliseconds of ``repeats`` calls after one warm-up (by ``clock``), and the last call's tensors."""
     tensors = run()
     times = []
     for _ in range(repeats):
         synchronize(device)
-        start = time.perf_counter()
+        start = clock()
         tensors = run()
         synchronize(device)
-        times.append(1e3 * (time.perf_counter() - start))
+        times.append(1e3 * (clock() - start))
     return times, tensors
 
 
@@ -110,14 +119,16 @@ def compare_tiers(
     repeats: int,
     device: torch.device,
     notes: dict[str, float | int | str],
+    clock: str = "wall",
 ) -> list[Result]:
-    """Time each tier's run, then fill in speed-ups and errors against the reference (if it ran)."""
+    """Time each tier's run (``clock``: a key of ``CLOCKS``), then fill in speed-ups and errors
+    against the reference (if it ran)."""
     results: list[Result] = []
     outputs: dict[str, list[Tensor]] = {}
     for tier in tiers:
         logger.info("%s %s: timing tier %s", case, size, tier)
         reset_peak_rss()
-        times, outputs[tier] = time_runs(make_run(tier), repeats, device)
+        times, outputs[tier] = time_runs(make_run(tier), repeats, device, CLOCKS[clock])
         results.append(Result(case, size, tier, statistics.median(times), times, notes=dict(notes),
                               peak_rss_mib=peak_rss_mib()))
     if REFERENCE in outputs:
@@ -194,7 +205,7 @@ def bench_gaussian_raster(size: str, args: argparse.Namespace) -> list[Result]:
         "visible_gaussians": int((radii > 0).sum()),
         "mean_radius_px": round(float(radii[radii > 0].float().mean()), 2) if bool((radii > 0).any()) else 0.0,
     }
-    return compare_tiers("gaussian_raster", size, tiers, make_run, args.repeats, device, notes)
+    return compare_tiers("gaussian_raster", size, tiers, make_run, args.repeats, device, notes, args.clock)
 
 
 @dataclass
@@ -257,6 +268,8 @@ def parse_args(argv: list[str] | None, cases: list[Case], description: str | Non
     parser.add_argument("--json", type=Path, default=json_default, help="where to write results")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device of the inputs")
     parser.add_argument("--threads", type=int, default=None, help="torch/OpenMP threads (default: torch's choice)")
+    parser.add_argument("--clock", default="wall", choices=sorted(CLOCKS),
+                        help="wall: elapsed time; cpu: CPU time of the process (robust to other jobs on the machine)")
     parser.add_argument(
         "--max-reference-elements", type=float, default=2.1e7,
         help="skip the dense reference tier above this many pixel x Gaussian pairs (its memory grows with it)",
@@ -292,7 +305,8 @@ def main(argv: list[str] | None = None) -> list[Result]:
 
 
 def write_results(results: list[Result], args: argparse.Namespace) -> None:
-    """Save ``results`` with the machine's description to ``args.json`` (every kernel benchmark's format)."""
+    """Save ``results`` with the machine's description, the clock, the command, the date and the
+    load average at the end (other jobs on the machine) to ``args.json`` (every kernel benchmark's format)."""
     machine = {
         "platform": platform.platform(),
         "processor": platform.processor(),
@@ -300,7 +314,15 @@ def write_results(results: list[Result], args: argparse.Namespace) -> None:
         "threads": torch.get_num_threads(),
         "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
     }
-    payload = {"machine": machine, "repeats": args.repeats, "results": [asdict(r) for r in results]}
+    payload = {
+        "machine": machine,
+        "repeats": args.repeats,
+        "clock": args.clock,
+        "command": "python " + " ".join(sys.argv),
+        "date": datetime.date.today().isoformat(),
+        "load_average": [round(v, 2) for v in os.getloadavg()],
+        "results": [asdict(r) for r in results],
+    }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(payload, indent=2) + "\n")
     logger.info("wrote %s", args.json)

@@ -48,8 +48,23 @@ def fmt(value, digits):
     return "–" if value is None else f"{value:.{digits}f}"
 
 
-def kernels():
-    path = R / "kernels.json"
+def _run_line(data):
+    """What a results file says about how it was measured: clock, date, load average, command."""
+    parts = []
+    if data.get("clock"):
+        parts.append("CPU time of the process" if data["clock"] == "cpu" else "wall-clock time")
+    if data.get("date"):
+        parts.append(data["date"])
+    if data.get("load_average"):
+        parts.append("load average " + " / ".join(f"{v:.2f}" for v in data["load_average"]) + " (1 / 5 / 15 min) at the end")
+    line = ", ".join(parts)
+    return (f" `{data['command']}`" if data.get("command") else "") + (f" ({line})" if line else "")
+
+
+def kernels(name="kernels.json"):
+    path = R / name
+    if not path.is_file():
+        return "(not measured)"
     data = json.loads(path.read_text())
     lines = ["| case | size | tier | median ms | speed-up vs reference | max rel. error | peak RSS MiB |", "|---|---|---|---|---|---|---|"]
     for r in data["results"]:
@@ -58,10 +73,31 @@ def kernels():
         rss = "–" if r.get("peak_rss_mib") is None else f"{r['peak_rss_mib']:.0f}"
         lines.append(f"| {r['case']} | {r['size']} | {r['tier']} | {r['median_ms']:.1f} | {speed} | {error} | {rss} |")
     m = data["machine"]
-    return "\n".join(lines) + f"\n\nMachine: {m['platform']}, {m['threads']} threads, torch {m['torch']}, {data['repeats']} timed runs per tier (median)."
+    return "\n".join(lines) + (f"\n\nMachine: {m['platform']}, {m['threads']} threads, torch {m['torch']}, {data['repeats']} timed "
+                               f"runs per tier (median).{_run_line(data)}")
 
-def profile():
-    path = R / "profile.json"
+
+def kernels_ab(pairs):
+    """One row per (case, size, run) of A/B kernel results: ``pairs`` is [(label, main file, branch
+    file)]; each file's cpu tier against the reference timed in that same file."""
+    lines = ["| case | size | run | reference ms (main's run / this branch's) | main: cpu ms (speed-up) | this branch: cpu ms "
+             "(speed-up) | peak RSS MiB, cpu tier: main / this branch |", "|---|---|---|---|---|---|---|"]
+    for label, main_name, branch_name in pairs:
+        if not ((R / main_name).is_file() and (R / branch_name).is_file()):
+            continue
+        main, branch = (json.loads((R / n).read_text())["results"] for n in (main_name, branch_name))
+        for a in (r for r in main if r["tier"] == "cpu"):
+            b = next(r for r in branch if (r["case"], r["size"], r["tier"]) == (a["case"], a["size"], "cpu"))
+            ref = [next(r for r in rs if (r["case"], r["size"], r["tier"]) == (a["case"], a["size"], "reference"))
+                   for rs in (main, branch)]
+            lines.append(f"| {a['case']} | {a['size']} | {label} | {ref[0]['median_ms']:.1f} / {ref[1]['median_ms']:.1f} | "
+                         f"{a['median_ms']:.2f} ({a['speedup_vs_reference']:.1f}×) | **{b['median_ms']:.2f} ({b['speedup_vs_reference']:.1f}×)** | "
+                         f"{a['peak_rss_mib']:.0f} / {b['peak_rss_mib']:.0f} |")
+    return "\n".join(lines)
+
+
+def profile(name="profile.json"):
+    path = R / name
     if not path.is_file():
         return "(not measured)"
     data = json.loads(path.read_text())
@@ -73,7 +109,12 @@ def profile():
         cells = [f"{100 * by[s]['share']:.1f}% ({by[s]['ms_per_step']:.0f} ms, {by[s]['peak_rss_mib']:.0f} MiB)" if s in by else "–" for s in stages]
         lines.append(f"| {r['name']}{' (' + r['note'] + ')' if r['note'] else ''} | {r['steps']} | {r['step_ms_median']:.0f} | {r['peak_rss_mib']:.0f} | " + " | ".join(cells) + " |")
     m = data["machine"]
-    return "\n".join(lines) + f"\n\nMachine: {m['platform']}, {m['threads']} threads, torch {m['torch']}. Each cell: share of the step (ms per step, peak RSS during that stage)."
+    clocks = sorted({r.get("clock", "wall") for r in data["results"]})
+    clock = " and ".join("CPU time" if c == "cpu" else "wall-clock time" for c in clocks)
+    dates = sorted({r["date"] for r in data["results"] if r.get("date")})
+    measured = f" Measured {', '.join(dates)}." if dates else ""
+    return "\n".join(lines) + (f"\n\nMachine: {m['platform']}, {m['threads']} threads, torch {m['torch']}; {clock}.{measured} Each cell: "
+                               "share of the step (ms per step, peak RSS during that stage).")
 
 
 def quality(name):
@@ -89,6 +130,12 @@ def main() -> None:
     text = text.replace("{{ACCEPTANCE}}", acceptance())
     text = text.replace("{{GUIDANCE}}", report("guidance-gaussians.json", "guidance-gaussians-2.json", "guidance-nerf-quick.json"))
     text = text.replace("{{JANUS}}", janus()).replace("{{KERNELS}}", kernels()).replace("{{PROFILE}}", profile()).replace("{{NERF}}", quality("quality-nerf.json"))
+    text = text.replace("{{KERNELS_RAYMARCH}}", kernels("kernels-raymarch.json"))
+    text = text.replace("{{KERNELS_RAYMARCH_AB}}", kernels_ab([
+        ("1 thread, CPU time", "kernels-raymarch-main.json", "kernels-raymarch.json"),
+        ("2 threads, wall clock", "kernels-raymarch-main-2threads.json", "kernels-raymarch-2threads.json"),
+    ]))
+    text = text.replace("{{PROFILE_MAIN}}", profile("profile-main.json"))
     text = text.replace("{{MESH}}", quality("quality-mesh.json") if (R / "quality-mesh.json").is_file() else "(not measured)")
     gaussians = json.loads((R / "quality-gaussians.json").read_text())
     text = text.replace("{{GAUSSIANS}}", quality("quality-gaussians.json") if gaussians.get("mean_chamfer") else "")

@@ -6,7 +6,8 @@ The stages are timed inside the one loop (``Trainer.train_step`` / ``fit``) by s
 ``lift3d.profiling.StageProfiler`` in for the default no-op profiler; the final evaluation and
 export are skipped (they are not part of a step).
 
-    python benchmarks/step_profile.py                           # quickstart, -nerf, -mesh; writes benchmarks/results/profile.json
+    python benchmarks/step_profile.py                           # every quickstart; writes benchmarks/results/profile.json
+    python benchmarks/step_profile.py --override trainer.threads=1 --clock cpu   # one thread, CPU time: other jobs do not skew it
     python benchmarks/step_profile.py --runs quickstart-nerf --steps 20 --warmup 5
     python benchmarks/step_profile.py --runs dreamfusion-sd     # one step on the SD 2.1-base architecture, random weights
 
@@ -19,9 +20,11 @@ then names; CPU float32, 512^2 renders to 64^2 latents.
 from __future__ import annotations
 
 import argparse
+import datetime
 import importlib.util
 import json
 import logging
+import os
 import platform
 import sys
 import tempfile
@@ -76,6 +79,15 @@ RUNS = {
         "quickstart-mesh", "configs/quickstart-mesh.yaml", stage="mesh",
         note="the DMTet stage, started from its default shape instead of the NeRF",
     ),
+    "quickstart-pbr": ProfileRun(
+        "quickstart-pbr", "configs/quickstart-pbr.yaml", note="from its default icosphere instead of a NeRF run",
+    ),
+    "quickstart-4d": ProfileRun("quickstart-4d", "configs/quickstart-4d.yaml"),
+    "quickstart-4d-image": ProfileRun("quickstart-4d-image", "configs/quickstart-4d-image.yaml"),
+    "quickstart-4d-nerf": ProfileRun(
+        "quickstart-4d-nerf", "configs/quickstart-4d-nerf.yaml", stage="dynamic",
+        note="the dynamic stage, started from its default field instead of the static NeRF",
+    ),
     "dreamfusion-sd": ProfileRun(
         "dreamfusion-sd", "configs/dreamfusion-sd.yaml", note="SD 2.1-base architecture, random weights, CPU float32",
     ),
@@ -123,14 +135,17 @@ def run_config(run: ProfileRun, steps: int, extra: list[str]) -> RunConfig:
     return config
 
 
-def profile(run: ProfileRun, steps: int, warmup: int, extra: list[str]) -> dict[str, Any]:
-    """Stage shares over ``steps`` recorded steps after ``warmup`` unrecorded ones."""
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def profile(run: ProfileRun, steps: int, warmup: int, extra: list[str], clock: str = "wall") -> dict[str, Any]:
+    """Stage shares over ``steps`` recorded steps after ``warmup`` unrecorded ones (``clock``: a key of CLOCKS)."""
     config = run_config(run, steps + warmup, extra)
     with tempfile.TemporaryDirectory(prefix=f"lift3d-profile-{run.name}-") as tmp:
         start = time.perf_counter()
         trainer = Trainer(config, run_dir=Path(tmp) / "run")
         setup_s = time.perf_counter() - start
-        profiler = StageProfiler(skip_steps=warmup)
+        profiler = StageProfiler(skip_steps=warmup, clock=CLOCKS[clock])
         profiler.attach(trainer)
         trainer.finish = lambda: {}  # type: ignore[method-assign]  # evaluation/export are not a step
         start = time.perf_counter()
@@ -138,7 +153,8 @@ def profile(run: ProfileRun, steps: int, warmup: int, extra: list[str]) -> dict[
         loop_s = time.perf_counter() - start
     summary = profiler.summary()
     summary.update(name=run.name, config=run.config, stage=run.stage, note=run.note, warmup=warmup,
-                   setup_s=setup_s, loop_s=loop_s, overrides=list(run.overrides) + extra)
+                   setup_s=setup_s, loop_s=loop_s, overrides=list(run.overrides) + extra, clock=clock,
+                   date=datetime.date.today().isoformat(), load_average=[round(v, 2) for v in os.getloadavg()])
     return summary
 
 
@@ -154,14 +170,16 @@ def format_table(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", default="quickstart,quickstart-nerf,quickstart-mesh",
-                        help=f"comma-separated, of: {', '.join(RUNS)}")
+    parser.add_argument("--runs", default=",".join(name for name in RUNS if name.startswith("quickstart")),
+                        help=f"comma-separated, of: {', '.join(RUNS)} (default: every quickstart)")
     parser.add_argument("--steps", type=int, default=20, help="recorded steps per run (dreamfusion-sd: --sd-steps)")
     parser.add_argument("--warmup", type=int, default=5, help="unrecorded steps first (dreamfusion-sd: none)")
     parser.add_argument("--sd-steps", type=int, default=1, help="recorded steps of dreamfusion-sd")
     parser.add_argument("--sd-folder", type=Path, default=Path(tempfile.gettempdir()) / "lift3d-sd21-base-random",
                         help="where the random-weight SD 2.1-base-architecture folder is built (and reused)")
     parser.add_argument("--override", action="append", default=[], help="extra override for every run (repeatable)")
+    parser.add_argument("--clock", default="wall", choices=sorted(CLOCKS),
+                        help="wall: elapsed time; cpu: CPU time of the process (with trainer.threads=1, robust to other jobs)")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/profile.json"))
     args = parser.parse_args(argv)
     names = args.runs.split(",")
@@ -173,9 +191,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         run = RUNS[name]
         if name == "dreamfusion-sd":
             folder = build_sd21_folder(args.sd_folder)
-            result = profile(run, args.sd_steps, 0, [f"teacher.model={folder}", "trainer.device=cpu", *args.override])
+            result = profile(run, args.sd_steps, 0, [f"teacher.model={folder}", "trainer.device=cpu", *args.override],
+                             args.clock)
         else:
-            result = profile(run, args.steps, args.warmup, args.override)
+            result = profile(run, args.steps, args.warmup, args.override, args.clock)
         print(format_table(result), flush=True)
         results.append(result)
     machine = {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()}

@@ -8,6 +8,7 @@
 //    sequence as the cpu tier and the torch reference, so all three tiers give identical samples.
 //  - composite: one thread per ray. The optical depth is accumulated in double (torch.cumsum's CPU
 //    accumulation, as the cpu tier), so the early-termination decisions are the cpu tier's. The
+//    forward keeps T and exp(-sigma * delta) for the backward, which needs no transcendental. The
 //    backward's suffix sums sum_{i>j} G_i w_i are the ray's total minus a running prefix (in
 //    double), which avoids per-ray scratch storage. Each ray writes only its own outputs: no atomics.
 
@@ -100,42 +101,30 @@ struct CompositeInputs {
   float max_optical_depth;  // -log(threshold), rounded to float like torch's scalar comparison
 };
 
-struct SampleState {
-  float sd;  // sigma * delta
-  float T;   // transmittance before the sample
-  float w;   // weight (0 when terminated)
-  bool kept;
-};
-
-__device__ __forceinline__ SampleState sample_state(const CompositeInputs& in, int64_t i, double& optical_depth) {
-  SampleState s;
-  const float delta = __fsub_rn(in.t_ends[i], in.t_starts[i]);
-  s.sd = __fmul_rn(in.sigmas[i], delta);
-  const float excl = static_cast<float>(optical_depth);
-  optical_depth += static_cast<double>(s.sd);
-  s.kept = excl <= in.max_optical_depth;  // false on NaN too
-  if (s.kept) {
-    s.T = expf(-excl);
-    s.w = s.T * -expm1f(-s.sd);
-  } else {
-    s.T = 0.0f;
-    s.w = 0.0f;
-  }
-  return s;
-}
-
-__global__ void composite_forward_kernel(CompositeInputs in, float* weights, float* accumulated, float* opacity,
-                                         float* depth) {
+__global__ void composite_forward_kernel(CompositeInputs in, float* weights, float* transmittance, float* survival,
+                                         float* accumulated, float* opacity, float* depth, int64_t* kept_ends) {
   const int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (r >= in.R) return;
   double optical_depth = 0.0, total = 0.0, depth_sum = 0.0;
+  int64_t kept_end = in.offsets[r];
   for (int64_t i = in.offsets[r]; i < in.offsets[r + 1]; ++i) {
-    const SampleState s = sample_state(in, i, optical_depth);
-    weights[i] = s.w;
-    if (!s.kept) continue;
-    const double w = s.w;
+    const float delta = __fsub_rn(in.t_ends[i], in.t_starts[i]);
+    const float sd = __fmul_rn(in.sigmas[i], delta);
+    const float excl = static_cast<float>(optical_depth);
+    optical_depth += static_cast<double>(sd);
+    if (!(excl <= in.max_optical_depth)) {  // terminated (or NaN): T = 0 tells the backward
+      weights[i] = transmittance[i] = survival[i] = 0.0f;
+      continue;
+    }
+    // T and exp(-sd) are kept for the backward, which then needs no transcendental.
+    const float T = expf(-excl);
+    const float w = T * -expm1f(-sd);
+    weights[i] = w;
+    transmittance[i] = T;
+    survival[i] = expf(-sd);
+    kept_end = i + 1;
     total += w;
-    depth_sum += w * (0.5 * (static_cast<double>(in.t_starts[i]) + in.t_ends[i]));
+    depth_sum += static_cast<double>(w) * (0.5 * (static_cast<double>(in.t_starts[i]) + in.t_ends[i]));
   }
   // Channels one at a time (a second sweep over the samples) keep the per-thread state O(1) for any C.
   for (int c = 0; c < in.C; ++c) {
@@ -147,41 +136,53 @@ __global__ void composite_forward_kernel(CompositeInputs in, float* weights, flo
   }
   opacity[r] = static_cast<float>(total);
   depth[r] = static_cast<float>(depth_sum);
+  kept_ends[r] = kept_end;
 }
 
-__device__ __forceinline__ double sample_gradient(const CompositeInputs& in, int64_t r, int64_t i,
+struct BackwardInputs {
+  const float* values;
+  const float* t_starts;
+  const float* t_ends;
+  const int64_t* offsets;
+  const float* weights;        // the forward's w
+  const float* transmittance;  // the forward's T (0 where terminated)
+  const float* survival;       // the forward's exp(-sigma * delta)
+  int64_t R;
+  int C;
+};
+
+__device__ __forceinline__ double sample_gradient(const BackwardInputs& in, int64_t r, int64_t i,
                                                   const float* grad_weights, const float* grad_accumulated,
                                                   const float* grad_opacity, const float* grad_depth) {
-  // G_i = dL/dw_i: direct, through the opacity, the depth and every channel.
-  double G = static_cast<double>(grad_weights[i]) + grad_opacity[r] +
+  // G_i = dL/dw_i: direct (none when grad_weights is null), through the opacity, the depth and every channel.
+  double G = static_cast<double>(grad_weights ? grad_weights[i] : 0.0f) + grad_opacity[r] +
              static_cast<double>(grad_depth[r]) * (0.5 * (static_cast<double>(in.t_starts[i]) + in.t_ends[i]));
   for (int c = 0; c < in.C; ++c) G += static_cast<double>(grad_accumulated[r * in.C + c]) * in.values[i * in.C + c];
   return G;
 }
 
-__global__ void composite_backward_kernel(CompositeInputs in, const float* grad_weights, const float* grad_accumulated,
+__global__ void composite_backward_kernel(BackwardInputs in, const float* grad_weights, const float* grad_accumulated,
                                           const float* grad_opacity, const float* grad_depth, float* grad_sigmas,
                                           float* grad_values) {
   const int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (r >= in.R) return;
   const int64_t begin = in.offsets[r], end = in.offsets[r + 1];
   // Pass 1: total = sum_i G_i w_i.
-  double total = 0.0, optical_depth = 0.0;
+  double total = 0.0;
   for (int64_t i = begin; i < end; ++i) {
-    const SampleState s = sample_state(in, i, optical_depth);
-    if (s.kept) total += sample_gradient(in, r, i, grad_weights, grad_accumulated, grad_opacity, grad_depth) * s.w;
+    if (in.transmittance[i] != 0.0f)
+      total += sample_gradient(in, r, i, grad_weights, grad_accumulated, grad_opacity, grad_depth) * in.weights[i];
   }
-  // Pass 2: dL/dsd_j = kept_j G_j T_j exp(-sd_j) - sum_{i>j} G_i w_i.
+  // Pass 2: dL/dsd_j = G_j T_j exp(-sd_j) - sum_{i>j} G_i w_i  (terminated: T_j = 0, nothing of their own).
   double prefix = 0.0;  // sum_{i<=j} G_i w_i
-  optical_depth = 0.0;
   for (int64_t i = begin; i < end; ++i) {
-    const SampleState s = sample_state(in, i, optical_depth);
+    const float w = in.weights[i];
     double own = 0.0;
-    if (s.kept) {
+    if (in.transmittance[i] != 0.0f) {
       const double G = sample_gradient(in, r, i, grad_weights, grad_accumulated, grad_opacity, grad_depth);
-      own = G * s.T * expf(-s.sd);
-      prefix += G * s.w;
-      for (int c = 0; c < in.C; ++c) grad_values[i * in.C + c] = s.w * grad_accumulated[r * in.C + c];
+      own = G * in.transmittance[i] * in.survival[i];
+      prefix += G * w;
+      for (int c = 0; c < in.C; ++c) grad_values[i * in.C + c] = w * grad_accumulated[r * in.C + c];
     } else {
       for (int c = 0; c < in.C; ++c) grad_values[i * in.C + c] = 0.0f;
     }
@@ -217,26 +218,28 @@ const char* lift3d_march_fill(const float* origins, const float* dirs, const flo
   return lift3d::launch_status();
 }
 
-// Writes every output entry.
+// Writes every output entry. kept_ends[r]: one past ray r's last kept sample.
 const char* lift3d_composite_forward(const float* sigmas, const float* values, const float* t_starts,
                                      const float* t_ends, const int64_t* offsets, int64_t R, int C,
-                                     float max_optical_depth, float* weights, float* accumulated, float* opacity,
-                                     float* depth, cudaStream_t stream) {
+                                     float max_optical_depth, float* weights, float* transmittance, float* survival,
+                                     float* accumulated, float* opacity, float* depth, int64_t* kept_ends,
+                                     cudaStream_t stream) {
   if (R == 0) return nullptr;
   const CompositeInputs in{sigmas, values, t_starts, t_ends, offsets, R, C, max_optical_depth};
-  composite_forward_kernel<<<lift3d::ceil_div(R, kThreads), kThreads, 0, stream>>>(in, weights, accumulated, opacity,
-                                                                                   depth);
+  composite_forward_kernel<<<lift3d::ceil_div(R, kThreads), kThreads, 0, stream>>>(
+      in, weights, transmittance, survival, accumulated, opacity, depth, kept_ends);
   return lift3d::launch_status();
 }
 
-const char* lift3d_composite_backward(const float* sigmas, const float* values, const float* t_starts,
-                                      const float* t_ends, const int64_t* offsets, int64_t R, int C,
-                                      float max_optical_depth, const float* grad_weights,
+// grad_weights null: zero. (The cpu tier also reads kept_ends; here one thread walks its whole ray anyway.)
+const char* lift3d_composite_backward(const float* values, const float* t_starts, const float* t_ends,
+                                      const int64_t* offsets, int64_t R, int C, const float* weights,
+                                      const float* transmittance, const float* survival, const float* grad_weights,
                                       const float* grad_accumulated, const float* grad_opacity,
                                       const float* grad_depth, float* grad_sigmas, float* grad_values,
                                       cudaStream_t stream) {
   if (R == 0) return nullptr;
-  const CompositeInputs in{sigmas, values, t_starts, t_ends, offsets, R, C, max_optical_depth};
+  const BackwardInputs in{values, t_starts, t_ends, offsets, weights, transmittance, survival, R, C};
   composite_backward_kernel<<<lift3d::ceil_div(R, kThreads), kThreads, 0, stream>>>(
       in, grad_weights, grad_accumulated, grad_opacity, grad_depth, grad_sigmas, grad_values);
   return lift3d::launch_status();

@@ -23,11 +23,12 @@ const char* lift3d_march_fill(const float* origins, const float* dirs, const flo
                               int64_t* ray_indices, float* t_starts, float* t_ends, CUstream_st* stream);
 const char* lift3d_composite_forward(const float* sigmas, const float* values, const float* t_starts,
                                      const float* t_ends, const int64_t* offsets, int64_t R, int C,
-                                     float max_optical_depth, float* weights, float* accumulated, float* opacity,
-                                     float* depth, CUstream_st* stream);
-const char* lift3d_composite_backward(const float* sigmas, const float* values, const float* t_starts,
-                                      const float* t_ends, const int64_t* offsets, int64_t R, int C,
-                                      float max_optical_depth, const float* grad_weights,
+                                     float max_optical_depth, float* weights, float* transmittance, float* survival,
+                                     float* accumulated, float* opacity, float* depth, int64_t* kept_ends,
+                                     CUstream_st* stream);
+const char* lift3d_composite_backward(const float* values, const float* t_starts, const float* t_ends,
+                                      const int64_t* offsets, int64_t R, int C, const float* weights,
+                                      const float* transmittance, const float* survival, const float* grad_weights,
                                       const float* grad_accumulated, const float* grad_opacity,
                                       const float* grad_depth, float* grad_sigmas, float* grad_values,
                                       CUstream_st* stream);
@@ -87,7 +88,7 @@ float max_optical_depth(double transmittance_threshold) {
   return static_cast<float>(-std::log(transmittance_threshold));
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> composite_forward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> composite_forward(
     const at::Tensor& sigmas, const at::Tensor& values, const at::Tensor& t_starts, const at::Tensor& t_ends,
     const at::Tensor& ray_indices, int64_t num_rays, double transmittance_threshold, int64_t stream) {
   const auto [S, C, R] = check_composite_forward_inputs(Tier::kCuda, sigmas, values, t_starts, t_ends, ray_indices,
@@ -103,38 +104,47 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> composite
 
   const auto f32 = sigmas.options();
   at::Tensor weights = at::empty({S}, f32);
+  at::Tensor transmittance = at::empty({S}, f32);
+  at::Tensor survival = at::empty({S}, f32);
   at::Tensor accumulated = at::empty({R, C}, f32);
   at::Tensor opacity = at::empty({R, 1}, f32);
   at::Tensor depth = at::empty({R, 1}, f32);
+  at::Tensor kept_ends = at::empty({R}, ray_indices.options());
   check_launch(lift3d_composite_forward(sigmas.data_ptr<float>(), values.data_ptr<float>(),
                                         t_starts.data_ptr<float>(), t_ends.data_ptr<float>(),
                                         offsets.data_ptr<int64_t>(), R, static_cast<int>(C),
                                         max_optical_depth(transmittance_threshold), weights.data_ptr<float>(),
+                                        transmittance.data_ptr<float>(), survival.data_ptr<float>(),
                                         accumulated.data_ptr<float>(), opacity.data_ptr<float>(),
-                                        depth.data_ptr<float>(), as_stream(stream)),
+                                        depth.data_ptr<float>(), kept_ends.data_ptr<int64_t>(), as_stream(stream)),
                "composite_forward");
-  return {weights, accumulated, opacity, depth, offsets};
+  return {weights, accumulated, opacity, depth, offsets, kept_ends, transmittance, survival};
 }
 
-std::tuple<at::Tensor, at::Tensor> composite_backward(const at::Tensor& sigmas, const at::Tensor& values,
-                                                      const at::Tensor& t_starts, const at::Tensor& t_ends,
-                                                      const at::Tensor& ray_offsets, const at::Tensor& grad_weights,
+std::tuple<at::Tensor, at::Tensor> composite_backward(const at::Tensor& values, const at::Tensor& t_starts,
+                                                      const at::Tensor& t_ends, const at::Tensor& ray_offsets,
+                                                      const at::Tensor& kept_ends, const at::Tensor& weights,
+                                                      const at::Tensor& transmittance, const at::Tensor& survival,
+                                                      const at::Tensor& grad_weights,
                                                       const at::Tensor& grad_accumulated,
                                                       const at::Tensor& grad_opacity, const at::Tensor& grad_depth,
-                                                      double transmittance_threshold, int64_t stream) {
-  const auto [S, C, R] = check_composite_backward_inputs(Tier::kCuda, sigmas, values, t_starts, t_ends, ray_offsets,
-                                                         grad_weights, grad_accumulated, grad_opacity, grad_depth);
-  const c10::DeviceGuard guard(sigmas.device());
+                                                      int64_t stream) {
+  const auto [S, C, R] = check_composite_backward_inputs(Tier::kCuda, values, t_starts, t_ends, ray_offsets,
+                                                         kept_ends, weights, transmittance, survival, grad_weights,
+                                                         grad_accumulated, grad_opacity, grad_depth);
+  const c10::DeviceGuard guard(values.device());
   // Every entry is written (the offsets from composite_forward cover [0, S) exactly).
-  at::Tensor grad_sigmas = at::empty({S}, sigmas.options());
+  at::Tensor grad_sigmas = at::empty({S}, values.options());
   at::Tensor grad_values = at::empty({S, C}, values.options());
-  check_launch(lift3d_composite_backward(sigmas.data_ptr<float>(), values.data_ptr<float>(),
-                                         t_starts.data_ptr<float>(), t_ends.data_ptr<float>(),
-                                         ray_offsets.data_ptr<int64_t>(), R, static_cast<int>(C),
-                                         max_optical_depth(transmittance_threshold), grad_weights.data_ptr<float>(),
-                                         grad_accumulated.data_ptr<float>(), grad_opacity.data_ptr<float>(),
-                                         grad_depth.data_ptr<float>(), grad_sigmas.data_ptr<float>(),
-                                         grad_values.data_ptr<float>(), as_stream(stream)),
+  check_launch(lift3d_composite_backward(values.data_ptr<float>(), t_starts.data_ptr<float>(),
+                                         t_ends.data_ptr<float>(), ray_offsets.data_ptr<int64_t>(), R,
+                                         static_cast<int>(C), weights.data_ptr<float>(),
+                                         transmittance.data_ptr<float>(), survival.data_ptr<float>(),
+                                         grad_weights.numel() > 0 ? grad_weights.data_ptr<float>() : nullptr,
+                                         grad_accumulated.data_ptr<float>(),
+                                         grad_opacity.data_ptr<float>(), grad_depth.data_ptr<float>(),
+                                         grad_sigmas.data_ptr<float>(), grad_values.data_ptr<float>(),
+                                         as_stream(stream)),
                "composite_backward");
   return {grad_sigmas, grad_values};
 }
@@ -150,11 +160,11 @@ TORCH_LIBRARY_FRAGMENT(lift3d_cuda, m) {
   m.def(
       "composite_forward(Tensor sigmas, Tensor values, Tensor t_starts, Tensor t_ends, Tensor ray_indices, "
       "int num_rays, float transmittance_threshold, int stream) -> (Tensor weights, Tensor accumulated, "
-      "Tensor opacity, Tensor depth, Tensor ray_offsets)",
+      "Tensor opacity, Tensor depth, Tensor ray_offsets, Tensor kept_ends, Tensor transmittance, Tensor survival)",
       &composite_forward);
   m.def(
-      "composite_backward(Tensor sigmas, Tensor values, Tensor t_starts, Tensor t_ends, Tensor ray_offsets, "
-      "Tensor grad_weights, Tensor grad_accumulated, Tensor grad_opacity, Tensor grad_depth, "
-      "float transmittance_threshold, int stream) -> (Tensor grad_sigmas, Tensor grad_values)",
+      "composite_backward(Tensor values, Tensor t_starts, Tensor t_ends, Tensor ray_offsets, Tensor kept_ends, "
+      "Tensor weights, Tensor transmittance, Tensor survival, Tensor grad_weights, Tensor grad_accumulated, "
+      "Tensor grad_opacity, Tensor grad_depth, int stream) -> (Tensor grad_sigmas, Tensor grad_values)",
       &composite_backward);
 }

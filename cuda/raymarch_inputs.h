@@ -66,22 +66,29 @@ inline CompositeShape check_composite_forward_inputs(Tier tier, const at::Tensor
   return {S, C, num_rays};
 }
 
+// The backward takes the forward's per-sample weights, transmittance T (0 where terminated) and
+// survival exp(-sigma * delta) instead of recomputing them, and each ray's kept_end (one past its
+// last kept sample: T and survival are read only before it). grad_weights may be empty: zero.
 inline CompositeShape check_composite_backward_inputs(
-    Tier tier, const at::Tensor& sigmas, const at::Tensor& values, const at::Tensor& t_starts,
-    const at::Tensor& t_ends, const at::Tensor& ray_offsets, const at::Tensor& grad_weights,
+    Tier tier, const at::Tensor& values, const at::Tensor& t_starts, const at::Tensor& t_ends,
+    const at::Tensor& ray_offsets, const at::Tensor& kept_ends, const at::Tensor& weights,
+    const at::Tensor& transmittance, const at::Tensor& survival, const at::Tensor& grad_weights,
     const at::Tensor& grad_accumulated, const at::Tensor& grad_opacity, const at::Tensor& grad_depth) {
   const char* op = "composite_backward";
-  const int64_t S = sigmas.size(0);
+  const int64_t S = t_starts.size(0);
   TORCH_CHECK(values.dim() == 2, "composite_backward: values must be [S, C]");
   const int64_t C = values.size(1);
   const int64_t R = ray_offsets.size(0) - 1;
   TORCH_CHECK(R >= 0, "composite_backward: bad ray_offsets");
-  check_tensor(sigmas, tier, op, "sigmas", at::kFloat, {S});
   check_tensor(values, tier, op, "values", at::kFloat, {S, C});
   check_tensor(t_starts, tier, op, "t_starts", at::kFloat, {S});
   check_tensor(t_ends, tier, op, "t_ends", at::kFloat, {S});
   check_tensor(ray_offsets, tier, op, "ray_offsets", at::kLong, {R + 1});
-  check_tensor(grad_weights, tier, op, "grad_weights", at::kFloat, {S});
+  check_tensor(kept_ends, tier, op, "kept_ends", at::kLong, {R});
+  check_tensor(weights, tier, op, "weights", at::kFloat, {S});
+  check_tensor(transmittance, tier, op, "transmittance", at::kFloat, {S});
+  check_tensor(survival, tier, op, "survival", at::kFloat, {S});
+  check_tensor(grad_weights, tier, op, "grad_weights", at::kFloat, {grad_weights.numel() == 0 ? 0 : S});
   check_tensor(grad_accumulated, tier, op, "grad_accumulated", at::kFloat, {R, C});
   check_tensor(grad_opacity, tier, op, "grad_opacity", at::kFloat, {R, 1});
   check_tensor(grad_depth, tier, op, "grad_depth", at::kFloat, {R, 1});

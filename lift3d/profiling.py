@@ -93,17 +93,20 @@ NULL_PROFILER = NullProfiler()
 
 @dataclass
 class StageProfiler:
-    """Exclusive wall time and peak RSS per stage, summed over the steps after ``skip_steps``."""
+    """Exclusive time (by ``clock``) and peak RSS per stage, summed over the steps after ``skip_steps``."""
 
     skip_steps: int = 0
     """Steps not recorded at the start (warm-up: first calls build caches and fault in memory)."""
     synchronize: Callable[[], None] | None = None
     """Called at stage edges so asynchronous devices (CUDA) finish their work inside the stage."""
+    clock: Callable[[], float] | None = None
+    """Seconds; None: wall time (``time.perf_counter``). ``time.process_time`` counts CPU time,
+    which other jobs on a shared machine do not inflate (with one thread, the stages' own work)."""
     stats: dict[str, StageStats] = field(default_factory=dict)
     steps: int = 0
     """Steps recorded so far."""
     step_seconds: list[float] = field(default_factory=list)
-    """Wall time of each recorded step (from its first stage to ``step_done``)."""
+    """Time of each recorded step (from its first stage to ``step_done``)."""
     peak_rss_bytes: int = 0
     """Largest peak RSS over the recorded steps."""
     enabled = True
@@ -112,6 +115,9 @@ class StageProfiler:
         self._stack: list[list[Any]] = []  # [name, start, child seconds]
         self._seen = 0
         self._step_start: float | None = None
+
+    def _now(self) -> float:
+        return self.clock() if self.clock is not None else time.perf_counter()
 
     @property
     def recording(self) -> bool:
@@ -122,16 +128,16 @@ class StageProfiler:
         if self.synchronize is not None:
             self.synchronize()
         if self._step_start is None:
-            self._step_start = time.perf_counter()
+            self._step_start = self._now()
         _reset_peak_rss()  # the mark restarts; an enclosing stage keeps the larger of its parts
-        start = time.perf_counter()
+        start = self._now()
         self._stack.append([name, start, 0.0])
         try:
             yield
         finally:
             if self.synchronize is not None:
                 self.synchronize()
-            elapsed = time.perf_counter() - start
+            elapsed = self._now() - start
             peak = current_peak_rss_bytes()
             _, _, children = self._stack.pop()
             if self._stack:
@@ -150,7 +156,7 @@ class StageProfiler:
         """Mark the end of a training step (after its logging)."""
         if self.recording and self._step_start is not None:
             self.steps += 1
-            self.step_seconds.append(time.perf_counter() - self._step_start)
+            self.step_seconds.append(self._now() - self._step_start)
         self._seen += 1
         self._step_start = None
 

@@ -95,6 +95,18 @@ def test_tiny_training_loop_reports_every_stage(tmp_path) -> None:
     assert {row["stage"]: row["calls_per_step"] for row in summary["stages"]}["optimizer"] == 2  # zero_grad, step
 
 
+def test_a_given_clock_times_the_stages() -> None:
+    """``clock=time.process_time`` (CPU time) replaces the wall clock everywhere."""
+    fake = FakeClock()
+    profiler = StageProfiler(clock=fake)
+    with profiler.stage("render"):
+        fake.now += 0.25
+    profiler.step_done()
+    summary = profiler.summary()
+    assert summary["stages"][0]["ms_per_step"] == pytest.approx(250.0)
+    assert summary["step_ms_median"] == pytest.approx(250.0)
+
+
 def test_every_term_teacher_of_a_hybrid_is_timed_as_teacher(tmp_path) -> None:
     overrides = ["trainer.steps=2", "trainer.progress_bar=false", "trainer.cameras.width=16", "trainer.cameras.height=16",
                  "representation.num_points=100", "guidance.entries.image.teacher.resolution=16",

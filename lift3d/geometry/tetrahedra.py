@@ -22,6 +22,8 @@ import itertools
 import torch
 from torch import Tensor
 
+from lift3d.kernels._backend import forced_tier, native_op, tier_available
+
 # The 6 tetrahedra of a unit cell around the diagonal from corner 0 to corner 7; corner bits are
 # (x, y, z) = (bit 0, bit 1, bit 2). Each is a monotone path 0 -> 7 through the cube's corners.
 _KUHN_PATHS = tuple(itertools.permutations((1, 2, 4)))
@@ -78,14 +80,114 @@ def tetrahedral_grid(resolution: int, radius: float = 1.0) -> tuple[Tensor, Tens
     return vertices, tets
 
 
+def crossing_cell_tets(tets: Tensor, sdf: Tensor, resolution: int) -> Tensor:
+    """The tetrahedra of ``tetrahedral_grid(resolution)`` (``tets`` [6 r^3, 4]) whose cell has
+    corners on both sides of the zero level set of ``sdf`` [(r+1)^3]: in the grid's order, a
+    superset of the tetrahedra ``marching_tetrahedra`` keeps, so it gives the same mesh from them.
+
+    A tetrahedron's vertices are corners of its cell, so a cell whose 8 corners share a sign has
+    no crossing tetrahedron; deciding that per cell (8 shifted views of the sign grid) instead of
+    gathering 4 signs per tetrahedron keeps only the few cells around the surface.
+    """
+    n = resolution + 1
+    if tets.shape != (6 * resolution**3, 4) or sdf.shape != (n**3,):
+        raise ValueError(
+            f"crossing_cell_tets needs a resolution-{resolution} Kuhn grid: tets [{6 * resolution**3}, 4] and "
+            f"sdf [{n**3}], got {tuple(tets.shape)} and {tuple(sdf.shape)}"
+        )
+    with torch.no_grad():
+        inside = (sdf < 0).view(n, n, n)
+        corners = [inside[i : i + resolution, j : j + resolution, k : k + resolution]
+                   for i, j, k in itertools.product((0, 1), repeat=3)]
+        any_inside, all_inside = corners[0].clone(), corners[0].clone()
+        for corner in corners[1:]:
+            any_inside |= corner
+            all_inside &= corner
+        cells = torch.nonzero((any_inside & ~all_inside).reshape(-1)).squeeze(-1)
+        return tets.view(-1, 6, 4)[cells].reshape(-1, 4)
+
+
+def used_vertices(tets: Tensor, num_vertices: int) -> tuple[Tensor, Tensor]:
+    """The vertices ``tets`` [T, 4] use, ascending, [U] long; and ``tets`` re-indexed into them.
+
+    The order is kept, so ``marching_tetrahedra(vertices[used], local_tets, sdf[used])`` gives
+    the same mesh as ``marching_tetrahedra(vertices, tets, sdf)`` while reading only U vertices.
+    """
+    with torch.no_grad():
+        mark = torch.zeros(num_vertices, dtype=torch.bool, device=tets.device)
+        mark[tets.reshape(-1)] = True
+        used = torch.nonzero(mark).squeeze(-1)
+        local = torch.empty(num_vertices, dtype=torch.long, device=tets.device)  # read only where marked
+        local[used] = torch.arange(len(used), device=tets.device)
+        return used, local[tets]
+
+
+TOPOLOGY_OP = "marching_tetrahedra_topology"
+"""The cpu tier's op for the no-gradient part of ``marching_tetrahedra`` (cuda/tetrahedra_cpu.cpp)."""
+
+
 def marching_tetrahedra(vertices: Tensor, tets: Tensor, sdf: Tensor) -> tuple[Tensor, Tensor]:
     """The zero level set of ``sdf`` [V] on tetrahedra [T, 4] over ``vertices`` [V, 3].
 
     Returns ``(surface_vertices [S, 3], faces [F, 3] long)``, differentiable in ``vertices`` and
-    ``sdf``; empty tensors when the level set misses every tetrahedron.
+    ``sdf``; empty tensors when the level set misses every tetrahedron. On the CPU with float32
+    inputs the topology and orientation come from the cpu tier's native op (the same faces, bit
+    for bit: see cuda/tetrahedra_cpu.cpp); ``LIFT3D_KERNELS=reference`` forces the torch code.
     """
     if sdf.shape != vertices.shape[:1]:
         raise ValueError(f"sdf must be [V] = [{vertices.shape[0]}], got {tuple(sdf.shape)}")
+    if len(tets) and _native_topology(vertices, sdf):
+        with torch.no_grad():
+            edges, faces, undecided = native_op("cpu", TOPOLOGY_OP, vertices.device)(
+                vertices.detach().contiguous(), tets.contiguous(), sdf.detach().contiguous(), _CASE_TRIANGLES,
+                _CASE_COUNT,
+            )
+        if len(faces) == 0:
+            return vertices.new_zeros(0, 3), torch.zeros(0, 3, dtype=torch.long, device=vertices.device)
+        a, b = edges[:, 0], edges[:, 1]
+        if len(undecided):  # degenerate faces: the torch code's own float32 decision
+            with torch.no_grad():
+                rows, owner = undecided[:, 0], undecided[:, 1]
+                owner_inside = sdf.detach()[tets[owner]] < 0
+                flip = _flips(vertices.detach(), tets[owner], owner_inside, faces[rows], a, b)
+                faces[rows] = torch.where(flip[:, None], faces[rows][:, [0, 2, 1]], faces[rows])
+        return _surface(vertices, sdf, a, b), faces
+    return _marching_tetrahedra_torch(vertices, tets, sdf)
+
+
+def _native_topology(vertices: Tensor, sdf: Tensor) -> bool:
+    """Whether the cpu tier's topology op runs here (CPU float32, not forced to the reference)."""
+    return (
+        vertices.device.type == "cpu"
+        and vertices.dtype == sdf.dtype == torch.float32
+        and forced_tier() in (None, "cpu")
+        and tier_available("cpu", TOPOLOGY_OP, quiet=True)
+    )
+
+
+def _surface(vertices: Tensor, sdf: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """[E, 3] linear zero crossings of the edges (a, b): differentiable in ``vertices`` and ``sdf``."""
+    s_a, s_b = sdf[a].unsqueeze(-1), sdf[b].unsqueeze(-1)
+    return (vertices[a] * s_b - vertices[b] * s_a) / (s_b - s_a)
+
+
+def _flips(vertices: Tensor, owner_tets: Tensor, owner_inside: Tensor, faces: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """[F] whether each face must be flipped so that its normal points from its tetrahedron's
+    inside vertices outwards (``owner_tets`` [F, 4], ``owner_inside`` [F, 4] bool), in float32."""
+    corner = vertices[owner_tets]  # [F, 4, 3]
+    weight_in = owner_inside.float().unsqueeze(-1)
+    centre_in = (corner * weight_in).sum(1) / weight_in.sum(1)
+    centre_out = (corner * (1 - weight_in)).sum(1) / (1 - weight_in).sum(1)
+    # Edge midpoints, not the crossings: a crossing at a vertex with sdf exactly 0 makes a
+    # degenerate face with no normal, while the midpoint triangle always has the same orientation.
+    midpoints = (vertices[a] + vertices[b]) * 0.5
+    p0, p1, p2 = midpoints[faces[:, 0]], midpoints[faces[:, 1]], midpoints[faces[:, 2]]
+    normal = torch.cross(p1 - p0, p2 - p0, dim=-1)
+    return (normal * (centre_out - centre_in)).sum(-1) < 0
+
+
+def _marching_tetrahedra_torch(vertices: Tensor, tets: Tensor, sdf: Tensor) -> tuple[Tensor, Tensor]:
+    """``marching_tetrahedra`` in torch (the definition; any device and dtype)."""
     device = vertices.device
     with torch.no_grad():
         inside = sdf < 0
@@ -97,16 +199,21 @@ def marching_tetrahedra(vertices: Tensor, tets: Tensor, sdf: Tensor) -> tuple[Te
     if len(tets) == 0:
         return vertices.new_zeros(0, 3), torch.zeros(0, 3, dtype=torch.long, device=device)
     with torch.no_grad():
-        edge_pairs = tets[:, torch.tensor(TET_EDGES, device=device)]  # [T, 6, 2]
-        edge_pairs = edge_pairs.sort(dim=-1).values
-        flat = edge_pairs.reshape(-1, 2)
-        sign_change = inside[flat[:, 0]] != inside[flat[:, 1]]
+        first, second = (list(ends) for ends in zip(*TET_EDGES))
+        # Each edge's two vertex indices in ascending order (min/max: a sort of pairs, cheaper).
+        ends_a, ends_b = tets[:, first], tets[:, second]  # [T, 6] each
+        flat = torch.stack([torch.minimum(ends_a, ends_b), torch.maximum(ends_a, ends_b)], dim=-1).reshape(-1, 2)
+        sign_change = (tet_inside[:, first] != tet_inside[:, second]).reshape(-1)
         # One surface vertex per distinct crossing edge, shared by every tetrahedron around it.
-        unique_edges, inverse = torch.unique(flat[sign_change], dim=0, return_inverse=True)
+        # Deduplicated by the scalar key a * V + b (sorted like the pairs (a, b), since b < V):
+        # torch.unique(dim=0) compares rows one by one on the CPU, 0.4 s at a 96^3 grid.
+        V = vertices.shape[0]
+        keys, inverse = torch.unique(flat[sign_change, 0] * V + flat[sign_change, 1], return_inverse=True)
+        unique_edges = torch.stack([keys // V, keys % V], dim=-1)
         edge_to_vertex = torch.full((flat.shape[0],), -1, dtype=torch.long, device=device)
         edge_to_vertex[sign_change] = inverse
         edge_to_vertex = edge_to_vertex.view(-1, 6)
-        mask = (tet_inside.long() * (2 ** torch.arange(4, device=device))).sum(-1)
+        mask = tet_inside[:, 0] + 2 * tet_inside[:, 1] + 4 * tet_inside[:, 2] + 8 * tet_inside[:, 3]
         triangles = _CASE_TRIANGLES.to(device)[mask]  # [T, 2, 3] local edges
         counts = _CASE_COUNT.to(device)[mask]
         faces = torch.gather(edge_to_vertex.unsqueeze(1).expand(-1, 2, -1), 2, triangles)  # [T, 2, 3]
@@ -114,20 +221,9 @@ def marching_tetrahedra(vertices: Tensor, tets: Tensor, sdf: Tensor) -> tuple[Te
         faces = faces[keep]  # [F, 3]
         owner = torch.arange(len(tets), device=device)[:, None].expand(-1, 2)[keep]
     a, b = unique_edges[:, 0], unique_edges[:, 1]
-    s_a, s_b = sdf[a].unsqueeze(-1), sdf[b].unsqueeze(-1)
-    surface = (vertices[a] * s_b - vertices[b] * s_a) / (s_b - s_a)
+    surface = _surface(vertices, sdf, a, b)
     with torch.no_grad():
         # Orient each face so that its normal points from the tetrahedron's inside vertices outwards.
-        owner_tets, owner_inside = tets[owner], tet_inside[owner]
-        corner = vertices[owner_tets]  # [F, 4, 3]
-        weight_in = owner_inside.float().unsqueeze(-1)
-        centre_in = (corner * weight_in).sum(1) / weight_in.sum(1)
-        centre_out = (corner * (1 - weight_in)).sum(1) / (1 - weight_in).sum(1)
-        # Edge midpoints, not the crossings: a crossing at a vertex with sdf exactly 0 makes a
-        # degenerate face with no normal, while the midpoint triangle always has the same orientation.
-        midpoints = (vertices[a] + vertices[b]) * 0.5
-        p0, p1, p2 = midpoints[faces[:, 0]], midpoints[faces[:, 1]], midpoints[faces[:, 2]]
-        normal = torch.cross(p1 - p0, p2 - p0, dim=-1)
-        flip = (normal * (centre_out - centre_in)).sum(-1) < 0
+        flip = _flips(vertices, tets[owner], tet_inside[owner], faces, a, b)
         faces = torch.where(flip[:, None], faces[:, [0, 2, 1]], faces)
     return surface, faces

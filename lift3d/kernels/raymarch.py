@@ -49,11 +49,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from lift3d.kernels._backend import forced_tier, native_op, select_tier
+from lift3d.kernels._backend import forced_tier, native_op, select_tier, tier_available
 
 logger = logging.getLogger(__name__)
 
 MARCH_OP = "march_rays"
+SEGMENTS_OP = "ray_segments"
 COMPOSITE_FORWARD_OP = "composite_forward"
 COMPOSITE_BACKWARD_OP = "composite_backward"
 
@@ -348,11 +349,14 @@ def march_rays(
         if jitter.shape != (R,):
             raise ValueError(f"jitter must be [R] = [{R}], got {tuple(jitter.shape)}")
         jitter = jitter.to(device=device, dtype=torch.float32).contiguous()
-    t_min, t_max = _ray_segments(origins, dirs, aabb, near, far)
-
     chosen = select_tier(MARCH_OP, device, tier)
     if chosen not in _MARCH_TIERS:
         raise NotImplementedError(f"the {chosen!r} tier of march_rays is not wired up yet")
+    if chosen == "cpu" and tier_available("cpu", SEGMENTS_OP):
+        # The same float32 operations in one pass: ~25 small torch ops cost more than the march at 64^2.
+        t_min, t_max = native_op("cpu", SEGMENTS_OP, device)(origins, dirs, aabb, float(near), float(far))
+    else:
+        t_min, t_max = _ray_segments(origins, dirs, aabb, near, far)
     return _MARCH_TIERS[chosen](
         origins, dirs, t_min, t_max, aabb, occupancy, resolution, step_size, jitter, max_samples_per_ray
     )
@@ -554,13 +558,17 @@ class _CompositeNative(torch.autograd.Function):
         threshold: float,
         tier: str,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        inputs = [t.contiguous() for t in (sigmas, values, t_starts, t_ends)]
+        sigmas, values, t_starts, t_ends = (t.contiguous() for t in (sigmas, values, t_starts, t_ends))
         forward_op = native_op(tier, "composite_forward", sigmas.device)
-        weights, accumulated, opacity, depth, offsets = forward_op(
-            *inputs, ray_indices.contiguous(), num_rays, threshold
+        weights, accumulated, opacity, depth, offsets, kept_ends, transmittance, survival = forward_op(
+            sigmas, values, t_starts, t_ends, ray_indices.contiguous(), num_rays, threshold
         )
-        ctx.save_for_backward(*inputs, offsets)
-        ctx.threshold, ctx.tier = threshold, tier
+        # The backward reuses the forward's w, T and exp(-sigma delta): no transcendental there.
+        ctx.save_for_backward(values, t_starts, t_ends, offsets, kept_ends, weights, transmittance, survival)
+        ctx.tier = tier
+        # An output without a gradient comes to backward as None, not as a tensor of zeros: the
+        # [S] zeros of an unused `weights` would cost more than some of the backward itself.
+        ctx.set_materialize_grads(False)
         return weights, accumulated, opacity, depth
 
     @staticmethod
@@ -571,19 +579,26 @@ class _CompositeNative(torch.autograd.Function):
         grad_opacity: Tensor,
         grad_depth: Tensor,
     ) -> tuple[Tensor | None, ...]:
-        sigmas, values, t_starts, t_ends, offsets = ctx.saved_tensors
-        backward_op = native_op(ctx.tier, "composite_backward", sigmas.device)
+        values, t_starts, t_ends, offsets, kept_ends, weights, transmittance, survival = ctx.saved_tensors
+        R, C = offsets.shape[0] - 1, values.shape[1]
+
+        def upstream(grad: Tensor | None, *shape: int) -> Tensor:
+            return values.new_zeros(shape) if grad is None else grad.contiguous().float()
+
+        backward_op = native_op(ctx.tier, "composite_backward", values.device)
         grad_sigmas, grad_values = backward_op(
-            sigmas,
             values,
             t_starts,
             t_ends,
             offsets,
-            grad_weights.contiguous().float(),
-            grad_accumulated.contiguous().float(),
-            grad_opacity.contiguous().float(),
-            grad_depth.contiguous().float(),
-            ctx.threshold,
+            kept_ends,
+            weights,
+            transmittance,
+            survival,
+            upstream(grad_weights, 0),  # empty: zero
+            upstream(grad_accumulated, R, C),
+            upstream(grad_opacity, R, 1),
+            upstream(grad_depth, R, 1),
         )
         return grad_sigmas, grad_values, None, None, None, None, None, None
 

@@ -31,6 +31,15 @@ def cpu_tier() -> None:
     require_cpu_ops(MARCH_OP, COMPOSITE_FORWARD_OP)
 
 
+@pytest.fixture(params=["default", "baseline"])
+def march_build(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The cpu march runs 8 candidates per step with AVX2 where the CPU has it, and by cell
+    skipping in the baseline build (``LIFT3D_KERNELS_NO_AVX2=1``): both must be the reference."""
+    if request.param == "baseline":
+        monkeypatch.setenv("LIFT3D_KERNELS_NO_AVX2", "1")
+    return request.param
+
+
 def random_rays(seed: int, R: int, miss_fraction: float = 0.2) -> tuple[Tensor, Tensor]:
     """Unit rays from a sphere of radius 3 aimed near the origin; a fraction aimed away (misses),
     and a few starting inside the box."""
@@ -135,7 +144,7 @@ def test_march_full_grid_counts_and_max_samples() -> None:
 
 
 @pytest.mark.parametrize("stratified", [False, True])
-def test_march_cpu_matches_reference_exactly(cpu_tier: None, stratified: bool) -> None:
+def test_march_cpu_matches_reference_exactly(cpu_tier: None, march_build: str, stratified: bool) -> None:
     grid = sphere_grid()
     # A partly empty grid with holes inside the ball too.
     holes = torch.rand(grid.occupancy.shape, generator=torch.Generator().manual_seed(3)) < 0.3
@@ -162,10 +171,11 @@ def test_march_cpu_matches_reference_exactly(cpu_tier: None, stratified: bool) -
 
 
 @pytest.mark.parametrize("trial", range(6))
-def test_march_cpu_cell_skipping_is_exact(cpu_tier: None, trial: int) -> None:
-    """The cpu tier skips or keeps whole runs of candidates per cell; the samples must still be the
-    reference's bit for bit on awkward geometry: off-centre boxes, rays starting exactly on cell
-    faces, axis-parallel and nearly plane-parallel rays, coarse and fine grids and steps."""
+def test_march_cpu_cell_skipping_is_exact(cpu_tier: None, march_build: str, trial: int) -> None:
+    """The cpu tier skips or keeps whole runs of candidates per cell (baseline build) or evaluates
+    them 8 at a time (AVX2); the samples must still be the reference's bit for bit on awkward
+    geometry: off-centre boxes, rays starting exactly on cell faces, axis-parallel and nearly
+    plane-parallel rays, coarse and fine grids and steps."""
     g = torch.Generator().manual_seed(100 + trial)
     res = [4, 16, 64][trial % 3]
     occupancy = torch.rand(res**3, generator=g) < [0.1, 0.5][trial % 2]
@@ -191,7 +201,34 @@ def test_march_cpu_cell_skipping_is_exact(cpu_tier: None, trial: int) -> None:
     assert_same_samples(march_rays(*args, jitter=jitter, tier="cpu"), reference)
 
 
-def test_march_cpu_edge_cases(cpu_tier: None) -> None:
+def test_cpu_ray_segments_match_the_torch_definition(cpu_tier: None) -> None:
+    """The cpu tier clips rays to the box and [near, far] in one native pass; t_min and t_max must
+    be those of ``_ray_segments`` bit for bit (the march starts from them): random rays, rays from
+    inside, on the box faces, axis-parallel, zero, NaN and infinite directions."""
+    from lift3d.kernels._backend import native_op
+    from lift3d.kernels.raymarch import SEGMENTS_OP, _ray_segments
+
+    g = torch.Generator().manual_seed(9)
+    aabb = torch.tensor([-1.0, -0.5, -2.0, 1.0, 1.5, 0.25])
+    origins, dirs = random_rays(10, 400)
+    origins[:40] = aabb[:3] + (aabb[3:] - aabb[:3]) * torch.randint(0, 2, (40, 3), generator=g)  # box corners
+    dirs[40:80, torch.randint(0, 3, (40,), generator=g)] = 0.0  # parallel to a slab
+    dirs[80:90] = 0.0
+    dirs[90, 1] = float("nan")
+    dirs[91, 0] = float("inf")
+    dirs[92] = torch.tensor([1e-40, 1.0, 0.0])  # 1 / d overflows
+    origins[93] = torch.tensor([1.0, 0.0, 0.0])  # on a face, moving along it
+    dirs[93] = torch.tensor([0.0, 1.0, 0.0])
+    op = native_op("cpu", SEGMENTS_OP, origins.device)
+    for near, far in ((0.0, 1e10), (2.5, 3.0), (-1.0, 0.5)):
+        native = op(origins, dirs, aabb, near, far)
+        expected = _ray_segments(origins, dirs, aabb, near, far)
+        for a, b in zip(native, expected):
+            assert torch.equal(a, b)
+        assert (native[1] > native[0]).sum() > (100 if near == 0.0 else 5)
+
+
+def test_march_cpu_edge_cases(cpu_tier: None, march_build: str) -> None:
     aabb = torch.tensor([-1.0, -1.0, -1.0, 1.0, 1.0, 1.0])
     occupancy = torch.ones(4**3, dtype=torch.bool)
     for origins, dirs in [
@@ -293,6 +330,15 @@ def test_composite_cpu_matches_reference(cpu_tier: None) -> None:
         assert rel_err(native, reference) <= 1e-4, name
     # Identical termination decisions: zero weights in exactly the same places.
     assert torch.equal(results["cpu"][0] == 0, results["reference"][0] == 0)
+    # Only some outputs in the loss: the others' gradients reach the native backward as None.
+    grads = {}
+    for tier in ("reference", "cpu"):
+        s = sigmas.clone().requires_grad_()
+        v = values.clone().requires_grad_()
+        out = composite(s, v, starts, ends, ray_indices, R, tier=tier)
+        grads[tier] = torch.autograd.grad((out.accumulated * cotangents[1]).sum() + out.depth.sum(), (s, v))
+    for native, reference in zip(grads["cpu"], grads["reference"]):
+        assert rel_err(native, reference) <= 1e-4
 
 
 def test_composite_rejects_unsorted_rays(cpu_tier: None) -> None:
@@ -435,3 +481,47 @@ def test_chunking_is_ignored_while_autograd_records() -> None:
     assert out.weights is not None and out.samples is not None  # one call: the graph needs every sample
     out.rgb.sum().backward()
     assert colour.grad is not None
+
+
+def test_composite_cpu_weights_are_correctly_rounded(cpu_tier: None, march_build: str) -> None:
+    """The cpu tier evaluates exp and expm1 in double (4 lanes at a time with AVX2): rounded to
+    float, w_1 = 1 - exp(-sd_1) and T_2 = exp(-sd_1) of two-sample rays are the correctly rounded
+    values, over optical depths from 1e-7 (expm1's cancellation) to 120 (underflow)."""
+    R = 20000
+    g = torch.Generator().manual_seed(8)
+    sd = torch.exp(torch.empty(R).uniform_(math.log(1e-7), math.log(120.0), generator=g))
+    sigmas = torch.stack([sd, torch.rand(R, generator=g)], dim=1).reshape(-1)
+    t_starts = torch.stack([torch.zeros(R), torch.ones(R)], dim=1).reshape(-1)
+    t_ends = t_starts + 1.0  # delta = 1: sd_i = sigma_i exactly
+    ray_indices = torch.arange(R).repeat_interleave(2)
+    values = torch.ones(2 * R, 1)
+    out = composite(sigmas, values, t_starts, t_ends, ray_indices, R, transmittance_threshold=1e-30, tier="cpu")
+    first = sigmas[0::2].double()
+    assert torch.equal(out.weights[0::2], (-torch.expm1(-first)).float())
+    T = torch.exp(-first).float()
+    kept = sigmas[0::2] <= -math.log(1e-30)  # past that depth the second sample is terminated
+    alpha = (-torch.expm1(-sigmas[1::2].double())).float()
+    assert torch.equal(out.weights[1::2][kept], (T * alpha)[kept])
+    assert not out.weights[1::2][~kept].any()
+    assert kept.float().mean() > 0.5 and (~kept).any()
+
+
+def test_composite_cpu_baseline_build_matches_avx2_bit_for_bit(cpu_tier: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    # exp/expm1 run 4 lanes at a time with AVX2 and one at a time otherwise: the same double
+    # operations in the same order (no FMA), so not a single bit of output or gradient may differ.
+    sigmas, values, starts, ends, ray_indices = composite_case(2)
+    R = int(ray_indices.max()) + 1
+    g = torch.Generator().manual_seed(3)
+    cotangents = [torch.randn(shape, generator=g) for shape in ((sigmas.numel(),), (R, 4), (R, 1), (R, 1))]
+
+    def run() -> list[Tensor]:
+        s, v = sigmas.clone().requires_grad_(), values.clone().requires_grad_()
+        out = composite(s, v, starts, ends, ray_indices, R, tier="cpu")
+        outputs = [out.weights, out.accumulated, out.opacity, out.depth]
+        return [o.detach() for o in outputs] + list(torch.autograd.grad(outputs, (s, v), cotangents))
+
+    default = run()
+    monkeypatch.setenv("LIFT3D_KERNELS_NO_AVX2", "1")
+    baseline = run()
+    for name, a, b in zip(["weights", "accumulated", "opacity", "depth", "d_sigmas", "d_values"], default, baseline):
+        assert torch.equal(a, b), name

@@ -149,3 +149,17 @@ def test_sdf_field_starts_at_the_initial_sdf_and_learns_through_the_hash_grid():
     assert "base_sdf" in model.state_dict()  # a NeRF-initialised SDF survives a checkpoint
     with pytest.raises(ValueError, match="sdf must be one of grid, field"):
         DMTetConfig(sdf="mlp")
+
+
+def test_mesh_marches_only_the_crossing_cells_with_the_same_result():
+    """``mesh()`` prunes to the cells the surface crosses; the mesh is the full march's, bit for bit."""
+    from lift3d.geometry.tetrahedra import marching_tetrahedra
+
+    model = DMTet(DMTetConfig(init_radius=0.55, **TINY))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        model.deformation.normal_(generator=g)
+        model.sdf.add_(0.05 * torch.randn(model.sdf.shape, generator=g))
+    surface, faces = model.mesh()
+    full_surface, full_faces = marching_tetrahedra(model.deformed_vertices(), model.tets, model.sdf_values())
+    assert torch.equal(surface, full_surface) and torch.equal(faces, full_faces)
