@@ -10,9 +10,29 @@
 // Gaussians are stable-sorted by depth once per camera and binned in that order, so every tile's
 // list is already in (depth, index) order. One OpenMP work item per tile.
 //
-// Determinism: every tile is processed by one thread in a fixed pixel order; the backward writes
-// per-(tile, entry) partial gradients and reduces them serially per camera in tile order. No float
-// atomics, so results are bit-identical run to run and for any thread count.
+// Culling: besides the radius square, every Gaussian gets a pixel rectangle that bounds its
+// ellipse power >= power_floor (below power_floor alpha < 1/255 for sure), with a margin for the
+// float rounding of power. Binning uses the tiles both touch, and a tile visits only the pixels in
+// the rectangle. Every pixel left out would have been rejected by the evaluation, so culling
+// changes no result: it only skips work (most of it: at the quickstart's splat sizes a Gaussian
+// passes at a few percent of the pixels of the tiles its square touches).
+//
+// Loop order: within a tile the Gaussians are walked in list order (back to front in the backward)
+// and each updates the per-pixel state (transmittance, sums, stop flag) of the pixels in its
+// rectangle, 8 pixels of a tile row at a time. Per pixel that is the same sequence of operations
+// as walking that pixel's list, so the result does not depend on the order. A tile stops once all
+// its pixels have stopped.
+//
+// Vectors: the 8-pixel step is written once with GCC/Clang vector extensions and compiled twice,
+// for AVX2 (chosen at run time, see cpu_features.h) and for the baseline x86-64 target (where each
+// 8-lane op becomes two SSE ops). exp() is a polynomial made of the same IEEE operations in both,
+// and neither build has FMA, so the two builds agree bit for bit; the forward and the backward
+// evaluate alpha with the same inlined code, so the backward's alphas are the forward's bits.
+//
+// Determinism: every tile is processed by one thread in a fixed order; the backward writes
+// per-(tile, entry) partial gradients (lane sums reduced in a fixed order) and reduces them
+// serially per camera in tile order. No float atomics, so results are bit-identical run to run
+// and for any thread count.
 //
 // Transmittance is carried in double: the reference's torch.cumprod accumulates float products in
 // double, so the early-stop decisions agree (up to exp() rounding), and the backward recovers T by
@@ -27,74 +47,123 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <tuple>
 #include <vector>
 
+#include "cpu_features.h"
+
 namespace {
 
-constexpr int kTile = 16;
+constexpr int64_t kTile = 16;
+constexpr int64_t kTilePixels = kTile * kTile;
+constexpr int64_t kLanes = 8;  // pixels per vector step
 constexpr float kAlphaMax = 0.99f;
 // Same float32 constants torch uses when comparing a float tensor with the Python scalars.
 const float kAlphaMin = static_cast<float>(1.0 / 255.0);
 const float kTransmittanceMin = static_cast<float>(1e-4);
 
+#define GS_INLINE inline __attribute__((always_inline))
+// The 32- and 64-byte vectors only live inside always-inlined code, never at a call boundary:
+// GCC's warning about their calling convention without AVX does not apply.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+typedef float F8 __attribute__((vector_size(32)));
+typedef int32_t I8 __attribute__((vector_size(32)));
+typedef double D8 __attribute__((vector_size(64)));
+typedef int64_t L8 __attribute__((vector_size(64)));
+
+template <typename V, typename T>
+GS_INLINE V load(const T* p) {
+  V v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+template <typename V, typename T>
+GS_INLINE void store(T* p, V v) {
+  std::memcpy(p, &v, sizeof v);
+}
+GS_INLINE void add_to(float* p, F8 v) { store(p, load<F8>(p) + v); }
+GS_INLINE bool any(I8 mask) {
+  uint64_t parts[4];
+  std::memcpy(parts, &mask, sizeof parts);
+  return (parts[0] | parts[1] | parts[2] | parts[3]) != 0;
+}
+// mask ? a : b per lane (mask lanes are all ones or all zeros).
+GS_INLINE F8 select(I8 mask, F8 a, F8 b) { return (F8)((mask & (I8)a) | (~mask & (I8)b)); }
+GS_INLINE I8 select(I8 mask, I8 a, I8 b) { return (mask & a) | (~mask & b); }
+GS_INLINE D8 select(I8 mask, D8 a, D8 b) {
+  const L8 wide = __builtin_convertvector(mask, L8);  // sign-extends: -1 stays all ones
+  return (D8)((wide & (L8)a) | (~wide & (L8)b));
+}
+GS_INLINE F8 to_float(D8 v) { return __builtin_convertvector(v, F8); }
+GS_INLINE D8 to_double(F8 v) { return __builtin_convertvector(v, D8); }
+// Lanes summed in one fixed order (the same in both builds).
+GS_INLINE float lane_sum(F8 v) {
+  return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
+}
+
+// exp(x) for x <= 0 (Cephes' expf: x = k ln2 + r, |r| <= ln2/2, a degree-7 polynomial, here
+// evaluated by Estrin's scheme for a shorter dependency chain; within 2 ulp of the correctly
+// rounded value). Below -87 it returns exp(-87) (alpha there is below 1/255 unless opacity > 1e35);
+// NaN lanes come out as garbage and are masked by the caller.
+GS_INLINE F8 exp_nonpositive(F8 x) {
+  const F8 lowest = F8{} - 87.0f;
+  x = select(x < lowest, lowest, x);
+  const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds |v| < 2^22 to an integer
+  const F8 shifted = x * 1.44269504088896341f + shifter;
+  const F8 k = shifted - shifter;
+  const F8 r = (x - k * 0.693359375f) - k * -2.12194440e-4f;  // ln2 in two parts: k * hi is exact
+  const F8 r2 = r * r, r4 = r2 * r2;
+  const F8 p01 = 5.0000001201e-1f + r * 1.6666665459e-1f;
+  const F8 p23 = 4.1665795894e-2f + r * 8.3334519073e-3f;
+  const F8 p45 = 1.3981999507e-3f + r * 1.9875691500e-4f;
+  const F8 p = (p01 + r2 * p23) + r4 * p45;  // (exp(r) - 1 - r) / r^2
+  const F8 e = (p * r2 + r) + 1.0f;
+  I8 shifter_bits;
+  const F8 shifter_vec = F8{} + shifter;
+  std::memcpy(&shifter_bits, &shifter_vec, sizeof shifter_bits);
+  const I8 scale = (((I8)shifted - shifter_bits) + 127) << 23;  // 2^k
+  return e * (F8)scale;
+}
+
 struct Splat {
   float mx, my, a, b, c, opacity;
-  float power_floor;  // below this power alpha < 1/255 for sure: skips exp() for far pixels
+  float power_floor;  // below this power alpha < 1/255 for sure
+  int32_t x_lo, x_hi, y_lo, y_hi;  // image pixels (inclusive) outside which power < power_floor
 };
 
+// One Gaussian at the 8 pixels of a row segment, in two stages: the power test (which rejects
+// most lanes of most segments, see culling above), then exp() and alpha only where one passed.
 struct Eval {
-  float dx, dy, power, gauss, raw, alpha;
+  F8 dx, power, gauss, raw, alpha;
+  float dy;
+  I8 pass;  // power <= 0 and power >= power_floor (false on NaN); after alpha(): alpha >= 1/255 too
 };
 
-inline bool evaluate(const Splat& s, float px, float py, Eval& e) {
+// px: the 8 pixel centres' x; py: the row's pixel centre y.
+GS_INLINE Eval power_test(const Splat& s, F8 px, float py) {
+  Eval e;
   e.dx = s.mx - px;
   e.dy = s.my - py;
-  e.power = -0.5f * (s.a * e.dx * e.dx + s.c * e.dy * e.dy) - s.b * e.dx * e.dy;
-  if (!(e.power <= 0.0f)) return false;  // also rejects NaN
-  if (e.power < s.power_floor) return false;
-  e.gauss = std::exp(e.power);
+  const float c_dy2 = s.c * e.dy * e.dy, b_dy = s.b * e.dy;
+  e.power = -0.5f * (s.a * e.dx * e.dx + c_dy2) - b_dy * e.dx;
+  e.pass = (e.power <= 0.0f) & (e.power >= s.power_floor);
+  return e;
+}
+
+GS_INLINE void alpha_test(const Splat& s, Eval& e) {
+  e.gauss = exp_nonpositive(e.power);
   e.raw = s.opacity * e.gauss;
-  e.alpha = e.raw > kAlphaMax ? kAlphaMax : e.raw;  // NaN propagates, like torch.clamp
-  return e.alpha >= kAlphaMin;  // also rejects NaN
+  e.alpha = select(e.raw > kAlphaMax, F8{} + kAlphaMax, e.raw);  // NaN propagates, like torch.clamp
+  e.pass &= e.alpha >= kAlphaMin;
 }
 
-// Gaussians are evaluated in fixed chunks of a tile's list by this one out-of-line function, and
-// the backward re-evaluates exactly the forward's chunks. So the backward sees bit-identical
-// alphas whatever the compiler does (FMA contraction under -march=native, vectorised loop bodies
-// vs scalar epilogues), which its recovery of T by division relies on.
-constexpr int64_t kChunk = 32;
-
-#if defined(__GNUC__) && !defined(__clang__)
-#define LIFT3D_ONE_COPY __attribute__((noinline, noipa))
-#else
-#define LIFT3D_ONE_COPY __attribute__((noinline))
-#endif
-
-// Evaluates splats[0, n) at (px, py); stores the ones that pass (alpha >= 1/255) compactly in
-// evals / index (positions within the chunk) and returns how many passed.
-LIFT3D_ONE_COPY int64_t evaluate_chunk(const Splat* splats, int64_t n, float px, float py, Eval* evals,
-                                       int32_t* index) {
-  int64_t k = 0;
-  for (int64_t j = 0; j < n; ++j) {
-    if (evaluate(splats[j], px, py, evals[k])) index[k++] = static_cast<int32_t>(j);
-  }
-  return k;
-}
-
-Splat make_splat(const float* mean, const float* conic, float opacity) {
-  Splat s;
-  s.mx = mean[0];
-  s.my = mean[1];
-  s.a = conic[0];
-  s.b = conic[1];
-  s.c = conic[2];
-  s.opacity = opacity;
-  // exp(power) <= e^-0.001 * (1/255) / opacity < 1/255 / opacity: a margin far above exp's ulp error.
-  s.power_floor = static_cast<float>(std::log(static_cast<double>(kAlphaMin) / opacity) - 1e-3);
-  if (std::isnan(s.power_floor)) s.power_floor = -std::numeric_limits<float>::infinity();
-  return s;
+// Pixel centres x + 0.5 of the 8 pixels starting at column x.
+GS_INLINE F8 pixel_centres(int64_t x) {
+  const F8 lanes = {0.5f, 1.5f, 2.5f, 3.5f, 4.5f, 5.5f, 6.5f, 7.5f};
+  return lanes + static_cast<float>(x);
 }
 
 struct Grid {
@@ -118,6 +187,47 @@ bool tile_range(float centre, float radius, int64_t tiles, int64_t& lo, int64_t&
   return true;
 }
 
+// Pixels [lo, hi] (clipped to [0, size - 1]) whose centre lies within half_extent of centre, with
+// one pixel of slack each side; false if none.
+bool pixel_range(double centre, double half_extent, int64_t size, int32_t& lo, int32_t& hi) {
+  const double low = std::floor(centre - half_extent - 0.5) - 1.0;
+  const double high = std::floor(centre + half_extent - 0.5) + 1.0;
+  if (!(high >= 0.0) || !(low <= static_cast<double>(size - 1))) return false;
+  lo = static_cast<int32_t>(std::max(low, 0.0));
+  hi = static_cast<int32_t>(std::min(high, static_cast<double>(size - 1)));
+  return true;
+}
+
+// The splat of one Gaussian with its pixel rectangle; false if no pixel can pass.
+bool make_splat(const float* mean, const float* conic, float opacity, const Grid& grid, Splat& s) {
+  s.mx = mean[0];
+  s.my = mean[1];
+  s.a = conic[0];
+  s.b = conic[1];
+  s.c = conic[2];
+  s.opacity = opacity;
+  // exp(power) <= e^-0.001 * (1/255) / opacity < 1/255 / opacity: a margin far above exp's ulp error.
+  s.power_floor = static_cast<float>(std::log(static_cast<double>(kAlphaMin) / opacity) - 1e-3);
+  if (std::isnan(s.power_floor)) s.power_floor = -std::numeric_limits<float>::infinity();
+  if (s.power_floor > 0.0f) return false;  // power <= 0 < power_floor everywhere
+  s.x_lo = s.y_lo = 0;
+  s.x_hi = static_cast<int32_t>(grid.width - 1);
+  s.y_hi = static_cast<int32_t>(grid.height - 1);
+  // Pixels pass only where q = a dx^2 + 2 b dx dy + c dy^2 <= t = -2 power_floor. With
+  // rho = |b| / sqrt(ac) < 1, the float q is within 6 eps (1 + rho) / (1 - rho) q of the exact
+  // one, so the ellipse q <= t (1 + 16 eps (1 + rho) / (1 - rho)) holds every pixel that can pass.
+  // Its bounding box has half extents sqrt(t' c / det) and sqrt(t' a / det).
+  const double a = s.a, b = s.b, c = s.c, det = a * c - b * b;
+  const double t = -2.0 * static_cast<double>(s.power_floor);
+  if (!(a > 0.0 && c > 0.0 && det > 0.0 && std::isfinite(t) && std::isfinite(det))) return true;
+  const double rho = std::fabs(b) / std::sqrt(a * c);
+  const double slack = 16.0 * std::numeric_limits<float>::epsilon() * (1.0 + rho) / (1.0 - rho);
+  if (!(slack < 0.5)) return true;  // nearly degenerate: keep the whole radius square
+  const double bound = t * (1.0 + slack) + 1e-6;
+  return pixel_range(s.mx, std::sqrt(bound * c / det), grid.width, s.x_lo, s.x_hi) &&
+         pixel_range(s.my, std::sqrt(bound * a / det), grid.height, s.y_lo, s.y_hi);
+}
+
 void check_float(const at::Tensor& t, const char* name, std::vector<int64_t> shape) {
   TORCH_CHECK(t.device().is_cpu(), "gaussian_rasterize (cpu tier): ", name, " must be on the CPU");
   TORCH_CHECK(t.scalar_type() == at::kFloat, "gaussian_rasterize (cpu tier): ", name,
@@ -127,17 +237,37 @@ void check_float(const at::Tensor& t, const char* name, std::vector<int64_t> sha
               " has shape ", t.sizes(), ", expected ", at::IntArrayRef(shape));
 }
 
-// Stable depth order per camera (ties by index, NaN last like torch.sort), binned into tiles.
-void bin_gaussians(const float* means, const float* depths, const int32_t* radii, int64_t B, int64_t N,
-                   const Grid& grid, std::vector<int64_t>& offsets, std::vector<int32_t>& ids) {
-  const int64_t T = grid.tiles();
+struct Inputs {
+  const float *means, *conics, *colors, *opacities, *depths;
+  int64_t B, N, C;
+};
+
+// Every Gaussian's splat; valid[bn] = 0 where it is culled (radius 0, off the image, or no pixel
+// can pass). The forward and the backward compute the same splats from the same inputs.
+void make_splats(const Inputs& in, const int32_t* radii, const Grid& grid, std::vector<Splat>& splats,
+                 std::vector<uint8_t>& valid) {
+  const int64_t BN = in.B * in.N;
+  splats.resize(BN);
+  valid.assign(BN, 0);
+  for (int64_t bn = 0; bn < BN; ++bn) {
+    if (radii != nullptr && radii[bn] <= 0) continue;
+    valid[bn] = make_splat(in.means + 2 * bn, in.conics + 3 * bn, in.opacities[bn], grid, splats[bn]);
+  }
+}
+
+// Stable depth order per camera (ties by index, NaN last like torch.sort), binned into the tiles
+// that both the radius square and the splat's pixel rectangle touch.
+void bin_gaussians(const Inputs& in, const int32_t* radii, const std::vector<Splat>& splats,
+                   const std::vector<uint8_t>& valid, const Grid& grid, std::vector<int64_t>& offsets,
+                   std::vector<int32_t>& ids) {
+  const int64_t B = in.B, N = in.N, T = grid.tiles();
   std::vector<int64_t> counts(B * T + 1, 0);
   std::vector<int32_t> order(B * N);
   std::vector<int64_t> rect(B * N * 4);  // x_lo, x_hi, y_lo, y_hi; x_lo = -1 marks "not binned"
 
 #pragma omp parallel for schedule(static) if (B > 1)
   for (int64_t b = 0; b < B; ++b) {
-    const float* z = depths + b * N;
+    const float* z = in.depths + b * N;
     int32_t* o = order.data() + b * N;
     for (int64_t i = 0; i < N; ++i) o[i] = static_cast<int32_t>(i);
     std::sort(o, o + N, [z](int32_t i, int32_t j) {
@@ -150,10 +280,19 @@ void bin_gaussians(const float* means, const float* depths, const int32_t* radii
   for (int64_t bn = 0; bn < B * N; ++bn) {
     int64_t* r = rect.data() + 4 * bn;
     r[0] = -1;
-    if (radii[bn] <= 0) continue;
+    if (!valid[bn]) continue;
     const float radius = static_cast<float>(radii[bn]);
-    if (!tile_range(means[2 * bn], radius, grid.tiles_x, r[0], r[1]) ||
-        !tile_range(means[2 * bn + 1], radius, grid.tiles_y, r[2], r[3])) {
+    if (!tile_range(in.means[2 * bn], radius, grid.tiles_x, r[0], r[1]) ||
+        !tile_range(in.means[2 * bn + 1], radius, grid.tiles_y, r[2], r[3])) {
+      r[0] = -1;
+      continue;
+    }
+    const Splat& s = splats[bn];
+    r[0] = std::max<int64_t>(r[0], s.x_lo / kTile);
+    r[1] = std::min<int64_t>(r[1], s.x_hi / kTile);
+    r[2] = std::max<int64_t>(r[2], s.y_lo / kTile);
+    r[3] = std::min<int64_t>(r[3], s.y_hi / kTile);
+    if (r[0] > r[1] || r[2] > r[3]) {
       r[0] = -1;
       continue;
     }
@@ -176,24 +315,256 @@ void bin_gaussians(const float* means, const float* depths, const int32_t* radii
   }
 }
 
-// A tile's Gaussians gathered contiguously (colour channels and depth interleaved, depth last).
-struct TileData {
+// One (camera, tile) work item: its Gaussians gathered contiguously (colour channels and depth
+// interleaved, depth last) and its pixel bounds.
+struct Tile {
   std::vector<Splat> splats;
   std::vector<float> features;  // [count, C + 1]
+  int64_t count = 0, C = 0;
+  int64_t x0 = 0, y0 = 0, x1 = 0, y1 = 0;  // image pixels [x0, x1) x [y0, y1)
 
-  void gather(const int32_t* ids, int64_t count, const float* means, const float* conics,
-              const float* colors, const float* opacities, const float* depths, int64_t C) {
+  void gather(const Inputs& in, const std::vector<Splat>& all, const Grid& grid, int64_t bt,
+              const int64_t* offsets, const int32_t* ids) {
+    const int64_t T = grid.tiles(), b = bt / T, t = bt % T, start = offsets[bt];
+    count = offsets[bt + 1] - start;
+    C = in.C;
+    x0 = (t % grid.tiles_x) * kTile;
+    y0 = (t / grid.tiles_x) * kTile;
+    x1 = std::min(x0 + kTile, grid.width);
+    y1 = std::min(y0 + kTile, grid.height);
     splats.resize(count);
     features.resize(count * (C + 1));
     for (int64_t j = 0; j < count; ++j) {
-      const int64_t g = ids[j];
-      splats[j] = make_splat(means + 2 * g, conics + 3 * g, opacities[g]);
+      const int64_t g = b * in.N + ids[start + j];
+      splats[j] = all[g];
       float* f = features.data() + j * (C + 1);
-      for (int64_t ch = 0; ch < C; ++ch) f[ch] = colors[g * C + ch];
-      f[C] = depths[g];
+      for (int64_t ch = 0; ch < C; ++ch) f[ch] = in.colors[g * C + ch];
+      f[C] = in.depths[g];
     }
   }
+
+  // The rows [y_lo, y_hi] and 8-pixel segments [seg_lo, seg_hi] of the tile that splat j's
+  // rectangle touches (none where y_lo > y_hi).
+  struct Span {
+    int64_t y_lo, y_hi, seg_lo, seg_hi;
+  };
+  Span span(int64_t j) const {
+    const Splat& s = splats[j];
+    const int64_t xlo = std::max<int64_t>(s.x_lo, x0), xhi = std::min<int64_t>(s.x_hi, x1 - 1);
+    Span r{std::max<int64_t>(s.y_lo, y0), std::min<int64_t>(s.y_hi, y1 - 1), (xlo - x0) / kLanes,
+           (xhi - x0) / kLanes};
+    if (xlo > xhi) r.y_hi = r.y_lo - 1;
+    return r;
+  }
 };
+
+// Per-pixel state of the tile being composited, [channel][tile pixel].
+struct ForwardState {
+  std::vector<double> trans;
+  std::vector<float> sums;  // [C + 1, kTilePixels]
+  std::vector<int32_t> live, last;  // live: -1 while the pixel still blends (in the image, not stopped)
+};
+
+struct ForwardOutputs {
+  float *rgb, *alpha, *depth;
+  double* final_t;
+  int32_t* n_contrib;
+};
+
+GS_INLINE void forward_tile_body(const Tile& tile, int64_t b, int64_t H, int64_t W, ForwardState& st,
+                                 const ForwardOutputs& out) {
+  const int64_t C = tile.C, F = C + 1;
+  st.trans.assign(kTilePixels, 1.0);
+  st.sums.assign(F * kTilePixels, 0.0f);
+  st.last.assign(kTilePixels, 0);
+  st.live.assign(kTilePixels, 0);
+  int64_t alive = 0;
+  for (int64_t y = tile.y0; y < tile.y1; ++y)
+    for (int64_t x = tile.x0; x < tile.x1; ++x, ++alive) st.live[(y - tile.y0) * kTile + (x - tile.x0)] = -1;
+
+  for (int64_t j = 0; j < tile.count && alive > 0; ++j) {
+    const Splat& s = tile.splats[j];
+    const float* f = tile.features.data() + j * F;
+    const Tile::Span sp = tile.span(j);
+    for (int64_t y = sp.y_lo; y <= sp.y_hi; ++y) {
+      for (int64_t seg = sp.seg_lo; seg <= sp.seg_hi; ++seg) {
+        const int64_t x = tile.x0 + seg * kLanes, i = (y - tile.y0) * kTile + seg * kLanes;
+        const I8 live = load<I8>(st.live.data() + i);
+        if (!any(live)) continue;
+        Eval e = power_test(s, pixel_centres(x), static_cast<float>(y) + 0.5f);
+        if (!any(e.pass & live)) continue;
+        alpha_test(s, e);
+        const I8 blend = e.pass & live;
+        if (!any(blend)) continue;
+        const D8 trans = load<D8>(st.trans.data() + i);
+        const D8 next = trans * to_double(1.0f - e.alpha);
+        const I8 stop = blend & (to_float(next) < kTransmittanceMin);
+        const I8 take = blend & ~stop;
+        if (any(stop)) {
+          store(st.live.data() + i, live & ~stop);
+          for (int k = 0; k < kLanes; ++k) alive += stop[k];  // lanes are -1 where set
+        }
+        const F8 weight = e.alpha * to_float(trans);
+        for (int64_t ch = 0; ch < F; ++ch) {
+          float* sums = st.sums.data() + ch * kTilePixels + i;
+          const F8 old = load<F8>(sums);
+          store(sums, select(take, old + weight * f[ch], old));
+        }
+        store(st.trans.data() + i, select(take, next, trans));
+        store(st.last.data() + i, select(take, I8{} + static_cast<int32_t>(j + 1), load<I8>(st.last.data() + i)));
+      }
+    }
+  }
+
+  for (int64_t y = tile.y0; y < tile.y1; ++y) {
+    for (int64_t x = tile.x0; x < tile.x1; ++x) {
+      const int64_t i = (y - tile.y0) * kTile + (x - tile.x0), pix = (b * H + y) * W + x;
+      for (int64_t ch = 0; ch < C; ++ch) out.rgb[pix * C + ch] = st.sums[ch * kTilePixels + i];
+      out.depth[pix] = st.sums[C * kTilePixels + i];
+      out.alpha[pix] = 1.0f - static_cast<float>(st.trans[i]);
+      out.final_t[pix] = st.trans[i];
+      out.n_contrib[pix] = st.last[i];
+    }
+  }
+}
+
+// Per-pixel state of the tile being differentiated, [channel][tile pixel].
+struct BackwardState {
+  std::vector<double> trans, t_final;
+  std::vector<float> upstream, accum, last_feature;  // [C + 1, kTilePixels]
+  std::vector<float> last_alpha, d_alpha_out;
+  std::vector<int32_t> last;
+  std::vector<float> grads;  // per-lane gradient sums of the current Gaussian, [6 + C + 1, kLanes]
+};
+
+struct BackwardInputs {
+  const double* final_t;
+  const int32_t* n_contrib;
+  const float *grad_rgb, *grad_alpha, *grad_depth;
+};
+
+// Writes d(loss)/d(splat j's parameters) into part[j * (7 + C)]: d mean (2), d conic (3),
+// d opacity (1), d colour (C), d depth (1).
+GS_INLINE void backward_tile_body(const Tile& tile, int64_t b, int64_t H, int64_t W, const BackwardInputs& in,
+                                  BackwardState& st, float* part) {
+  const int64_t C = tile.C, F = C + 1, S = 6 + F;
+  st.trans.assign(kTilePixels, 1.0);
+  st.t_final.assign(kTilePixels, 1.0);
+  st.upstream.assign(F * kTilePixels, 0.0f);
+  st.accum.assign(F * kTilePixels, 0.0f);
+  st.last_feature.assign(F * kTilePixels, 0.0f);
+  st.last_alpha.assign(kTilePixels, 0.0f);
+  st.d_alpha_out.assign(kTilePixels, 0.0f);
+  st.last.assign(kTilePixels, 0);  // 0 outside the image: no Gaussian is differentiated there
+  st.grads.resize(S * kLanes);
+  int32_t max_last = 0;
+  for (int64_t y = tile.y0; y < tile.y1; ++y) {
+    for (int64_t x = tile.x0; x < tile.x1; ++x) {
+      const int64_t i = (y - tile.y0) * kTile + (x - tile.x0), pix = (b * H + y) * W + x;
+      st.last[i] = in.n_contrib[pix];
+      max_last = std::max(max_last, st.last[i]);
+      st.trans[i] = st.t_final[i] = in.final_t[pix];
+      for (int64_t ch = 0; ch < C; ++ch) st.upstream[ch * kTilePixels + i] = in.grad_rgb[pix * C + ch];
+      st.upstream[C * kTilePixels + i] = in.grad_depth[pix];
+      st.d_alpha_out[i] = in.grad_alpha[pix];
+    }
+  }
+
+  // Back to front from the last contributor of any pixel of the tile.
+  for (int64_t j = static_cast<int64_t>(max_last) - 1; j >= 0; --j) {
+    const Splat& s = tile.splats[j];
+    const float* f = tile.features.data() + j * F;
+    float* g = st.grads.data();
+    std::fill(st.grads.begin(), st.grads.end(), 0.0f);
+    bool touched = false;
+    const Tile::Span sp = tile.span(j);
+    for (int64_t y = sp.y_lo; y <= sp.y_hi; ++y) {
+      for (int64_t seg = sp.seg_lo; seg <= sp.seg_hi; ++seg) {
+        const int64_t x = tile.x0 + seg * kLanes, i = (y - tile.y0) * kTile + seg * kLanes;
+        // Only pixels whose blend reached j (not after their last contributor or stopping Gaussian).
+        const I8 reached = load<I8>(st.last.data() + i) > static_cast<int32_t>(j);
+        if (!any(reached)) continue;
+        Eval e = power_test(s, pixel_centres(x), static_cast<float>(y) + 0.5f);
+        if (!any(e.pass & reached)) continue;
+        alpha_test(s, e);
+        const I8 m = e.pass & reached;
+        if (!any(m)) continue;
+        touched = true;
+        // One division for both quotients below (a double ulp off theirs; T is rounded to float).
+        const D8 inverse = 1.0 / to_double(1.0f - e.alpha);
+        const D8 trans = select(m, load<D8>(st.trans.data() + i) * inverse, load<D8>(st.trans.data() + i));
+        store(st.trans.data() + i, trans);  // T before this Gaussian
+        const F8 tr = to_float(trans);
+        const F8 weight = e.alpha * tr;
+        const F8 last_alpha = load<F8>(st.last_alpha.data() + i);
+        // d out / d alpha_j = T_j (f_j - accum_j), accum_j = the normalised blend behind j.
+        F8 d_alpha = F8{};
+        for (int64_t ch = 0; ch < F; ++ch) {
+          float* accum_p = st.accum.data() + ch * kTilePixels + i;
+          float* last_p = st.last_feature.data() + ch * kTilePixels + i;
+          const F8 up = load<F8>(st.upstream.data() + ch * kTilePixels + i);
+          const F8 accum = last_alpha * load<F8>(last_p) + (1.0f - last_alpha) * load<F8>(accum_p);
+          store(accum_p, select(m, accum, load<F8>(accum_p)));
+          store(last_p, select(m, F8{} + f[ch], load<F8>(last_p)));
+          d_alpha += (f[ch] - accum) * up;
+          add_to(g + (6 + ch) * kLanes, select(m, weight * up, F8{}));
+        }
+        d_alpha *= tr;
+        // Output alpha = 1 - prod(1 - alpha_k): d/d alpha_j = T_final / (1 - alpha_j).
+        d_alpha += to_float(load<D8>(st.t_final.data() + i) * inverse) * load<F8>(st.d_alpha_out.data() + i);
+        store(st.last_alpha.data() + i, select(m, e.alpha, last_alpha));
+        const I8 unclamped = m & (e.raw <= kAlphaMax);  // clamped at 0.99: no gradient, as torch.clamp
+        const F8 d_power = d_alpha * e.raw;
+        add_to(g + 5 * kLanes, select(unclamped, d_alpha * e.gauss, F8{}));
+        add_to(g + 0 * kLanes, select(unclamped, d_power * (-s.a * e.dx - s.b * e.dy), F8{}));
+        add_to(g + 1 * kLanes, select(unclamped, d_power * (-s.c * e.dy - s.b * e.dx), F8{}));
+        add_to(g + 2 * kLanes, select(unclamped, d_power * (-0.5f * e.dx * e.dx), F8{}));
+        add_to(g + 3 * kLanes, select(unclamped, d_power * (-e.dx * e.dy), F8{}));
+        add_to(g + 4 * kLanes, select(unclamped, d_power * (-0.5f * e.dy * e.dy), F8{}));
+      }
+    }
+    if (touched)
+      for (int64_t k = 0; k < S; ++k) part[j * S + k] = lane_sum(load<F8>(g + k * kLanes));
+  }
+}
+
+// The tile bodies compiled for this CPU: AVX2 where it has it (and LIFT3D_KERNELS_NO_AVX2 is not
+// 1), else the baseline x86-64 target. Read per call, so a test can compare both builds.
+using ForwardTileFn = void (*)(const Tile&, int64_t, int64_t, int64_t, ForwardState&, const ForwardOutputs&);
+using BackwardTileFn = void (*)(const Tile&, int64_t, int64_t, int64_t, const BackwardInputs&, BackwardState&,
+                                float*);
+
+void forward_tile_baseline(const Tile& tile, int64_t b, int64_t H, int64_t W, ForwardState& st,
+                           const ForwardOutputs& out) {
+  forward_tile_body(tile, b, H, W, st, out);
+}
+void backward_tile_baseline(const Tile& tile, int64_t b, int64_t H, int64_t W, const BackwardInputs& in,
+                            BackwardState& st, float* part) {
+  backward_tile_body(tile, b, H, W, in, st, part);
+}
+#ifdef LIFT3D_CPU_X86
+__attribute__((target("avx2"))) void forward_tile_avx2(const Tile& tile, int64_t b, int64_t H, int64_t W,
+                                                       ForwardState& st, const ForwardOutputs& out) {
+  forward_tile_body(tile, b, H, W, st, out);
+}
+__attribute__((target("avx2"))) void backward_tile_avx2(const Tile& tile, int64_t b, int64_t H, int64_t W,
+                                                        const BackwardInputs& in, BackwardState& st, float* part) {
+  backward_tile_body(tile, b, H, W, in, st, part);
+}
+#endif
+
+ForwardTileFn forward_tile_for_this_cpu() {
+#ifdef LIFT3D_CPU_X86
+  if (lift3d_cpu::use_avx2()) return forward_tile_avx2;
+#endif
+  return forward_tile_baseline;
+}
+BackwardTileFn backward_tile_for_this_cpu() {
+#ifdef LIFT3D_CPU_X86
+  if (lift3d_cpu::use_avx2()) return backward_tile_avx2;
+#endif
+  return backward_tile_baseline;
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 gaussian_rasterize_forward(const at::Tensor& means2d, const at::Tensor& conics, const at::Tensor& colors,
@@ -211,11 +582,15 @@ gaussian_rasterize_forward(const at::Tensor& means2d, const at::Tensor& conics, 
               "gaussian_rasterize (cpu tier): radii must be a contiguous int32 [B, N] CPU tensor");
   const Grid grid = make_grid(width, height);
   const int64_t H = height, W = width, T = grid.tiles();
+  const Inputs in{means2d.data_ptr<float>(), conics.data_ptr<float>(), colors.data_ptr<float>(),
+                  opacities.data_ptr<float>(), depths.data_ptr<float>(), B, N, C};
 
+  std::vector<Splat> splats;
+  std::vector<uint8_t> valid;
+  make_splats(in, radii.data_ptr<int32_t>(), grid, splats, valid);
   std::vector<int64_t> offsets;
   std::vector<int32_t> ids;
-  bin_gaussians(means2d.data_ptr<float>(), depths.data_ptr<float>(), radii.data_ptr<int32_t>(), B, N, grid,
-                offsets, ids);
+  bin_gaussians(in, radii.data_ptr<int32_t>(), splats, valid, grid, offsets, ids);
 
   const auto f32 = colors.options();
   at::Tensor rgb = at::zeros({B, H, W, C}, f32);
@@ -225,66 +600,19 @@ gaussian_rasterize_forward(const at::Tensor& means2d, const at::Tensor& conics, 
   at::Tensor n_contrib = at::zeros({B, H, W}, f32.dtype(at::kInt));
   at::Tensor tile_offsets = at::from_blob(offsets.data(), {B * T + 1}, at::kLong).clone();
   at::Tensor tile_ids = at::from_blob(ids.data(), {static_cast<int64_t>(ids.size())}, at::kInt).clone();
-
-  const float* p_means = means2d.data_ptr<float>();
-  const float* p_conics = conics.data_ptr<float>();
-  const float* p_colors = colors.data_ptr<float>();
-  const float* p_opac = opacities.data_ptr<float>();
-  const float* p_depths = depths.data_ptr<float>();
-  float* p_rgb = rgb.data_ptr<float>();
-  float* p_alpha = alpha.data_ptr<float>();
-  float* p_depth = depth.data_ptr<float>();
-  double* p_final = final_t.data_ptr<double>();
-  int32_t* p_contrib = n_contrib.data_ptr<int32_t>();
+  const ForwardOutputs out{rgb.data_ptr<float>(), alpha.data_ptr<float>(), depth.data_ptr<float>(),
+                           final_t.data_ptr<double>(), n_contrib.data_ptr<int32_t>()};
+  const ForwardTileFn forward_tile = forward_tile_for_this_cpu();
 
 #pragma omp parallel if (B * T > 1)
   {
-    TileData tile;
-    std::vector<float> acc(C + 1);
+    Tile tile;
+    ForwardState state;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t bt = 0; bt < B * T; ++bt) {
-      const int64_t b = bt / T, t = bt % T;
-      const int64_t start = offsets[bt], count = offsets[bt + 1] - start;
-      const int64_t x0 = (t % grid.tiles_x) * kTile, y0 = (t / grid.tiles_x) * kTile;
-      const int64_t x1 = std::min(x0 + kTile, W), y1 = std::min(y0 + kTile, H);
-      if (count == 0) continue;  // outputs are already "nothing drawn"
-      tile.gather(ids.data() + start, count, p_means + b * N * 2, p_conics + b * N * 3, p_colors + b * N * C,
-                  p_opac + b * N, p_depths + b * N, C);
-      for (int64_t y = y0; y < y1; ++y) {
-        for (int64_t x = x0; x < x1; ++x) {
-          const float px = static_cast<float>(x) + 0.5f, py = static_cast<float>(y) + 0.5f;
-          std::fill(acc.begin(), acc.end(), 0.0f);
-          double trans = 1.0;
-          int32_t last = 0;
-          bool done = false;
-          Eval evals[kChunk];
-          int32_t index[kChunk];
-          for (int64_t j0 = 0; j0 < count && !done; j0 += kChunk) {
-            const int64_t passed =
-                evaluate_chunk(tile.splats.data() + j0, std::min(kChunk, count - j0), px, py, evals, index);
-            for (int64_t q = 0; q < passed; ++q) {
-              const Eval& e = evals[q];
-              const double next = trans * static_cast<double>(1.0f - e.alpha);
-              if (static_cast<float>(next) < kTransmittanceMin) {
-                done = true;
-                break;
-              }
-              const int64_t j = j0 + index[q];
-              const float weight = e.alpha * static_cast<float>(trans);
-              const float* f = tile.features.data() + j * (C + 1);
-              for (int64_t ch = 0; ch <= C; ++ch) acc[ch] += weight * f[ch];
-              trans = next;
-              last = static_cast<int32_t>(j + 1);
-            }
-          }
-          const int64_t pix = (b * H + y) * W + x;
-          for (int64_t ch = 0; ch < C; ++ch) p_rgb[pix * C + ch] = acc[ch];
-          p_depth[pix] = acc[C];
-          p_alpha[pix] = 1.0f - static_cast<float>(trans);
-          p_final[pix] = trans;
-          p_contrib[pix] = last;
-        }
-      }
+      if (offsets[bt + 1] == offsets[bt]) continue;  // outputs are already "nothing drawn"
+      tile.gather(in, splats, grid, bt, offsets.data(), ids.data());
+      forward_tile(tile, bt / T, H, W, state, out);
     }
   }
   return {rgb, alpha, depth, final_t, n_contrib, tile_offsets, tile_ids};
@@ -321,89 +649,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gaussian_
   const int32_t* ids = tile_ids.data_ptr<int32_t>();
   const int64_t E = offsets[B * T];
   TORCH_CHECK(tile_ids.numel() == E, "gaussian_rasterize_backward: tile_ids/tile_offsets mismatch");
+  const Inputs in{means2d.data_ptr<float>(), conics.data_ptr<float>(), colors.data_ptr<float>(),
+                  opacities.data_ptr<float>(), depths.data_ptr<float>(), B, N, C};
+  // The forward's splats (only binned Gaussians are visited, so radii are not needed here).
+  std::vector<Splat> splats;
+  std::vector<uint8_t> valid;
+  make_splats(in, nullptr, grid, splats, valid);
   // Per entry: d mean (2), d conic (3), d opacity (1), d colour (C), d depth (1).
   const int64_t S = 6 + C + 1;
   std::vector<float> partial(E * S, 0.0f);
-
-  const float* p_means = means2d.data_ptr<float>();
-  const float* p_conics = conics.data_ptr<float>();
-  const float* p_colors = colors.data_ptr<float>();
-  const float* p_opac = opacities.data_ptr<float>();
-  const float* p_depths = depths.data_ptr<float>();
-  const double* p_final = final_t.data_ptr<double>();
-  const int32_t* p_contrib = n_contrib.data_ptr<int32_t>();
-  const float* g_rgb = grad_rgb.data_ptr<float>();
-  const float* g_alpha = grad_alpha.data_ptr<float>();
-  const float* g_depth = grad_depth.data_ptr<float>();
+  const BackwardInputs grads_in{final_t.data_ptr<double>(), n_contrib.data_ptr<int32_t>(),
+                                grad_rgb.data_ptr<float>(), grad_alpha.data_ptr<float>(),
+                                grad_depth.data_ptr<float>()};
+  const BackwardTileFn backward_tile = backward_tile_for_this_cpu();
 
 #pragma omp parallel if (B * T > 1)
   {
-    TileData tile;
-    std::vector<float> upstream(C + 1), accum(C + 1), last_feature(C + 1);
+    Tile tile;
+    BackwardState state;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t bt = 0; bt < B * T; ++bt) {
-      const int64_t b = bt / T, t = bt % T;
-      const int64_t start = offsets[bt], count = offsets[bt + 1] - start;
-      if (count == 0) continue;
-      const int64_t x0 = (t % grid.tiles_x) * kTile, y0 = (t / grid.tiles_x) * kTile;
-      const int64_t x1 = std::min(x0 + kTile, W), y1 = std::min(y0 + kTile, H);
-      tile.gather(ids + start, count, p_means + b * N * 2, p_conics + b * N * 3, p_colors + b * N * C,
-                  p_opac + b * N, p_depths + b * N, C);
-      float* part = partial.data() + start * S;
-      for (int64_t y = y0; y < y1; ++y) {
-        for (int64_t x = x0; x < x1; ++x) {
-          const int64_t pix = (b * H + y) * W + x;
-          const int32_t last = p_contrib[pix];
-          if (last == 0) continue;
-          const float px = static_cast<float>(x) + 0.5f, py = static_cast<float>(y) + 0.5f;
-          for (int64_t ch = 0; ch < C; ++ch) upstream[ch] = g_rgb[pix * C + ch];
-          upstream[C] = g_depth[pix];
-          const float d_alpha_out = g_alpha[pix];
-          const double t_final = p_final[pix];
-          std::fill(accum.begin(), accum.end(), 0.0f);
-          std::fill(last_feature.begin(), last_feature.end(), 0.0f);
-          float last_alpha = 0.0f;
-          double trans = t_final;
-          Eval evals[kChunk];
-          int32_t index[kChunk];
-          // Back to front over the forward's chunks (same starts and lengths, so same alphas).
-          for (int64_t j0 = ((last - 1) / kChunk) * kChunk; j0 >= 0; j0 -= kChunk) {
-            const int64_t passed =
-                evaluate_chunk(tile.splats.data() + j0, std::min(kChunk, count - j0), px, py, evals, index);
-            for (int64_t q = passed - 1; q >= 0; --q) {
-              const int64_t j = j0 + index[q];
-              if (j >= last) continue;  // after the last contributor (or the stopping Gaussian)
-              const Eval& e = evals[q];
-              const Splat& s = tile.splats[j];
-              trans /= static_cast<double>(1.0f - e.alpha);  // T before this Gaussian
-              const float tr = static_cast<float>(trans);
-              const float weight = e.alpha * tr;
-              const float* f = tile.features.data() + j * (C + 1);
-              float* gp = part + j * S;
-              // d out / d alpha_j = T_j (f_j - accum_j), accum_j = the normalised blend behind j.
-              float d_alpha = 0.0f;
-              for (int64_t ch = 0; ch <= C; ++ch) {
-                accum[ch] = last_alpha * last_feature[ch] + (1.0f - last_alpha) * accum[ch];
-                last_feature[ch] = f[ch];
-                d_alpha += (f[ch] - accum[ch]) * upstream[ch];
-                gp[6 + ch] += weight * upstream[ch];
-              }
-              d_alpha *= tr;
-              // Output alpha = 1 - prod(1 - alpha_k): d/d alpha_j = T_final / (1 - alpha_j).
-              d_alpha += static_cast<float>(t_final / static_cast<double>(1.0f - e.alpha)) * d_alpha_out;
-              last_alpha = e.alpha;
-              if (!(e.raw <= kAlphaMax)) continue;  // clamped at 0.99: no gradient, as torch.clamp
-              const float d_power = d_alpha * e.raw;
-              gp[5] += d_alpha * e.gauss;
-              gp[0] += d_power * (-s.a * e.dx - s.b * e.dy);
-              gp[1] += d_power * (-s.c * e.dy - s.b * e.dx);
-              gp[2] += d_power * (-0.5f * e.dx * e.dx);
-              gp[3] += d_power * (-e.dx * e.dy);
-              gp[4] += d_power * (-0.5f * e.dy * e.dy);
-            }
-          }
-        }
-      }
+      if (offsets[bt + 1] == offsets[bt]) continue;
+      tile.gather(in, splats, grid, bt, offsets, ids);
+      backward_tile(tile, bt / T, H, W, grads_in, state, partial.data() + offsets[bt] * S);
     }
   }
 
