@@ -54,11 +54,18 @@
 
 #include "cpu_features.h"
 
+#ifdef LIFT3D_CPU_X86
+#include <immintrin.h>
+#endif
+
 namespace {
 
 constexpr int64_t kTile = 16;
-constexpr int64_t kTilePixels = kTile * kTile;
 constexpr int64_t kLanes = 8;  // pixels per vector step
+// Per-pixel state of a tile is stored in rows of kStride: a step may start at any column of the
+// tile and run into the padding (whose pixels never blend).
+constexpr int64_t kStride = kTile + kLanes;
+constexpr int64_t kTilePixels = kTile * kStride;
 constexpr float kAlphaMax = 0.99f;
 // Same float32 constants torch uses when comparing a float tensor with the Python scalars.
 const float kAlphaMin = static_cast<float>(1.0 / 255.0);
@@ -85,11 +92,6 @@ GS_INLINE void store(T* p, V v) {
   std::memcpy(p, &v, sizeof v);
 }
 GS_INLINE void add_to(float* p, F8 v) { store(p, load<F8>(p) + v); }
-GS_INLINE bool any(I8 mask) {
-  uint64_t parts[4];
-  std::memcpy(parts, &mask, sizeof parts);
-  return (parts[0] | parts[1] | parts[2] | parts[3]) != 0;
-}
 // mask ? a : b per lane (mask lanes are all ones or all zeros).
 GS_INLINE F8 select(I8 mask, F8 a, F8 b) { return (F8)((mask & (I8)a) | (~mask & (I8)b)); }
 GS_INLINE I8 select(I8 mask, I8 a, I8 b) { return (mask & a) | (~mask & b); }
@@ -128,10 +130,32 @@ GS_INLINE F8 exp_nonpositive(F8 x) {
   return e * (F8)scale;
 }
 
+// The instruction-set-specific pieces of the tile loops, which are templates over one of these:
+// "is any lane of a mask set" (a branch taken per 8 pixels, so its cost matters).
+struct Baseline {
+  static GS_INLINE bool any(I8 mask) {
+    uint64_t parts[4];
+    std::memcpy(parts, &mask, sizeof parts);
+    return (parts[0] | parts[1] | parts[2] | parts[3]) != 0;
+  }
+};
+#ifdef LIFT3D_CPU_X86
+struct Avx2 {
+  // Not always_inline: it is inlined where the loops are flattened into their AVX2 function.
+  __attribute__((target("avx2"))) static inline bool any(I8 mask) {
+    return !_mm256_testz_si256((__m256i)mask, (__m256i)mask);
+  }
+};
+#endif
+
 struct Splat {
   float mx, my, a, b, c, opacity;
   float power_floor;  // below this power alpha < 1/255 for sure
   int32_t x_lo, x_hi, y_lo, y_hi;  // image pixels (inclusive) outside which power < power_floor
+  // Where ellipse is set, the row at dy = my - py holds such pixels only for
+  // (dx + shift dy)^2 <= (a_bound - det dy^2) inv_a^2 (see make_splat).
+  bool ellipse;
+  double a_bound, det, shift, inv_a;
 };
 
 // One Gaussian at the 8 pixels of a row segment, in two stages: the power test (which rejects
@@ -187,12 +211,12 @@ bool tile_range(float centre, float radius, int64_t tiles, int64_t& lo, int64_t&
   return true;
 }
 
-// Pixels [lo, hi] (clipped to [0, size - 1]) whose centre lies within half_extent of centre, with
-// one pixel of slack each side; false if none.
+// Pixels [lo, hi] (clipped to [0, size - 1]) whose centre x + 0.5 lies within half_extent of
+// centre; false if none.
 bool pixel_range(double centre, double half_extent, int64_t size, int32_t& lo, int32_t& hi) {
-  const double low = std::floor(centre - half_extent - 0.5) - 1.0;
-  const double high = std::floor(centre + half_extent - 0.5) + 1.0;
-  if (!(high >= 0.0) || !(low <= static_cast<double>(size - 1))) return false;
+  const double low = std::ceil(centre - half_extent - 0.5);
+  const double high = std::floor(centre + half_extent - 0.5);
+  if (!(high >= 0.0) || !(low <= static_cast<double>(size - 1)) || !(low <= high)) return false;
   lo = static_cast<int32_t>(std::max(low, 0.0));
   hi = static_cast<int32_t>(std::min(high, static_cast<double>(size - 1)));
   return true;
@@ -207,25 +231,33 @@ bool make_splat(const float* mean, const float* conic, float opacity, const Grid
   s.c = conic[2];
   s.opacity = opacity;
   // exp(power) <= e^-0.001 * (1/255) / opacity < 1/255 / opacity: a margin far above exp's ulp error.
-  s.power_floor = static_cast<float>(std::log(static_cast<double>(kAlphaMin) / opacity) - 1e-3);
+  s.power_floor = std::log(kAlphaMin / opacity) - 1e-3f;
   if (std::isnan(s.power_floor)) s.power_floor = -std::numeric_limits<float>::infinity();
   if (s.power_floor > 0.0f) return false;  // power <= 0 < power_floor everywhere
   s.x_lo = s.y_lo = 0;
   s.x_hi = static_cast<int32_t>(grid.width - 1);
   s.y_hi = static_cast<int32_t>(grid.height - 1);
+  s.ellipse = false;
   // Pixels pass only where q = a dx^2 + 2 b dx dy + c dy^2 <= t = -2 power_floor. With
   // rho = |b| / sqrt(ac) < 1, the float q is within 6 eps (1 + rho) / (1 - rho) q of the exact
-  // one, so the ellipse q <= t (1 + 16 eps (1 + rho) / (1 - rho)) holds every pixel that can pass.
-  // Its bounding box has half extents sqrt(t' c / det) and sqrt(t' a / det).
+  // one, and (1 + rho) / (1 - rho) = (1 + rho)^2 ac / det <= 4 ac / det, so the ellipse
+  // q <= t' = t (1 + 32 eps ac / det) holds every pixel that can pass. Its bounding box has half
+  // extents sqrt(t' c / det) and sqrt(t' a / det); its row at dy spans
+  // dx = -(b / a) dy +- sqrt(t' a - det dy^2) / a.
   const double a = s.a, b = s.b, c = s.c, det = a * c - b * b;
   const double t = -2.0 * static_cast<double>(s.power_floor);
   if (!(a > 0.0 && c > 0.0 && det > 0.0 && std::isfinite(t) && std::isfinite(det))) return true;
-  const double rho = std::fabs(b) / std::sqrt(a * c);
-  const double slack = 16.0 * std::numeric_limits<float>::epsilon() * (1.0 + rho) / (1.0 - rho);
+  const double inverse_det = 1.0 / det;
+  const double slack = 32.0 * std::numeric_limits<float>::epsilon() * a * c * inverse_det;
   if (!(slack < 0.5)) return true;  // nearly degenerate: keep the whole radius square
   const double bound = t * (1.0 + slack) + 1e-6;
-  return pixel_range(s.mx, std::sqrt(bound * c / det), grid.width, s.x_lo, s.x_hi) &&
-         pixel_range(s.my, std::sqrt(bound * a / det), grid.height, s.y_lo, s.y_hi);
+  s.ellipse = true;
+  s.a_bound = a * bound;
+  s.det = det;
+  s.inv_a = 1.0 / a;
+  s.shift = b * s.inv_a;
+  return pixel_range(s.mx, std::sqrt(bound * c * inverse_det), grid.width, s.x_lo, s.x_hi) &&
+         pixel_range(s.my, std::sqrt(bound * a * inverse_det), grid.height, s.y_lo, s.y_hi);
 }
 
 void check_float(const at::Tensor& t, const char* name, std::vector<int64_t> shape) {
@@ -255,6 +287,33 @@ void make_splats(const Inputs& in, const int32_t* radii, const Grid& grid, std::
   }
 }
 
+// The indices of depths[0, n) in stable increasing order (ties by index, -0 = +0, NaN last like
+// torch.sort): an LSD radix sort of order-preserving 32-bit keys (stable by construction).
+void depth_order(const float* depths, int64_t n, int32_t* order) {
+  std::vector<uint32_t> keys(n), next_keys(n);
+  std::vector<int32_t> next(n);
+  for (int64_t i = 0; i < n; ++i) {
+    const float z = depths[i] == 0.0f ? 0.0f : depths[i];
+    uint32_t bits;
+    std::memcpy(&bits, &z, sizeof bits);
+    keys[i] = std::isnan(z) ? 0xffffffffu : (bits & 0x80000000u) ? ~bits : bits | 0x80000000u;
+    order[i] = static_cast<int32_t>(i);
+  }
+  for (int shift = 0; shift < 32; shift += 8) {
+    int64_t count[257] = {0};
+    for (int64_t i = 0; i < n; ++i) ++count[((keys[i] >> shift) & 0xff) + 1];
+    if (n == 0 || count[((keys[0] >> shift) & 0xff) + 1] == n) continue;  // one digit value: no move
+    for (int d = 0; d < 256; ++d) count[d + 1] += count[d];
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t to = count[(keys[i] >> shift) & 0xff]++;
+      next_keys[to] = keys[i];
+      next[to] = order[i];
+    }
+    keys.swap(next_keys);
+    std::copy(next.begin(), next.end(), order);
+  }
+}
+
 // Stable depth order per camera (ties by index, NaN last like torch.sort), binned into the tiles
 // that both the radius square and the splat's pixel rectangle touch.
 void bin_gaussians(const Inputs& in, const int32_t* radii, const std::vector<Splat>& splats,
@@ -266,17 +325,7 @@ void bin_gaussians(const Inputs& in, const int32_t* radii, const std::vector<Spl
   std::vector<int64_t> rect(B * N * 4);  // x_lo, x_hi, y_lo, y_hi; x_lo = -1 marks "not binned"
 
 #pragma omp parallel for schedule(static) if (B > 1)
-  for (int64_t b = 0; b < B; ++b) {
-    const float* z = in.depths + b * N;
-    int32_t* o = order.data() + b * N;
-    for (int64_t i = 0; i < N; ++i) o[i] = static_cast<int32_t>(i);
-    std::sort(o, o + N, [z](int32_t i, int32_t j) {
-      const bool ni = std::isnan(z[i]), nj = std::isnan(z[j]);
-      if (ni != nj) return nj;
-      if (!ni && z[i] != z[j]) return z[i] < z[j];
-      return i < j;
-    });
-  }
+  for (int64_t b = 0; b < B; ++b) depth_order(in.depths + b * N, N, order.data() + b * N);
   for (int64_t bn = 0; bn < B * N; ++bn) {
     int64_t* r = rect.data() + 4 * bn;
     r[0] = -1;
@@ -343,18 +392,27 @@ struct Tile {
     }
   }
 
-  // The rows [y_lo, y_hi] and 8-pixel segments [seg_lo, seg_hi] of the tile that splat j's
-  // rectangle touches (none where y_lo > y_hi).
-  struct Span {
-    int64_t y_lo, y_hi, seg_lo, seg_hi;
-  };
-  Span span(int64_t j) const {
+  // The rows [y_lo, y_hi] of the tile that splat j's rectangle touches.
+  GS_INLINE void rows(int64_t j, int64_t& y_lo, int64_t& y_hi) const {
+    y_lo = std::max<int64_t>(splats[j].y_lo, y0);
+    y_hi = std::min<int64_t>(splats[j].y_hi, y1 - 1);
+  }
+  // The columns [x_lo, x_hi] of row y that hold splat j's pixels that can pass (the row's chord
+  // of the ellipse, else the rectangle's columns), clipped to the tile; false if none.
+  GS_INLINE bool columns(int64_t j, int64_t y, int64_t& x_lo, int64_t& x_hi) const {
     const Splat& s = splats[j];
-    const int64_t xlo = std::max<int64_t>(s.x_lo, x0), xhi = std::min<int64_t>(s.x_hi, x1 - 1);
-    Span r{std::max<int64_t>(s.y_lo, y0), std::min<int64_t>(s.y_hi, y1 - 1), (xlo - x0) / kLanes,
-           (xhi - x0) / kLanes};
-    if (xlo > xhi) r.y_hi = r.y_lo - 1;
-    return r;
+    int64_t xlo = std::max<int64_t>(s.x_lo, x0), xhi = std::min<int64_t>(s.x_hi, x1 - 1);
+    if (s.ellipse) {
+      const double dy = static_cast<double>(s.my) - (static_cast<double>(y) + 0.5);
+      const double disc = s.a_bound - s.det * dy * dy;
+      if (!(disc >= 0.0)) return false;
+      const double half = std::sqrt(disc) * s.inv_a, centre = static_cast<double>(s.mx) - 0.5 + s.shift * dy;
+      xlo = std::max(xlo, static_cast<int64_t>(std::ceil(centre - half)));
+      xhi = std::min(xhi, static_cast<int64_t>(std::floor(centre + half)));
+    }
+    x_lo = xlo;
+    x_hi = xhi;
+    return xlo <= xhi;
   }
 };
 
@@ -371,36 +429,42 @@ struct ForwardOutputs {
   int32_t* n_contrib;
 };
 
-GS_INLINE void forward_tile_body(const Tile& tile, int64_t b, int64_t H, int64_t W, ForwardState& st,
-                                 const ForwardOutputs& out) {
-  const int64_t C = tile.C, F = C + 1;
+// kC > 0: the channel count as a constant (the common C = 3, whose loops the compiler unrolls);
+// kC = 0: tile.C.
+template <typename Isa, int64_t kC>
+inline void forward_tile_body(const Tile& tile, int64_t b, int64_t H, int64_t W, ForwardState& st,
+                              const ForwardOutputs& out) {
+  const int64_t C = kC > 0 ? kC : tile.C, F = C + 1;
   st.trans.assign(kTilePixels, 1.0);
   st.sums.assign(F * kTilePixels, 0.0f);
   st.last.assign(kTilePixels, 0);
   st.live.assign(kTilePixels, 0);
   int64_t alive = 0;
   for (int64_t y = tile.y0; y < tile.y1; ++y)
-    for (int64_t x = tile.x0; x < tile.x1; ++x, ++alive) st.live[(y - tile.y0) * kTile + (x - tile.x0)] = -1;
+    for (int64_t x = tile.x0; x < tile.x1; ++x, ++alive) st.live[(y - tile.y0) * kStride + (x - tile.x0)] = -1;
 
   for (int64_t j = 0; j < tile.count && alive > 0; ++j) {
     const Splat& s = tile.splats[j];
     const float* f = tile.features.data() + j * F;
-    const Tile::Span sp = tile.span(j);
-    for (int64_t y = sp.y_lo; y <= sp.y_hi; ++y) {
-      for (int64_t seg = sp.seg_lo; seg <= sp.seg_hi; ++seg) {
-        const int64_t x = tile.x0 + seg * kLanes, i = (y - tile.y0) * kTile + seg * kLanes;
+    int64_t y_lo, y_hi, x_lo, x_hi;
+    tile.rows(j, y_lo, y_hi);
+    for (int64_t y = y_lo; y <= y_hi; ++y) {
+      if (!tile.columns(j, y, x_lo, x_hi)) continue;
+      // Steps start at the chord, not at a multiple of 8: most chords then take one step.
+      for (int64_t x = x_lo; x <= x_hi; x += kLanes) {
+        const int64_t i = (y - tile.y0) * kStride + (x - tile.x0);
         const I8 live = load<I8>(st.live.data() + i);
-        if (!any(live)) continue;
+        if (!Isa::any(live)) continue;
         Eval e = power_test(s, pixel_centres(x), static_cast<float>(y) + 0.5f);
-        if (!any(e.pass & live)) continue;
+        if (!Isa::any(e.pass & live)) continue;
         alpha_test(s, e);
         const I8 blend = e.pass & live;
-        if (!any(blend)) continue;
+        if (!Isa::any(blend)) continue;
         const D8 trans = load<D8>(st.trans.data() + i);
         const D8 next = trans * to_double(1.0f - e.alpha);
         const I8 stop = blend & (to_float(next) < kTransmittanceMin);
         const I8 take = blend & ~stop;
-        if (any(stop)) {
+        if (Isa::any(stop)) {
           store(st.live.data() + i, live & ~stop);
           for (int k = 0; k < kLanes; ++k) alive += stop[k];  // lanes are -1 where set
         }
@@ -418,7 +482,7 @@ GS_INLINE void forward_tile_body(const Tile& tile, int64_t b, int64_t H, int64_t
 
   for (int64_t y = tile.y0; y < tile.y1; ++y) {
     for (int64_t x = tile.x0; x < tile.x1; ++x) {
-      const int64_t i = (y - tile.y0) * kTile + (x - tile.x0), pix = (b * H + y) * W + x;
+      const int64_t i = (y - tile.y0) * kStride + (x - tile.x0), pix = (b * H + y) * W + x;
       for (int64_t ch = 0; ch < C; ++ch) out.rgb[pix * C + ch] = st.sums[ch * kTilePixels + i];
       out.depth[pix] = st.sums[C * kTilePixels + i];
       out.alpha[pix] = 1.0f - static_cast<float>(st.trans[i]);
@@ -445,9 +509,10 @@ struct BackwardInputs {
 
 // Writes d(loss)/d(splat j's parameters) into part[j * (7 + C)]: d mean (2), d conic (3),
 // d opacity (1), d colour (C), d depth (1).
-GS_INLINE void backward_tile_body(const Tile& tile, int64_t b, int64_t H, int64_t W, const BackwardInputs& in,
-                                  BackwardState& st, float* part) {
-  const int64_t C = tile.C, F = C + 1, S = 6 + F;
+template <typename Isa, int64_t kC>
+inline void backward_tile_body(const Tile& tile, int64_t b, int64_t H, int64_t W, const BackwardInputs& in,
+                               BackwardState& st, float* part) {
+  const int64_t C = kC > 0 ? kC : tile.C, F = C + 1, S = 6 + F;
   st.trans.assign(kTilePixels, 1.0);
   st.t_final.assign(kTilePixels, 1.0);
   st.upstream.assign(F * kTilePixels, 0.0f);
@@ -456,11 +521,11 @@ GS_INLINE void backward_tile_body(const Tile& tile, int64_t b, int64_t H, int64_
   st.last_alpha.assign(kTilePixels, 0.0f);
   st.d_alpha_out.assign(kTilePixels, 0.0f);
   st.last.assign(kTilePixels, 0);  // 0 outside the image: no Gaussian is differentiated there
-  st.grads.resize(S * kLanes);
+  if (kC == 0) st.grads.resize(S * kLanes);
   int32_t max_last = 0;
   for (int64_t y = tile.y0; y < tile.y1; ++y) {
     for (int64_t x = tile.x0; x < tile.x1; ++x) {
-      const int64_t i = (y - tile.y0) * kTile + (x - tile.x0), pix = (b * H + y) * W + x;
+      const int64_t i = (y - tile.y0) * kStride + (x - tile.x0), pix = (b * H + y) * W + x;
       st.last[i] = in.n_contrib[pix];
       max_last = std::max(max_last, st.last[i]);
       st.trans[i] = st.t_final[i] = in.final_t[pix];
@@ -474,21 +539,26 @@ GS_INLINE void backward_tile_body(const Tile& tile, int64_t b, int64_t H, int64_
   for (int64_t j = static_cast<int64_t>(max_last) - 1; j >= 0; --j) {
     const Splat& s = tile.splats[j];
     const float* f = tile.features.data() + j * F;
-    float* g = st.grads.data();
-    std::fill(st.grads.begin(), st.grads.end(), 0.0f);
+    // Per-lane sums of splat j's gradients, [S, kLanes]: on the stack (registers) for a constant C.
+    alignas(32) float local[kC > 0 ? (7 + kC) * kLanes : 1];
+    float* g = kC > 0 ? local : st.grads.data();
+    std::fill(g, g + S * kLanes, 0.0f);
     bool touched = false;
-    const Tile::Span sp = tile.span(j);
-    for (int64_t y = sp.y_lo; y <= sp.y_hi; ++y) {
-      for (int64_t seg = sp.seg_lo; seg <= sp.seg_hi; ++seg) {
-        const int64_t x = tile.x0 + seg * kLanes, i = (y - tile.y0) * kTile + seg * kLanes;
+    int64_t y_lo, y_hi, x_lo, x_hi;
+    tile.rows(j, y_lo, y_hi);
+    for (int64_t y = y_lo; y <= y_hi; ++y) {
+      if (!tile.columns(j, y, x_lo, x_hi)) continue;
+      // Steps start at the chord, not at a multiple of 8: most chords then take one step.
+      for (int64_t x = x_lo; x <= x_hi; x += kLanes) {
+        const int64_t i = (y - tile.y0) * kStride + (x - tile.x0);
         // Only pixels whose blend reached j (not after their last contributor or stopping Gaussian).
         const I8 reached = load<I8>(st.last.data() + i) > static_cast<int32_t>(j);
-        if (!any(reached)) continue;
+        if (!Isa::any(reached)) continue;
         Eval e = power_test(s, pixel_centres(x), static_cast<float>(y) + 0.5f);
-        if (!any(e.pass & reached)) continue;
+        if (!Isa::any(e.pass & reached)) continue;
         alpha_test(s, e);
         const I8 m = e.pass & reached;
-        if (!any(m)) continue;
+        if (!Isa::any(m)) continue;
         touched = true;
         // One division for both quotients below (a double ulp off theirs; T is rounded to float).
         const D8 inverse = 1.0 / to_double(1.0f - e.alpha);
@@ -534,22 +604,37 @@ using ForwardTileFn = void (*)(const Tile&, int64_t, int64_t, int64_t, ForwardSt
 using BackwardTileFn = void (*)(const Tile&, int64_t, int64_t, int64_t, const BackwardInputs&, BackwardState&,
                                 float*);
 
-void forward_tile_baseline(const Tile& tile, int64_t b, int64_t H, int64_t W, ForwardState& st,
-                           const ForwardOutputs& out) {
-  forward_tile_body(tile, b, H, W, st, out);
+template <typename Isa>
+inline void forward_tile(const Tile& tile, int64_t b, int64_t H, int64_t W, ForwardState& st,
+                         const ForwardOutputs& out) {
+  if (tile.C == 3) return forward_tile_body<Isa, 3>(tile, b, H, W, st, out);
+  forward_tile_body<Isa, 0>(tile, b, H, W, st, out);
 }
-void backward_tile_baseline(const Tile& tile, int64_t b, int64_t H, int64_t W, const BackwardInputs& in,
-                            BackwardState& st, float* part) {
-  backward_tile_body(tile, b, H, W, in, st, part);
+template <typename Isa>
+inline void backward_tile(const Tile& tile, int64_t b, int64_t H, int64_t W, const BackwardInputs& in,
+                          BackwardState& st, float* part) {
+  if (tile.C == 3) return backward_tile_body<Isa, 3>(tile, b, H, W, in, st, part);
+  backward_tile_body<Isa, 0>(tile, b, H, W, in, st, part);
+}
+
+// flatten: everything the loops call is inlined and compiled for the function's target.
+__attribute__((flatten)) void forward_tile_baseline(const Tile& tile, int64_t b, int64_t H, int64_t W,
+                                                    ForwardState& st, const ForwardOutputs& out) {
+  forward_tile<Baseline>(tile, b, H, W, st, out);
+}
+__attribute__((flatten)) void backward_tile_baseline(const Tile& tile, int64_t b, int64_t H, int64_t W,
+                                                     const BackwardInputs& in, BackwardState& st, float* part) {
+  backward_tile<Baseline>(tile, b, H, W, in, st, part);
 }
 #ifdef LIFT3D_CPU_X86
-__attribute__((target("avx2"))) void forward_tile_avx2(const Tile& tile, int64_t b, int64_t H, int64_t W,
-                                                       ForwardState& st, const ForwardOutputs& out) {
-  forward_tile_body(tile, b, H, W, st, out);
+__attribute__((target("avx2"), flatten)) void forward_tile_avx2(const Tile& tile, int64_t b, int64_t H, int64_t W,
+                                                                ForwardState& st, const ForwardOutputs& out) {
+  forward_tile<Avx2>(tile, b, H, W, st, out);
 }
-__attribute__((target("avx2"))) void backward_tile_avx2(const Tile& tile, int64_t b, int64_t H, int64_t W,
-                                                        const BackwardInputs& in, BackwardState& st, float* part) {
-  backward_tile_body(tile, b, H, W, in, st, part);
+__attribute__((target("avx2"), flatten)) void backward_tile_avx2(const Tile& tile, int64_t b, int64_t H,
+                                                                 int64_t W, const BackwardInputs& in,
+                                                                 BackwardState& st, float* part) {
+  backward_tile<Avx2>(tile, b, H, W, in, st, part);
 }
 #endif
 
