@@ -392,27 +392,30 @@ struct Tile {
     }
   }
 
-  // The rows [y_lo, y_hi] of the tile that splat j's rectangle touches.
-  GS_INLINE void rows(int64_t j, int64_t& y_lo, int64_t& y_hi) const {
-    y_lo = std::max<int64_t>(splats[j].y_lo, y0);
-    y_hi = std::min<int64_t>(splats[j].y_hi, y1 - 1);
-  }
-  // The columns [x_lo, x_hi] of row y that hold splat j's pixels that can pass (the row's chord
-  // of the ellipse, else the rectangle's columns), clipped to the tile; false if none.
-  GS_INLINE bool columns(int64_t j, int64_t y, int64_t& x_lo, int64_t& x_hi) const {
+  // The rows [y_lo, y_hi] of the tile that splat j's rectangle touches, and in each row y the
+  // columns [x_lo[y - y_lo], x_hi[...]] that hold the pixels that can pass (the row's chord of
+  // the ellipse, else the rectangle's columns), clipped to the tile; x_lo > x_hi where none.
+  // Rows are independent, so their square roots overlap in the pipeline.
+  GS_INLINE void chords(int64_t j, int64_t& y_lo, int64_t& y_hi, int64_t* x_lo, int64_t* x_hi) const {
     const Splat& s = splats[j];
-    int64_t xlo = std::max<int64_t>(s.x_lo, x0), xhi = std::min<int64_t>(s.x_hi, x1 - 1);
-    if (s.ellipse) {
-      const double dy = static_cast<double>(s.my) - (static_cast<double>(y) + 0.5);
-      const double disc = s.a_bound - s.det * dy * dy;
-      if (!(disc >= 0.0)) return false;
-      const double half = std::sqrt(disc) * s.inv_a, centre = static_cast<double>(s.mx) - 0.5 + s.shift * dy;
-      xlo = std::max(xlo, static_cast<int64_t>(std::ceil(centre - half)));
-      xhi = std::min(xhi, static_cast<int64_t>(std::floor(centre + half)));
+    y_lo = std::max<int64_t>(s.y_lo, y0);
+    y_hi = std::min<int64_t>(s.y_hi, y1 - 1);
+    const int64_t left = std::max<int64_t>(s.x_lo, x0), right = std::min<int64_t>(s.x_hi, x1 - 1);
+    for (int64_t y = y_lo; y <= y_hi; ++y) {
+      int64_t lo = left, hi = right;
+      if (s.ellipse) {
+        const double dy = static_cast<double>(s.my) - (static_cast<double>(y) + 0.5);
+        const double disc = s.a_bound - s.det * dy * dy;
+        const double half = std::sqrt(std::max(disc, 0.0)) * s.inv_a;
+        const double centre = static_cast<double>(s.mx) - 0.5 + s.shift * dy;
+        // Clamped to the tile's columns before the conversion (which could overflow otherwise).
+        lo = static_cast<int64_t>(std::ceil(std::max(centre - half, static_cast<double>(left))));
+        hi = disc >= 0.0 ? static_cast<int64_t>(std::floor(std::min(centre + half, static_cast<double>(right))))
+                         : lo - 1;
+      }
+      x_lo[y - y_lo] = lo;
+      x_hi[y - y_lo] = hi;
     }
-    x_lo = xlo;
-    x_hi = xhi;
-    return xlo <= xhi;
   }
 };
 
@@ -446,12 +449,11 @@ inline void forward_tile_body(const Tile& tile, int64_t b, int64_t H, int64_t W,
   for (int64_t j = 0; j < tile.count && alive > 0; ++j) {
     const Splat& s = tile.splats[j];
     const float* f = tile.features.data() + j * F;
-    int64_t y_lo, y_hi, x_lo, x_hi;
-    tile.rows(j, y_lo, y_hi);
+    int64_t y_lo, y_hi, x_lo[kTile], x_hi[kTile];
+    tile.chords(j, y_lo, y_hi, x_lo, x_hi);
     for (int64_t y = y_lo; y <= y_hi; ++y) {
-      if (!tile.columns(j, y, x_lo, x_hi)) continue;
       // Steps start at the chord, not at a multiple of 8: most chords then take one step.
-      for (int64_t x = x_lo; x <= x_hi; x += kLanes) {
+      for (int64_t x = x_lo[y - y_lo]; x <= x_hi[y - y_lo]; x += kLanes) {
         const int64_t i = (y - tile.y0) * kStride + (x - tile.x0);
         const I8 live = load<I8>(st.live.data() + i);
         if (!Isa::any(live)) continue;
@@ -522,6 +524,11 @@ inline void backward_tile_body(const Tile& tile, int64_t b, int64_t H, int64_t W
   st.d_alpha_out.assign(kTilePixels, 0.0f);
   st.last.assign(kTilePixels, 0);  // 0 outside the image: no Gaussian is differentiated there
   if (kC == 0) st.grads.resize(S * kLanes);
+  // Per-lane sums of one Gaussian's gradients, [S, kLanes]: on the stack for a constant C. Zero
+  // between Gaussians (reset after each one that touched them).
+  alignas(32) float local[kC > 0 ? (7 + kC) * kLanes : 1];
+  float* g = kC > 0 ? local : st.grads.data();
+  std::fill(g, g + S * kLanes, 0.0f);
   int32_t max_last = 0;
   for (int64_t y = tile.y0; y < tile.y1; ++y) {
     for (int64_t x = tile.x0; x < tile.x1; ++x) {
@@ -540,16 +547,12 @@ inline void backward_tile_body(const Tile& tile, int64_t b, int64_t H, int64_t W
     const Splat& s = tile.splats[j];
     const float* f = tile.features.data() + j * F;
     // Per-lane sums of splat j's gradients, [S, kLanes]: on the stack (registers) for a constant C.
-    alignas(32) float local[kC > 0 ? (7 + kC) * kLanes : 1];
-    float* g = kC > 0 ? local : st.grads.data();
-    std::fill(g, g + S * kLanes, 0.0f);
     bool touched = false;
-    int64_t y_lo, y_hi, x_lo, x_hi;
-    tile.rows(j, y_lo, y_hi);
+    int64_t y_lo, y_hi, x_lo[kTile], x_hi[kTile];
+    tile.chords(j, y_lo, y_hi, x_lo, x_hi);
     for (int64_t y = y_lo; y <= y_hi; ++y) {
-      if (!tile.columns(j, y, x_lo, x_hi)) continue;
       // Steps start at the chord, not at a multiple of 8: most chords then take one step.
-      for (int64_t x = x_lo; x <= x_hi; x += kLanes) {
+      for (int64_t x = x_lo[y - y_lo]; x <= x_hi[y - y_lo]; x += kLanes) {
         const int64_t i = (y - tile.y0) * kStride + (x - tile.x0);
         // Only pixels whose blend reached j (not after their last contributor or stopping Gaussian).
         const I8 reached = load<I8>(st.last.data() + i) > static_cast<int32_t>(j);
@@ -593,8 +596,11 @@ inline void backward_tile_body(const Tile& tile, int64_t b, int64_t H, int64_t W
         add_to(g + 4 * kLanes, select(unclamped, d_power * (-0.5f * e.dy * e.dy), F8{}));
       }
     }
-    if (touched)
-      for (int64_t k = 0; k < S; ++k) part[j * S + k] = lane_sum(load<F8>(g + k * kLanes));
+    if (!touched) continue;
+    for (int64_t k = 0; k < S; ++k) {
+      part[j * S + k] = lane_sum(load<F8>(g + k * kLanes));
+      store(g + k * kLanes, F8{});
+    }
   }
 }
 
