@@ -1,5 +1,7 @@
-"""Gaussian splatting kernels: the reference against a brute-force loop, the cpu tier against the
-reference (values and gradients), projection, and bit-for-bit determinism of the cpu tier."""
+"""Gaussian splatting kernels: the reference against a brute-force loop, the cpu tier (its AVX2 and
+baseline builds) against the reference (values and gradients, edge cases included), the builds
+against each other and the cpu tier's culling against the reference's footprint, projection, and
+bit-for-bit determinism of the cpu tier."""
 
 from __future__ import annotations
 
@@ -25,6 +27,15 @@ Scene = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
 @pytest.fixture(scope="module")
 def cpu_tier() -> None:
     require_cpu_ops(FORWARD_OP)
+
+
+@pytest.fixture(params=["default", "baseline"])
+def cpu_build(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The cpu tier's 8-pixel step is built for AVX2 (used where the CPU has it) and for the
+    baseline x86-64 target (``LIFT3D_KERNELS_NO_AVX2=1``): both must be the reference."""
+    if request.param == "baseline":
+        monkeypatch.setenv("LIFT3D_KERNELS_NO_AVX2", "1")
+    return request.param
 
 
 def random_scene(
@@ -158,17 +169,128 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("seed,B,N,C,width,height", CASES)
-def test_cpu_matches_reference(cpu_tier: None, seed: int, B: int, N: int, C: int, width: int, height: int) -> None:
-    scene = random_scene(seed, B, N, C, width, height)
-    if N >= 200:  # the scene must reach the early stop, or that path goes untested
-        assert untruncated_transmittance(scene, width, height).min() < 1e-4
+def assert_cpu_matches_reference(scene: Scene, width: int, height: int) -> None:
     expected = run_with_grads(scene, width, height, "reference")
     actual = run_with_grads(scene, width, height, "cpu")
     for name, a, e in zip(NAMES, actual, expected):
         assert a.shape == e.shape, name
         assert torch.isfinite(a).all(), name
         assert relative_error(a, e) <= 1e-4, f"{name}: relative error {relative_error(a, e):.2e}"
+
+
+@pytest.mark.parametrize("seed,B,N,C,width,height", CASES)
+def test_cpu_matches_reference(
+    cpu_tier: None, cpu_build: str, seed: int, B: int, N: int, C: int, width: int, height: int
+) -> None:
+    scene = random_scene(seed, B, N, C, width, height)
+    if N >= 200:  # the scene must reach the early stop, or that path goes untested
+        assert untruncated_transmittance(scene, width, height).min() < 1e-4
+    assert_cpu_matches_reference(scene, width, height)
+
+
+def splats_from_sigmas(
+    means2d: Tensor, sigmas: Tensor, angles: Tensor, opacities: Tensor, colors: Tensor, depths: Tensor
+) -> Scene:
+    """One camera's scene from per-Gaussian pixel means [N, 2], sigmas [N, 2] and angles [N],
+    with radii ceil(3.33 sigma_max) (project_gaussians's rule)."""
+    cos, sin = torch.cos(angles.double()), torch.sin(angles.double())
+    rotation = torch.stack([torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], -2)
+    cov = rotation @ torch.diag_embed(sigmas.double() ** 2) @ rotation.transpose(-1, -2)
+    inverse = torch.linalg.inv(cov)
+    conics = torch.stack([inverse[..., 0, 0], inverse[..., 0, 1], inverse[..., 1, 1]], -1)
+    radii = torch.ceil(3.33 * sigmas.double().max(-1).values).to(torch.int32)
+    floats = (means2d, conics, colors, opacities, depths)
+    return (*(t.float().unsqueeze(0).contiguous() for t in floats), radii.unsqueeze(0))  # type: ignore[return-value]
+
+
+def test_cpu_matches_reference_at_tile_borders(cpu_tier: None, cpu_build: str) -> None:
+    # Means on and half a pixel either side of the 16-pixel tile lines and the image border, small
+    # splats (one tile) and large ones (several), round and needle-thin at many angles.
+    g = torch.Generator().manual_seed(31)
+    width, height = 40, 35
+    lines = torch.tensor([0.0, 15.5, 16.0, 16.5, 31.5, 32.0, 32.5, 40.0])
+    xs, ys = torch.meshgrid(lines, lines.clamp(max=35.0), indexing="ij")
+    means2d = torch.stack([xs.flatten(), ys.flatten()], -1).repeat(2, 1)
+    N = len(means2d)
+    sigmas = torch.where(torch.rand(N, 1, generator=g) < 0.5, 0.4 + torch.rand(N, 2, generator=g), 2.0 + 6.0 * torch.rand(N, 2, generator=g))
+    sigmas[::3, 1] = 0.3  # needles
+    angles = torch.rand(N, generator=g) * math.pi
+    opacities = 0.02 + 0.98 * torch.rand(N, generator=g)
+    scene = splats_from_sigmas(means2d, sigmas, angles, opacities, torch.rand(N, 3, generator=g), 1.0 + torch.rand(N, generator=g))
+    assert_cpu_matches_reference(scene, width, height)
+
+
+def test_cpu_matches_reference_when_opaque_splats_saturate_every_pixel(cpu_tier: None, cpu_build: str) -> None:
+    # Layers of opaque (alpha clamped at 0.99) splats over the whole image: every pixel stops after
+    # two of them, and whole tiles stop; behind them more splats that must not show, in front a
+    # translucent one that must.
+    g = torch.Generator().manual_seed(32)
+    width, height = 37, 21
+    grid = torch.stack(torch.meshgrid(torch.arange(2.0, 40.0, 4.0), torch.arange(2.0, 24.0, 4.0), indexing="ij"), -1)
+    layer = grid.reshape(-1, 2)
+    means2d = torch.cat([layer, layer + 1.0, layer + 2.0, torch.tensor([[18.0, 10.0]])])
+    N = len(means2d)
+    sigmas = torch.full((N, 2), 6.0)
+    opacities = torch.ones(N)
+    opacities[-1] = 0.3
+    depths = torch.cat([torch.full((len(layer),), 2.0), torch.full((len(layer),), 3.0), torch.full((len(layer),), 4.0), torch.tensor([1.0])])
+    scene = splats_from_sigmas(means2d, sigmas, torch.zeros(N), opacities, torch.rand(N, 3, generator=g), depths)
+    assert untruncated_transmittance(scene, width, height).max() < 1e-4  # every pixel stops early
+    assert_cpu_matches_reference(scene, width, height)
+
+
+def test_cpu_matches_reference_with_culled_and_faint_splats(cpu_tier: None, cpu_build: str) -> None:
+    # Radius 0 (culled even where bright), opacity 0, opacities just below and above the 1/255 at
+    # which a splat can show at all, and zero-size images.
+    g = torch.Generator().manual_seed(33)
+    width, height = 29, 23
+    N = 60
+    means2d = torch.rand(N, 2, generator=g) * torch.tensor([width, height])
+    sigmas = 0.5 + 3.0 * torch.rand(N, 2, generator=g)
+    opacities = 0.05 + 0.9 * torch.rand(N, generator=g)
+    opacities[:10] = torch.tensor([0.0, 1 / 255 * 0.999, 1 / 255, 1 / 255 * 1.001, 1 / 255 * 1.01, 0.0039, 0.004, 0.005, 1.0, 1.0])
+    scene = list(splats_from_sigmas(means2d, sigmas, torch.rand(N, generator=g) * math.pi, opacities,
+                                    torch.rand(N, 3, generator=g), 1.0 + torch.rand(N, generator=g)))
+    scene[5][0, 8:20] = 0  # culled, among them both opaque ones
+    assert_cpu_matches_reference(tuple(scene), width, height)
+    for w, h in ((0, 0), (0, 5), (5, 0)):
+        rgb, alpha, depth = rasterize_gaussians(*scene, w, h, tier="cpu")
+        assert rgb.shape == (1, h, w, 3) and alpha.shape == depth.shape == (1, h, w, 1)
+
+
+def test_cpu_culling_keeps_every_pixel_the_reference_draws(cpu_tier: None, cpu_build: str) -> None:
+    # The cpu tier visits only the pixels in each splat's ellipse bound (row chords): one splat per
+    # camera, so a pixel it drops would show as alpha 0 where the reference has alpha >= 1/255.
+    # Thin, rotated, faint and opaque splats, centred anywhere (tile lines included).
+    g = torch.Generator().manual_seed(34)
+    width, height = 48, 40
+    B = 400
+    means2d = torch.rand(B, 2, generator=g) * torch.tensor([width + 8.0, height + 8.0]) - 4.0
+    means2d[::4] = torch.round(means2d[::4] * 2) / 2  # on pixel centres and pixel edges
+    sigmas = 0.3 + 8.0 * torch.rand(B, 2, generator=g) ** 2
+    opacities = torch.exp(-6.0 * torch.rand(B, generator=g))  # 0.0025 .. 1
+    scene = splats_from_sigmas(means2d, sigmas, torch.rand(B, generator=g) * math.pi, opacities, torch.ones(B, 1), torch.ones(B))
+    scene = tuple(t.transpose(0, 1).contiguous() for t in scene)  # [B, 1, ...]: one splat per camera
+    _, alpha_cpu, _ = rasterize_gaussians(*scene, width, height, tier="cpu")
+    _, alpha_ref, _ = rasterize_gaussians(*(t.double() if t.is_floating_point() else t for t in scene), width, height, tier="reference")
+    drawn = alpha_ref > 0
+    assert drawn.sum() > 1000
+    # Where the exact alpha is within float rounding of 1/255 the tiers may round either way.
+    near_threshold = (alpha_ref - 1 / 255).abs() < 1e-6
+    assert ((alpha_cpu > 0) == drawn)[~near_threshold].all()
+
+
+def test_cpu_baseline_build_matches_avx2_bit_for_bit(cpu_tier: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Both builds run the same IEEE operations per lane (no FMA, the same exp polynomial) and sum
+    # lanes in the same order, so they must not differ in a single bit; C = 3 (unrolled) and C = 4.
+    for seed, C in ((41, 3), (42, 4)):
+        scene = random_scene(seed, B=2, N=300, C=C, width=45, height=37)
+        monkeypatch.delenv("LIFT3D_KERNELS_NO_AVX2", raising=False)
+        default = run_with_grads(scene, 45, 37, "cpu")
+        monkeypatch.setenv("LIFT3D_KERNELS_NO_AVX2", "1")
+        baseline = run_with_grads(scene, 45, 37, "cpu")
+        for name, a, b in zip(NAMES, default, baseline):
+            assert torch.equal(a, b), f"C={C} {name}"
 
 
 def test_cpu_matches_reference_on_projected_scene(cpu_tier: None) -> None:
