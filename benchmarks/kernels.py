@@ -18,6 +18,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -36,6 +37,8 @@ from lift3d.kernels._backend import tier_available  # noqa: E402
 from lift3d.kernels.gaussian_raster import FORWARD_OP, project_gaussians, rasterize_gaussians  # noqa: E402
 
 logger = logging.getLogger("benchmarks.kernels")
+
+ROOT = Path(__file__).resolve().parents[1]
 
 REFERENCE = "reference"
 
@@ -208,6 +211,79 @@ def bench_gaussian_raster(size: str, args: argparse.Namespace) -> list[Result]:
     return compare_tiers("gaussian_raster", size, tiers, make_run, args.repeats, device, notes, args.clock)
 
 
+QUICKSTART_CAPTURES = Path(tempfile.gettempdir()) / "lift3d-bench-gaussian-quickstart"
+"""Where ``gaussian_raster_quickstart`` keeps the captured rasterizer inputs: one trained run
+serves every later call, and two checkouts timed in turn (main against a branch) time the same
+inputs."""
+
+
+def quickstart_raster_inputs(step: int) -> tuple[list[Tensor], Tensor, int, int]:
+    """The rasterizer's inputs at training step ``step`` of ``configs/quickstart.yaml`` (4 cameras of
+    64x64, 4096 Gaussians at the start, densified and pruned as it trains; one thread), captured from
+    a run of ``step + 1`` steps, or loaded from ``QUICKSTART_CAPTURES`` where an earlier call saved them."""
+    path = QUICKSTART_CAPTURES / f"step{step:04d}.pt"
+    if not path.is_file():
+        import lift3d.render.gaussian as gaussian_render
+        from lift3d.config import load_config
+        from lift3d.train import Trainer
+
+        captured: list[object] = []
+        original = gaussian_render.rasterize_gaussians
+
+        def capture(*args: object, **kwargs: object) -> tuple[Tensor, Tensor, Tensor]:
+            if torch.is_grad_enabled():
+                captured[:] = [a.detach().clone() if isinstance(a, Tensor) else a for a in args[:8]]
+            return original(*args, **kwargs)
+
+        config = load_config(str(ROOT / "configs" / "quickstart.yaml"),
+                             [f"trainer.steps={step + 1}", "trainer.threads=1", "trainer.progress_bar=false"])
+        gaussian_render.rasterize_gaussians = capture  # type: ignore[assignment]
+        try:
+            with tempfile.TemporaryDirectory(prefix="lift3d-bench-quickstart-") as tmp:
+                trainer = Trainer(config, run_dir=Path(tmp) / "run")
+                trainer.finish = lambda: {}  # type: ignore[method-assign]  # no evaluation/export
+                trainer.fit()
+        finally:
+            gaussian_render.rasterize_gaussians = original  # type: ignore[assignment]
+        QUICKSTART_CAPTURES.mkdir(parents=True, exist_ok=True)
+        torch.save(captured, path)
+    means2d, conics, colors, opacities, depths, radii, width, height = torch.load(path)
+    return [means2d, conics, colors, opacities, depths], radii, int(width), int(height)
+
+
+def bench_gaussian_raster_quickstart(size: str, args: argparse.Namespace) -> list[Result]:
+    """Forward + backward of ``rasterize_gaussians`` on the quickstart's own inputs at training step
+    ``size`` (the splat sizes and opacities of a real run, which the synthetic case does not have)."""
+    device = torch.device(args.device)
+    cpu_inputs, radii, width, height = quickstart_raster_inputs(int(size))
+    inputs = [t.contiguous().to(device) for t in cpu_inputs]
+    radii = radii.to(device)
+    B, N, C = inputs[2].shape
+    g = torch.Generator().manual_seed(1)
+    shapes = [(B, height, width, C), (B, height, width, 1), (B, height, width, 1)]
+    upstream = [torch.randn(shape, generator=g).to(device) for shape in shapes]
+
+    def make_run(tier: str) -> Callable[[], list[Tensor]]:
+        def run() -> list[Tensor]:
+            leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
+            outputs = rasterize_gaussians(*leaves, radii, width, height, tier=tier)
+            loss = sum((o * u).sum() for o, u in zip(outputs, upstream))
+            return [o.detach() for o in outputs] + list(torch.autograd.grad(loss, leaves))
+
+        return run
+
+    tiers = [t for t in native_tiers(device) if tier_available(t, FORWARD_OP)]
+    if B * width * height * N <= args.max_reference_elements:
+        tiers.insert(0, REFERENCE)
+    visible = radii > 0
+    notes: dict[str, float | int | str] = {
+        "cameras": B, "gaussians": N, "visible_gaussians": int(visible.sum()),
+        "mean_radius_px": round(float(radii[visible].float().mean()), 2) if bool(visible.any()) else 0.0,
+        "mean_opacity": round(float(inputs[3][visible].mean()), 3) if bool(visible.any()) else 0.0,
+    }
+    return compare_tiers("gaussian_raster_quickstart", size, tiers, make_run, args.repeats, device, notes, args.clock)
+
+
 @dataclass
 class Case:
     """A benchmark case: its runner and the sizes it runs by default."""
@@ -219,6 +295,7 @@ class Case:
 
 CASES: list[Case] = [
     Case("gaussian_raster", bench_gaussian_raster, ["32x32:1000", "64x64:5000", "128x128:5000", "256x256:50000"]),
+    Case("gaussian_raster_quickstart", bench_gaussian_raster_quickstart, ["0", "100", "200", "399"]),
 ]
 
 
