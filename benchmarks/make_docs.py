@@ -96,6 +96,31 @@ def kernels_ab(pairs):
     return "\n".join(lines)
 
 
+def kernels_vs_main(main_name, branch_name):
+    """One row per (case, size) of the cpu tier: main's run against this branch's, each file timed
+    by the same command on its own checkout; the reference where it ran."""
+    if not ((R / main_name).is_file() and (R / branch_name).is_file()):
+        return "(not measured)"
+    main, branch = (json.loads((R / n).read_text()) for n in (main_name, branch_name))
+    lines = ["| case | size | main: cpu ms | this branch: cpu ms | main / branch | reference ms (main's run / this "
+             "branch's) | max rel. error vs reference, this branch | peak RSS MiB, cpu tier: main / this branch |",
+             "|---|---|---|---|---|---|---|---|"]
+    for a in (r for r in main["results"] if r["tier"] == "cpu"):
+        key = (a["case"], a["size"])
+        b = next(r for r in branch["results"] if (r["case"], r["size"], r["tier"]) == (*key, "cpu"))
+        refs = [next((r for r in d["results"] if (r["case"], r["size"], r["tier"]) == (*key, "reference")), None)
+                for d in (main, branch)]
+        ref = " / ".join(f"{r['median_ms']:.0f}" for r in refs) if all(refs) else "– (not run: too large)"
+        error = "–" if b["max_relative_error"] is None else f"{b['max_relative_error']:.1e}"
+        lines.append(f"| {a['case']} | {a['size']} | {a['median_ms']:.2f} | **{b['median_ms']:.2f}** | "
+                     f"**{a['median_ms'] / b['median_ms']:.1f}×** | {ref} | {error} | "
+                     f"{a['peak_rss_mib']:.0f} / {b['peak_rss_mib']:.0f} |")
+    m = branch["machine"]
+    return "\n".join(lines) + (f"\n\nMachine: {m['platform']}, {m['threads']} thread, torch {m['torch']}, "
+                               f"{branch['repeats']} timed runs per tier (median). This branch:{_run_line(branch)}; "
+                               f"main:{_run_line(main)}")
+
+
 def profile(name="profile.json"):
     path = R / name
     if not path.is_file():
@@ -136,6 +161,10 @@ def main() -> None:
         ("2 threads, wall clock", "kernels-raymarch-main-2threads.json", "kernels-raymarch-2threads.json"),
     ]))
     text = text.replace("{{PROFILE_MAIN}}", profile("profile-main.json"))
+    text = text.replace("{{KERNELS_GAUSSIAN_AB}}", kernels_vs_main("kernels-gaussian_raster-main.json",
+                                                                   "kernels-gaussian_raster.json"))
+    text = text.replace("{{PROFILE_GAUSSIANS}}", profile("profile-gaussians.json"))
+    text = text.replace("{{PROFILE_GAUSSIANS_MAIN}}", profile("profile-gaussians-main.json"))
     text = text.replace("{{MESH}}", quality("quality-mesh.json") if (R / "quality-mesh.json").is_file() else "(not measured)")
     gaussians = json.loads((R / "quality-gaussians.json").read_text())
     text = text.replace("{{GAUSSIANS}}", quality("quality-gaussians.json") if gaussians.get("mean_chamfer") else "")
