@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from lift3d.cameras import Cameras
 from lift3d.config import Schedule
 from lift3d.geometry.meshes import edge_adjacency, smoothness_losses
-from lift3d.geometry.tetrahedra import crossing_cell_tets, marching_tetrahedra, tetrahedral_grid, used_vertices
+from lift3d.geometry.tetrahedra import crossing_cells, marching_tetrahedra, tetrahedral_grid
 from lift3d.kernels.hashgrid import HashGridConfig, HashGridEncoding
 from lift3d.registry import register
 from lift3d.render.mesh import SurfacePixels, render_mesh
@@ -199,8 +199,7 @@ class DMTet(Representation):
         # Only the cells the surface crosses, and only their corners deformed: the same mesh as
         # from all 6 r^3 tetrahedra and V vertices, at a few percent of the cost (and of the
         # backward's: the gradient reaches only those vertices).
-        tets = crossing_cell_tets(self.tets, sdf.detach(), self.config.grid_resolution)
-        used, local_tets = used_vertices(tets, len(sdf))
+        used, local_tets = crossing_cells(self.tets, sdf.detach(), self.config.grid_resolution)
         return marching_tetrahedra(self.deformed_vertices(used), local_tets, sdf[used])
 
     def color(self, points: Tensor) -> Tensor:
