@@ -17,6 +17,9 @@
 //    torch code's, bit for bit.
 //
 // The integer work is exact; the edge keys a * V + b are sorted by a stable LSD radix sort.
+//
+// kuhn_crossing_cells: which tetrahedra of a Kuhn grid to march (crossing_cell_tets and
+// used_vertices of tetrahedra.py in one pass over the sign grid; see the function).
 
 #include <torch/extension.h>
 
@@ -24,6 +27,7 @@
 #include <array>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <tuple>
 #include <vector>
 
@@ -32,11 +36,12 @@ namespace {
 constexpr const char* kOp = "marching_tetrahedra_topology";
 constexpr int kEdges[6][2] = {{0, 1}, {0, 2}, {0, 3}, {1, 2}, {1, 3}, {2, 3}};  // tetrahedra.py's TET_EDGES
 
-void check(const at::Tensor& t, const char* name, at::ScalarType dtype, int64_t dim, int64_t last) {
-  TORCH_CHECK(t.device().is_cpu(), kOp, " (cpu tier): ", name, " must be on the CPU");
-  TORCH_CHECK(t.scalar_type() == dtype, kOp, " (cpu tier): ", name, " must be ", dtype, ", got ", t.scalar_type());
-  TORCH_CHECK(t.is_contiguous(), kOp, " (cpu tier): ", name, " must be contiguous");
-  TORCH_CHECK(t.dim() == dim && (last < 0 || t.size(dim - 1) == last), kOp, " (cpu tier): ", name,
+void check(const at::Tensor& t, const char* name, at::ScalarType dtype, int64_t dim, int64_t last,
+           const char* op = kOp) {
+  TORCH_CHECK(t.device().is_cpu(), op, " (cpu tier): ", name, " must be on the CPU");
+  TORCH_CHECK(t.scalar_type() == dtype, op, " (cpu tier): ", name, " must be ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK(t.is_contiguous(), op, " (cpu tier): ", name, " must be contiguous");
+  TORCH_CHECK(t.dim() == dim && (last < 0 || t.size(dim - 1) == last), op, " (cpu tier): ", name,
               " has shape ", t.sizes());
 }
 
@@ -206,6 +211,91 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> marching_tetrahedra_topology(
   return {edges, faces, undecided_faces};
 }
 
+// The cells of a Kuhn grid (tetrahedral_grid's: vertex (i, j, k) is i n^2 + j n + k, n = r + 1)
+// whose 8 corners are not all inside or all outside (sdf < 0), in cell order; the vertices they
+// use, ascending; and their 6 tetrahedra each (corner indices from `kuhn_tets` [6, 4]) re-indexed
+// into those vertices. The torch code is used_vertices(crossing_cell_tets(...)) in
+// lift3d/geometry/tetrahedra.py: integer work, so the tensors are the same. The signs are read two
+// grid planes at a time; the used vertices are a bitset with per-word ranks.
+static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "kuhn_crossing_cells reads byte flags as words");
+
+std::tuple<at::Tensor, at::Tensor> kuhn_crossing_cells(const at::Tensor& sdf, int64_t resolution,
+                                                       const at::Tensor& kuhn_tets) {
+  constexpr const char* op = "kuhn_crossing_cells";
+  const int64_t r = resolution, n = r + 1;
+  TORCH_CHECK(r >= 1 && r <= 2048, op, ": resolution must be in [1, 2048], got ", r);
+  TORCH_CHECK(sdf.device().is_cpu() && sdf.scalar_type() == at::kFloat && sdf.is_contiguous() && sdf.dim() == 1 &&
+                  sdf.size(0) == n * n * n,
+              op, " (cpu tier): sdf must be a contiguous float32 CPU tensor [", n * n * n, "], got ", sdf.sizes(), " ",
+              sdf.scalar_type());
+  check(kuhn_tets, "kuhn_tets", at::kLong, 2, 4, op);
+  TORCH_CHECK(kuhn_tets.size(0) == 6, op, ": kuhn_tets must be [6, 4]");
+  const int64_t* kuhn = kuhn_tets.data_ptr<int64_t>();
+  for (int64_t i = 0; i < 24; ++i) TORCH_CHECK(kuhn[i] >= 0 && kuhn[i] < 8, op, ": kuhn_tets holds corner ", kuhn[i]);
+  const float* s = sdf.data_ptr<float>();
+  const int64_t plane = n * n;
+  int64_t corner_offset[8];
+  for (int c = 0; c < 8; ++c) corner_offset[c] = (c & 1) * plane + ((c >> 1) & 1) * n + ((c >> 2) & 1);
+
+  // Crossing cells by their corner-0 vertex, in cell order (i, j, k ascending).
+  std::vector<int64_t> cells;
+  const int64_t padded = (r + 7) / 8 * 8;  // crossing flags of a row, read 8 at a time
+  std::vector<uint8_t> inside_a(plane), inside_b(plane), any_row(n), all_row(n), crossing(padded, 0);
+  uint8_t* low = inside_a.data();
+  uint8_t* high = inside_b.data();
+  for (int64_t v = 0; v < plane; ++v) low[v] = s[v] < 0.0f;
+  for (int64_t i = 0; i < r; ++i) {
+    const float* next = s + (i + 1) * plane;
+    for (int64_t v = 0; v < plane; ++v) high[v] = next[v] < 0.0f;
+    for (int64_t j = 0; j < r; ++j) {
+      const uint8_t *a = low + j * n, *b = low + (j + 1) * n, *c = high + j * n, *d = high + (j + 1) * n;
+      for (int64_t k = 0; k < n; ++k) {
+        any_row[k] = a[k] | b[k] | c[k] | d[k];
+        all_row[k] = a[k] & b[k] & c[k] & d[k];
+      }
+      for (int64_t k = 0; k < r; ++k) crossing[k] = (any_row[k] | any_row[k + 1]) & ~(all_row[k] & all_row[k + 1]) & 1;
+      // Few cells cross: skip 8 flags at a time (a branch per cell would mispredict at the surface);
+      // byte m - k of the word is flag m (little-endian, asserted above).
+      for (int64_t k = 0; k < r; k += 8) {
+        uint64_t word;
+        std::memcpy(&word, crossing.data() + k, sizeof word);
+        for (int64_t m = k; word != 0; word >>= 8, ++m)
+          if (word & 1) cells.push_back(i * plane + j * n + m);
+      }
+    }
+    std::swap(low, high);
+  }
+
+  // The used vertices: every corner of a crossing cell (its 6 tetrahedra use all 8).
+  const int64_t V = n * plane, words = (V + 63) / 64;
+  std::vector<uint64_t> used_bits(words, 0);
+  for (const int64_t base : cells)
+    for (int c = 0; c < 8; ++c) {
+      const int64_t v = base + corner_offset[c];
+      used_bits[v >> 6] |= uint64_t{1} << (v & 63);
+    }
+  std::vector<int64_t> rank(words + 1, 0);  // used vertices before each word
+  for (int64_t w = 0; w < words; ++w) rank[w + 1] = rank[w] + __builtin_popcountll(used_bits[w]);
+  const int64_t U = rank[words];
+  at::Tensor used = at::empty({U}, sdf.options().dtype(at::kLong));
+  int64_t* used_out = used.data_ptr<int64_t>();
+  for (int64_t w = 0; w < words; ++w)
+    for (uint64_t bits = used_bits[w]; bits != 0; bits &= bits - 1) *used_out++ = 64 * w + __builtin_ctzll(bits);
+
+  const int64_t C = static_cast<int64_t>(cells.size());
+  at::Tensor local_tets = at::empty({6 * C, 4}, used.options());
+  int64_t* out = local_tets.data_ptr<int64_t>();
+  for (int64_t cell = 0; cell < C; ++cell) {
+    int64_t local[8];
+    for (int c = 0; c < 8; ++c) {
+      const int64_t v = cells[cell] + corner_offset[c];
+      local[c] = rank[v >> 6] + __builtin_popcountll(used_bits[v >> 6] & ((uint64_t{1} << (v & 63)) - 1));
+    }
+    for (int t = 0; t < 24; ++t) out[24 * cell + t] = local[kuhn[t]];
+  }
+  return {used, local_tets};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(lift3d_cpu, m) {
@@ -213,4 +303,6 @@ TORCH_LIBRARY_FRAGMENT(lift3d_cpu, m) {
       "marching_tetrahedra_topology(Tensor vertices, Tensor tets, Tensor sdf, Tensor case_triangles, "
       "Tensor case_count) -> (Tensor edges, Tensor faces, Tensor undecided_faces)",
       &marching_tetrahedra_topology);
+  m.def("kuhn_crossing_cells(Tensor sdf, int resolution, Tensor kuhn_tets) -> (Tensor used, Tensor local_tets)",
+        &kuhn_crossing_cells);
 }

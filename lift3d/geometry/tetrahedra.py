@@ -29,6 +29,7 @@ from lift3d.kernels._backend import forced_tier, native_op, tier_available
 _KUHN_PATHS = tuple(itertools.permutations((1, 2, 4)))
 KUHN_TETS = tuple((0, a, a | b, 7) for a, b, _ in _KUHN_PATHS)
 """Corner indices of the 6 tetrahedra of a cell (0 and 7 are the diagonal's ends)."""
+_KUHN_TETS = torch.tensor(KUHN_TETS)  # [6, 4], for the cpu tier's crossing_cells
 
 TET_EDGES = ((0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3))
 """The 6 edges of a tetrahedron as pairs of its local vertex indices."""
@@ -90,11 +91,7 @@ def crossing_cell_tets(tets: Tensor, sdf: Tensor, resolution: int) -> Tensor:
     gathering 4 signs per tetrahedron keeps only the few cells around the surface.
     """
     n = resolution + 1
-    if tets.shape != (6 * resolution**3, 4) or sdf.shape != (n**3,):
-        raise ValueError(
-            f"crossing_cell_tets needs a resolution-{resolution} Kuhn grid: tets [{6 * resolution**3}, 4] and "
-            f"sdf [{n**3}], got {tuple(tets.shape)} and {tuple(sdf.shape)}"
-        )
+    _check_kuhn_grid(tets, sdf, resolution)
     with torch.no_grad():
         inside = (sdf < 0).view(n, n, n)
         corners = [inside[i : i + resolution, j : j + resolution, k : k + resolution]
@@ -105,6 +102,15 @@ def crossing_cell_tets(tets: Tensor, sdf: Tensor, resolution: int) -> Tensor:
             all_inside &= corner
         cells = torch.nonzero((any_inside & ~all_inside).reshape(-1)).squeeze(-1)
         return tets.view(-1, 6, 4)[cells].reshape(-1, 4)
+
+
+def _check_kuhn_grid(tets: Tensor, sdf: Tensor, resolution: int) -> None:
+    n = resolution + 1
+    if tets.shape != (6 * resolution**3, 4) or sdf.shape != (n**3,):
+        raise ValueError(
+            f"crossing_cell_tets needs a resolution-{resolution} Kuhn grid: tets [{6 * resolution**3}, 4] and "
+            f"sdf [{n**3}], got {tuple(tets.shape)} and {tuple(sdf.shape)}"
+        )
 
 
 def used_vertices(tets: Tensor, num_vertices: int) -> tuple[Tensor, Tensor]:
@@ -120,6 +126,28 @@ def used_vertices(tets: Tensor, num_vertices: int) -> tuple[Tensor, Tensor]:
         local = torch.empty(num_vertices, dtype=torch.long, device=tets.device)  # read only where marked
         local[used] = torch.arange(len(used), device=tets.device)
         return used, local[tets]
+
+
+CROSSING_OP = "kuhn_crossing_cells"
+"""The cpu tier's op for :func:`crossing_cells` (cuda/tetrahedra_cpu.cpp)."""
+
+
+def crossing_cells(tets: Tensor, sdf: Tensor, resolution: int) -> tuple[Tensor, Tensor]:
+    """``used_vertices(crossing_cell_tets(tets, sdf, resolution), len(sdf))``: the vertices [U]
+    (ascending) of the cells the zero level set of ``sdf`` crosses, and those cells' tetrahedra
+    [T, 4] re-indexed into them, ready for ``marching_tetrahedra(vertices[used], local, sdf[used])``.
+
+    On the CPU with a float32 SDF, one pass of the cpu tier's op over the sign grid
+    (cuda/tetrahedra_cpu.cpp; the same tensors: integer work), which neither reads ``tets``
+    [6 r^3, 4] nor writes anything of the grid's size but a bitset; ``LIFT3D_KERNELS=reference``
+    forces the torch code.
+    """
+    if not (sdf.device.type == "cpu" and sdf.dtype == torch.float32 and forced_tier() in (None, "cpu")
+            and tier_available("cpu", CROSSING_OP, quiet=True)):
+        return used_vertices(crossing_cell_tets(tets, sdf, resolution), len(sdf))
+    _check_kuhn_grid(tets, sdf, resolution)
+    with torch.no_grad():
+        return native_op("cpu", CROSSING_OP, sdf.device)(sdf.detach().contiguous(), resolution, _KUHN_TETS)
 
 
 TOPOLOGY_OP = "marching_tetrahedra_topology"

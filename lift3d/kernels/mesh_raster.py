@@ -81,6 +81,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from lift3d.geometry.meshes import edge_adjacency
 from lift3d.kernels._backend import native_op, select_tier
 
 logger = logging.getLogger(__name__)
@@ -245,29 +246,9 @@ def antialias(
 
 def edge_topology(faces: Tensor) -> Tensor:
     """[F, 3] int64: for edge ``i`` of face ``f`` (vertices ``i+1, i+2``), the vertex opposite it in
-    the one other face sharing that edge, or -1 if no face or more than one other face shares it."""
-    if faces.dim() != 2 or faces.shape[-1] != 3:
-        raise ValueError(f"faces must be [F, 3], got {tuple(faces.shape)}")
-    faces = faces.long()
-    F = faces.shape[0]
-    opposite = torch.full((F * 3,), -1, dtype=torch.long, device=faces.device)
-    if F == 0:
-        return opposite.view(F, 3)
-    first = faces[:, [1, 2, 0]].reshape(-1)
-    second = faces[:, [2, 0, 1]].reshape(-1)
-    low, high = torch.minimum(first, second), torch.maximum(first, second)
-    key = low * (int(faces.max()) + 1) + high
-    sorted_key, order = torch.sort(key, stable=True)
-    same = sorted_key[1:] == sorted_key[:-1]  # [3F - 1]: entry j and j + 1 share an edge
-    pad = torch.zeros(1, dtype=torch.bool, device=faces.device)
-    before = torch.cat([pad, same[:-1]])  # j - 1 and j share it too
-    after = torch.cat([same[1:], pad])  # j + 1 and j + 2 share it too
-    pair_start = torch.nonzero(same & ~before & ~after).squeeze(-1)  # exactly two faces on the edge
-    a, b = order[pair_start], order[pair_start + 1]
-    flat_faces = faces.reshape(-1)
-    opposite[a] = flat_faces[b]  # entry f*3+i holds vertex i of face f, which is opposite edge i
-    opposite[b] = flat_faces[a]
-    return opposite.view(F, 3)
+    the one other face sharing that edge, or -1 if no face or more than one other face shares it
+    (``lift3d.geometry.meshes.edge_adjacency(faces)[0]``: a native op on the CPU)."""
+    return edge_adjacency(faces)[0]
 
 
 def texture(tex: Tensor, uv: Tensor, boundary_mode: str = "wrap", tier: str | None = None) -> Tensor:

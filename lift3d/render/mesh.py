@@ -58,6 +58,19 @@ def clip_positions(vertices: Tensor, cameras: Cameras, near: float, far: float) 
     return torch.stack([x, y, z, camera[..., 2]], dim=-1)
 
 
+def shown_face_normals(vertices: Tensor, faces: Tensor, ids: Tensor) -> Tensor:
+    """[N, 3] ``face_normals(vertices, faces)[ids]`` (``ids`` [N] long), computed for the distinct
+    faces in ``ids`` only: a fine mesh shows few of its faces at a low resolution. Each face's
+    normal is computed by the same ops, and its gradient reaches the vertices in the same face
+    order, so the values and gradients are the same as from every face's normal."""
+    shown = torch.zeros(len(faces), dtype=torch.bool, device=faces.device)
+    shown[ids] = True
+    shown_faces = torch.nonzero(shown).squeeze(-1)
+    row = torch.empty(len(faces), dtype=torch.long, device=faces.device)  # read only where shown
+    row[shown_faces] = torch.arange(len(shown_faces), device=faces.device)
+    return face_normals(vertices, faces[shown_faces])[row[ids]]
+
+
 def render_mesh(
     vertices: Tensor,
     faces: Tensor,
@@ -102,7 +115,7 @@ def render_mesh(
     colour = torch.zeros(B, H, W, channels, dtype=vertices.dtype, device=vertices.device)
     pixel_normals = torch.zeros(B, H, W, 3, dtype=vertices.dtype, device=vertices.device)
     if bool(covered.any()):
-        normals = face_normals(vertices, faces)[raster.triangle_id[covered].long()]
+        normals = shown_face_normals(vertices, faces, raster.triangle_id[covered].long())
         pixels = SurfacePixels(normals=normals, cameras=cameras, covered=covered)
         colour = colour.index_put((covered,), shade(interpolated[covered], pixels).to(colour.dtype))
         pixel_normals = pixel_normals.index_put((covered,), normals)

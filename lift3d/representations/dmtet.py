@@ -33,8 +33,8 @@ from torch import Tensor, nn
 
 from lift3d.cameras import Cameras
 from lift3d.config import Schedule
-from lift3d.geometry.meshes import smoothness_losses
-from lift3d.geometry.tetrahedra import crossing_cell_tets, marching_tetrahedra, tetrahedral_grid, used_vertices
+from lift3d.geometry.meshes import edge_adjacency, smoothness_losses
+from lift3d.geometry.tetrahedra import crossing_cells, marching_tetrahedra, tetrahedral_grid
 from lift3d.kernels.hashgrid import HashGridConfig, HashGridEncoding
 from lift3d.registry import register
 from lift3d.render.mesh import SurfacePixels, render_mesh
@@ -199,8 +199,7 @@ class DMTet(Representation):
         # Only the cells the surface crosses, and only their corners deformed: the same mesh as
         # from all 6 r^3 tetrahedra and V vertices, at a few percent of the cost (and of the
         # backward's: the gradient reaches only those vertices).
-        tets = crossing_cell_tets(self.tets, sdf.detach(), self.config.grid_resolution)
-        used, local_tets = used_vertices(tets, len(sdf))
+        used, local_tets = crossing_cells(self.tets, sdf.detach(), self.config.grid_resolution)
         return marching_tetrahedra(self.deformed_vertices(used), local_tets, sdf[used])
 
     def color(self, points: Tensor) -> Tensor:
@@ -222,16 +221,21 @@ class DMTet(Representation):
     def render(self, cameras: Cameras, background: Tensor) -> RenderOutput:
         cfg = self.config
         vertices, faces = self.mesh()
+        # One sort of the edges gives both the antialiasing's topology and the normal-consistency
+        # loss's face pairs (regularization reads them from aux).
+        topology, face_pairs = edge_adjacency(faces) if len(faces) else (None, None)
         latent = self.latent_phase()
         # Fantasia3D composites the latent-phase normal map over black, with the mask as channel 4.
         background = torch.zeros_like(background) if latent else background
         out = render_mesh(
             vertices, faces, cameras, background.to(self.grid_vertices), attributes=vertices, shade=self._shade,
-            near=cfg.near, far=cfg.far, antialias=cfg.antialias, tier=cfg.kernel_tier or None,
+            near=cfg.near, far=cfg.far, antialias=cfg.antialias, topology=topology, tier=cfg.kernel_tier or None,
         )
         if latent:
             out.rgb = torch.cat([out.rgb, out.alpha], dim=-1)
         out.aux.update(vertices=vertices, faces=faces)
+        if face_pairs is not None:
+            out.aux["face_pairs"] = face_pairs
         return out
 
     # ------------------------------------------------------------------------------ training
@@ -254,7 +258,8 @@ class DMTet(Representation):
         vertices, faces = render.aux.get("vertices"), render.aux.get("faces")
         if vertices is None or faces is None or len(faces) == 0:
             return {}
-        return smoothness_losses(vertices, faces, cfg.lambda_normal_consistency(step), cfg.lambda_laplacian(step))
+        return smoothness_losses(vertices, faces, cfg.lambda_normal_consistency(step), cfg.lambda_laplacian(step),
+                                 pairs=render.aux.get("face_pairs"))
 
     def on_step(self, step: int, render: RenderOutput, optimizer: torch.optim.Optimizer) -> None:
         self.steps_done.fill_(step + 1)

@@ -10,8 +10,10 @@ from conftest import require_cpu_ops
 
 from lift3d.geometry import tetrahedra
 from lift3d.geometry.tetrahedra import (
+    CROSSING_OP,
     TOPOLOGY_OP,
     crossing_cell_tets,
+    crossing_cells,
     marching_tetrahedra,
     tetrahedral_grid,
     used_vertices,
@@ -109,6 +111,42 @@ def test_crossing_cells_and_used_vertices_give_the_same_mesh(resolution):
         assert not full_leaf.grad[unused].any()  # nothing outside the crossing cells gets a gradient
     with pytest.raises(ValueError, match="Kuhn grid"):
         crossing_cell_tets(tets, sdf[:-1], resolution)
+
+
+@pytest.mark.parametrize("resolution", [1, 2, 7, 12, 17])
+def test_native_crossing_cells_are_the_torch_ones(resolution: int) -> None:
+    """The cpu tier's crossing_cells (cuda/tetrahedra_cpu.cpp) against used_vertices(crossing_cell_tets(...)):
+    the same vertices and re-indexed tetrahedra, with SDF zeros and NaNs on vertices, a level set
+    reaching the box, and no crossing at all."""
+    require_cpu_ops(CROSSING_OP)
+    g = torch.Generator().manual_seed(resolution)
+    vertices, tets = tetrahedral_grid(resolution)
+    sdf = vertices.norm(dim=-1) - 0.9 + 0.2 * torch.randn(len(vertices), generator=g)
+    sdf[:: 5 + resolution] = 0.0  # zero is outside
+    sdf[1 :: 11] = -0.0
+    sdf[2 :: 13] = float("nan")  # NaN < 0 is false: outside
+    sdf[0] = -1.0  # a corner inside (resolution 1 has no other)
+    cases = [sdf, torch.ones_like(sdf), -torch.ones_like(sdf), torch.zeros_like(sdf)]
+    for values in cases:
+        used, local = crossing_cells(tets, values, resolution)
+        expected = used_vertices(crossing_cell_tets(tets, values, resolution), len(values))
+        assert used.dtype == local.dtype == torch.int64
+        assert torch.equal(used, expected[0]) and torch.equal(local, expected[1])
+    assert len(crossing_cells(tets, sdf, resolution)[1]) > 0
+    assert len(crossing_cells(tets, torch.ones_like(sdf), resolution)[1]) == 0
+    with pytest.raises(ValueError, match="Kuhn grid"):
+        crossing_cells(tets, sdf[:-1], resolution)
+
+
+def test_crossing_cells_fall_back_to_the_torch_code(monkeypatch: pytest.MonkeyPatch) -> None:
+    vertices, tets = tetrahedral_grid(4)
+    sdf = vertices.norm(dim=-1) - 0.5
+    expected = used_vertices(crossing_cell_tets(tets, sdf, 4), len(sdf))
+    for values in (sdf.double(), sdf):  # float64: the torch code; forced reference: the torch code
+        if values.dtype == torch.float32:
+            monkeypatch.setenv("LIFT3D_KERNELS", "reference")
+        used, local = crossing_cells(tets, values, 4)
+        assert torch.equal(used, expected[0]) and torch.equal(local, expected[1])
 
 
 def _deformed_grid(resolution: int, seed: int, amount: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
