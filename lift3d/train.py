@@ -35,6 +35,7 @@ from lift3d.export.video import write_strip, write_video
 from lift3d.interrupts import RunInterrupted, graceful_stop
 from lift3d.kernels._backend import prepare_kernels
 from lift3d.metrics import mean_psnr, time_margin_db, time_shifted
+from lift3d.optim import adam
 from lift3d.profiling import NULL_PROFILER
 from lift3d.prompts import slugify
 from lift3d.representations.base import Representation
@@ -143,9 +144,9 @@ class Trainer:
         if resume_state is not None:
             self.representation.load_state_dict(resume_state["representation"])
             self.representation.to(self.device)
-        self.optimizer = torch.optim.Adam(self.representation.param_groups(), eps=1e-15)
+        self.optimizer = adam(self.representation.param_groups(), eps=1e-15)
         guidance_groups = self.guidance.param_groups()
-        self.guidance_optimizer = torch.optim.AdamW(guidance_groups) if guidance_groups else None
+        self.guidance_optimizer = adam(guidance_groups, weight_decay_decoupled=True) if guidance_groups else None
         if resume_state is not None:
             self._restore(resume_state)
 

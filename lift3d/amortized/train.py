@@ -40,6 +40,7 @@ from lift3d.config import (
 from lift3d.interrupts import RunInterrupted, graceful_stop
 from lift3d.kernels._backend import prepare_kernels
 from lift3d.metrics import mean_psnr
+from lift3d.optim import adam
 from lift3d.prompts import load_prompts, slugify
 from lift3d.train import resolve_device
 
@@ -243,7 +244,7 @@ class AmortizedTrainer:
         self.step = 0
         if resume_state is not None:
             self.generator.load_state_dict(resume_state["generator"])
-        self.optimizer = torch.optim.Adam(self.generator.param_groups(), eps=1e-15)
+        self.optimizer = adam(self.generator.param_groups(), eps=1e-15)
         if resume_state is not None:
             self.optimizer.load_state_dict(resume_state["optimizer"])
             self.step = int(resume_state["step"])

@@ -1,6 +1,8 @@
+import pytest
 import torch
 
 from lift3d.cameras import orbit_cameras
+from lift3d.optim import adam
 from lift3d.representations.gaussians import DensifyConfig, Gaussians, GaussiansConfig
 
 
@@ -46,9 +48,10 @@ def _step(model, optimizer, cams, step):
     model.on_step(step, out, optimizer)
 
 
-def test_densify_clone_split_prune_keep_optimizer_consistent():
+@pytest.mark.parametrize("fused", [False, True], ids=["for-loop", "fused"])  # the trainer's is fused on CPU
+def test_densify_clone_split_prune_keep_optimizer_consistent(fused):
     model = _model(densify=DensifyConfig(start_step=1, end_step=100, interval=2, grad_threshold=1e-9, max_gaussians=2000))
-    optimizer = torch.optim.Adam(model.param_groups(), eps=1e-15)
+    optimizer = adam(model.param_groups(), eps=1e-15, fused=fused)
     cams = _cams()
     before = model.num_gaussians
     for step in range(1, 5):
