@@ -175,6 +175,27 @@ def gaussian_scene(
     return [t.contiguous().to(device) for t in inputs], projected.radii.to(device)
 
 
+def gaussian_raster_runs(
+    inputs: list[Tensor], radii: Tensor, width: int, height: int, cameras: int, channels: int
+) -> Callable[[str], Callable[[], list[Tensor]]]:
+    """``make_run(tier)`` for ``compare_tiers``: one forward + backward of ``rasterize_gaussians`` on
+    ``inputs``, the outputs (features, alpha, depth) weighted by fixed random upstream gradients."""
+    g = torch.Generator().manual_seed(1)
+    shapes = [(cameras, height, width, channels), (cameras, height, width, 1), (cameras, height, width, 1)]
+    upstream = [torch.randn(shape, generator=g).to(inputs[0].device) for shape in shapes]
+
+    def make_run(tier: str) -> Callable[[], list[Tensor]]:
+        def run() -> list[Tensor]:
+            leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
+            outputs = rasterize_gaussians(*leaves, radii, width, height, tier=tier)
+            loss = sum((o * u).sum() for o, u in zip(outputs, upstream))
+            return [o.detach() for o in outputs] + list(torch.autograd.grad(loss, leaves))
+
+        return run
+
+    return make_run
+
+
 def bench_gaussian_raster(size: str, args: argparse.Namespace) -> list[Result]:
     """Forward + backward of ``rasterize_gaussians``; size is ``WxH:N``."""
     resolution, count_text = size.split(":")
@@ -182,20 +203,7 @@ def bench_gaussian_raster(size: str, args: argparse.Namespace) -> list[Result]:
     count = int(count_text)
     device = torch.device(args.device)
     inputs, radii = gaussian_scene(count, width, height, device)
-    g = torch.Generator().manual_seed(1)
-    shapes = [(1, height, width, 3), (1, height, width, 1), (1, height, width, 1)]  # rgb, alpha, depth
-    upstream = [torch.randn(shape, generator=g).to(device) for shape in shapes]
-
-    def make_run(tier: str) -> Callable[[], list[Tensor]]:
-        def run() -> list[Tensor]:
-            leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
-            outputs = rasterize_gaussians(*leaves, radii, width, height, tier=tier)
-            loss = sum((o * u).sum() for o, u in zip(outputs, upstream))
-            grads = torch.autograd.grad(loss, leaves)
-            return [o.detach() for o in outputs] + list(grads)
-
-        return run
-
+    make_run = gaussian_raster_runs(inputs, radii, width, height, cameras=1, channels=3)
     tiers = [t for t in native_tiers(device) if tier_available(t, FORWARD_OP)]
     # The reference is dense in (pixels x Gaussians); past the budget it would swap, so skip it.
     if width * height * count <= args.max_reference_elements:
@@ -259,19 +267,7 @@ def bench_gaussian_raster_quickstart(size: str, args: argparse.Namespace) -> lis
     inputs = [t.contiguous().to(device) for t in cpu_inputs]
     radii = radii.to(device)
     B, N, C = inputs[2].shape
-    g = torch.Generator().manual_seed(1)
-    shapes = [(B, height, width, C), (B, height, width, 1), (B, height, width, 1)]
-    upstream = [torch.randn(shape, generator=g).to(device) for shape in shapes]
-
-    def make_run(tier: str) -> Callable[[], list[Tensor]]:
-        def run() -> list[Tensor]:
-            leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
-            outputs = rasterize_gaussians(*leaves, radii, width, height, tier=tier)
-            loss = sum((o * u).sum() for o, u in zip(outputs, upstream))
-            return [o.detach() for o in outputs] + list(torch.autograd.grad(loss, leaves))
-
-        return run
-
+    make_run = gaussian_raster_runs(inputs, radii, width, height, cameras=B, channels=C)
     tiers = [t for t in native_tiers(device) if tier_available(t, FORWARD_OP)]
     if B * width * height * N <= args.max_reference_elements:
         tiers.insert(0, REFERENCE)
