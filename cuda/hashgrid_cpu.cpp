@@ -211,49 +211,47 @@ HASHGRID_INLINE void locate_block(const Level& lv, const Points& points, int64_t
     }
   }
   constexpr int kCorners = 1 << kD;
+  // Corner c takes axis d's high term where bit d of c is set. Every loop but the one over the
+  // block's points has compile-time bounds and is unrolled, so each corner is straight-line code
+  // and the point loop vectorises (left as loops over corners and axes, the compiler kept them
+  // scalar: 1.8x slower at 2^18 points). uint32 arithmetic wraps as tcnn's does, so the order in
+  // which the axes' terms are combined does not matter; the weights multiply in the reference's
+  // order, w_x * w_y * w_z [* w_t].
   for (int64_t k = 0; k < kBlock; ++k) {
-    // Corners are built up one axis at a time: after axis d, entries [0, 2^(d+1)) combine the
-    // low (bit clear) or high (bit set) term of axes 0..d, left to right as the reference does.
-    // uint32 arithmetic wraps as tcnn's does.
-    uint32_t index[kCorners];
-    float weight[kCorners];
-    index[0] = static_cast<uint32_t>(cell[0][k]);
-    index[1] = index[0] + 1u;
-    weight[0] = 1.0f - block.t[0][k];
-    weight[1] = block.t[0][k];
-    uint32_t stride = lv.resolution;  // dense levels: r^d
-    for (int d = 1; d < kD; ++d) {
-      const int half = 1 << d;
-      const float t = block.t[d][k], t_lo = 1.0f - t;
-      if constexpr (kHashed) {
-        const uint32_t lo = static_cast<uint32_t>(cell[d][k]) * kPrimes[d], hi = lo + kPrimes[d];
-        for (int c = 0; c < half; ++c) {
-          index[c + half] = index[c] ^ hi;
-          index[c] ^= lo;
-        }
-      } else {
-        const uint32_t lo = static_cast<uint32_t>(cell[d][k]) * stride, hi = lo + stride;
-        stride *= lv.resolution;
-        for (int c = 0; c < half; ++c) {
-          index[c + half] = index[c] + hi;
-          index[c] += lo;
-        }
-      }
-      // w_c = w_x * w_y * w_z [* w_t], multiplied in the reference's order.
-      for (int c = 0; c < half; ++c) {
-        weight[c + half] = weight[c] * t;
-        weight[c] *= t_lo;
-      }
+    uint32_t lo[kD], hi[kD];
+    float w_lo[kD], w_hi[kD];
+    uint32_t stride = 1;  // dense levels: r^d
+#pragma GCC unroll 4
+    for (int d = 0; d < kD; ++d) {
+      const uint32_t step = kHashed ? kPrimes[d] : stride;
+      lo[d] = static_cast<uint32_t>(cell[d][k]) * step;
+      hi[d] = lo[d] + step;
+      w_lo[d] = 1.0f - block.t[d][k];
+      w_hi[d] = block.t[d][k];
+      stride *= lv.resolution;
     }
+#pragma GCC unroll 16
     for (int c = 0; c < kCorners; ++c) {
+      uint32_t index = (c & 1) ? hi[0] : lo[0];
+      float weight = (c & 1) ? w_hi[0] : w_lo[0];
+#pragma GCC unroll 4
+      for (int d = 1; d < kD; ++d) {
+        const bool high = (c >> d) & 1;
+        if constexpr (kHashed) {
+          index ^= high ? hi[d] : lo[d];
+        } else {
+          index += high ? hi[d] : lo[d];
+        }
+        weight *= high ? w_hi[d] : w_lo[d];
+      }
       if constexpr (kHashed) {
-        block.index[c][k] = index[c] & lv.mask;
+        block.index[c][k] = index & lv.mask;
       } else {
         // Corners reach at most res per axis, so the dense index is < 2 size (checked in
         // make_levels): one conditional subtraction is the modulo.
-        block.index[c][k] = index[c] >= lv.size ? index[c] - lv.size : index[c];
+        block.index[c][k] = index >= lv.size ? index - lv.size : index;
       }
-      block.weight[c][k] = weight[c];
+      block.weight[c][k] = weight;
     }
   }
 }
