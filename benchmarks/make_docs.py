@@ -96,14 +96,14 @@ def kernels_ab(pairs):
     return "\n".join(lines)
 
 
-def kernels_vs_main(main_name, branch_name):
-    """One row per (case, size) of the cpu tier: main's run against this branch's, each file timed
+def kernels_vs_main(main_name, branch_name, label="this branch"):
+    """One row per (case, size) of the cpu tier: main's run against ``label``'s, each file timed
     by the same command on its own checkout; the reference where it ran."""
     if not ((R / main_name).is_file() and (R / branch_name).is_file()):
         return "(not measured)"
     main, branch = (json.loads((R / n).read_text()) for n in (main_name, branch_name))
-    lines = ["| case | size | main: cpu ms | this branch: cpu ms | main / branch | reference ms (main's run / this "
-             "branch's) | max rel. error vs reference, this branch | peak RSS MiB, cpu tier: main / this branch |",
+    lines = [f"| case | size | main: cpu ms | {label}: cpu ms | main / {label} | reference ms (main's run / {label}'s) "
+             f"| max rel. error vs reference, {label} | peak RSS MiB, cpu tier: main / {label} |",
              "|---|---|---|---|---|---|---|---|"]
     for a in (r for r in main["results"] if r["tier"] == "cpu"):
         key = (a["case"], a["size"])
@@ -117,7 +117,7 @@ def kernels_vs_main(main_name, branch_name):
                      f"{a['peak_rss_mib']:.0f} / {b['peak_rss_mib']:.0f} |")
     m = branch["machine"]
     return "\n".join(lines) + (f"\n\nMachine: {m['platform']}, {m['threads']} thread, torch {m['torch']}, "
-                               f"{branch['repeats']} timed runs per tier (median). This branch:{_run_line(branch)}; "
+                               f"{branch['repeats']} timed runs per tier (median). {label.capitalize()}:{_run_line(branch)}; "
                                f"main:{_run_line(main)}")
 
 
@@ -161,8 +161,11 @@ def main() -> None:
         ("2 threads, wall clock", "kernels-raymarch-main-2threads.json", "kernels-raymarch-2threads.json"),
     ]))
     text = text.replace("{{PROFILE_MAIN}}", profile("profile-main.json"))
+    text = text.replace("{{PROFILE_AFTER}}", profile("profile-after-cuts.json"))
     text = text.replace("{{KERNELS_GAUSSIAN_AB}}", kernels_vs_main("kernels-gaussian_raster-main.json",
                                                                    "kernels-gaussian_raster.json"))
+    text = text.replace("{{KERNELS_GAUSSIAN_BASELINE}}", kernels_vs_main(
+        "kernels-gaussian_raster-main.json", "kernels-gaussian_raster-baseline.json", label="baseline build"))
     text = text.replace("{{PROFILE_GAUSSIANS}}", profile("profile-gaussians.json"))
     text = text.replace("{{PROFILE_GAUSSIANS_MAIN}}", profile("profile-gaussians-main.json"))
     text = text.replace("{{MESH}}", quality("quality-mesh.json") if (R / "quality-mesh.json").is_file() else "(not measured)")
