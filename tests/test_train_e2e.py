@@ -73,13 +73,16 @@ def test_ctrl_c_finishes_the_step_then_checkpoints(tmp_path, monkeypatch):
         return original(step)
 
     monkeypatch.setattr(trainer, "train_step", interrupted)
+    # What was installed before (default_int_handler, or SIG_IGN where the suite itself was started
+    # in the background by a non-interactive shell) is what must be back afterwards.
+    handler_before = signal.getsignal(signal.SIGINT)
     with pytest.raises(RunInterrupted) as caught:
         trainer.fit()
     assert caught.value.step == 3 and caught.value.exit_code == 130
     state = torch.load(tmp_path / "run" / "ckpt" / "last.pt", weights_only=True)
     assert state["step"] == 3
     assert (tmp_path / "run" / "ckpt" / "step_000003.pt").is_file()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    assert signal.getsignal(signal.SIGINT) is handler_before  # handlers restored
 
 
 def test_a_second_ctrl_c_stops_at_once_without_a_new_checkpoint(tmp_path, monkeypatch):
