@@ -1,5 +1,6 @@
 // Run-time choice of the instruction set for the cpu-tier kernels that ship an AVX2 build of
-// their hot loop next to the baseline x86-64 one (mesh_raster_cpu.cpp, hashgrid_cpu.cpp).
+// their hot loop next to the baseline x86-64 one (mesh_raster_cpu.cpp, hashgrid_cpu.cpp,
+// gaussian_raster_cpu.cpp), and the vector load / store helpers those loops share.
 #pragma once
 
 #include <cstdlib>
@@ -22,5 +23,23 @@ inline bool use_avx2() {
   return false;
 #endif
 }
+
+// An unaligned load / store of a GCC vector V from / to memory of its lane type T (memcpy: no
+// aliasing or alignment assumptions; compilers emit one vector move). The wide vectors only pass
+// through these always-inlined functions, never a real call boundary: GCC's warning about their
+// calling convention without AVX does not apply.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
+template <typename V, typename T>
+inline __attribute__((always_inline)) V load_vector(const T* p) {
+  V v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+template <typename V, typename T>
+inline __attribute__((always_inline)) void store_vector(T* p, V v) {
+  std::memcpy(p, &v, sizeof v);
+}
+#pragma GCC diagnostic pop
 
 }  // namespace lift3d_cpu

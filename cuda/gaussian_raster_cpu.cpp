@@ -81,17 +81,9 @@ typedef int32_t I8 __attribute__((vector_size(32)));
 typedef double D8 __attribute__((vector_size(64)));
 typedef int64_t L8 __attribute__((vector_size(64)));
 
-template <typename V, typename T>
-GS_INLINE V load(const T* p) {
-  V v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-template <typename V, typename T>
-GS_INLINE void store(T* p, V v) {
-  std::memcpy(p, &v, sizeof v);
-}
-GS_INLINE void add_to(float* p, F8 v) { store(p, load<F8>(p) + v); }
+using lift3d_cpu::load_vector;
+using lift3d_cpu::store_vector;
+GS_INLINE void add_to(float* p, F8 v) { store_vector(p, load_vector<F8>(p) + v); }
 // mask ? a : b per lane (mask lanes are all ones or all zeros).
 GS_INLINE F8 select(I8 mask, F8 a, F8 b) { return (F8)((mask & (I8)a) | (~mask & (I8)b)); }
 GS_INLINE I8 select(I8 mask, I8 a, I8 b) { return (mask & a) | (~mask & b); }
@@ -455,29 +447,29 @@ inline void forward_tile_body(const Tile& tile, int64_t b, int64_t H, int64_t W,
       // Steps start at the chord, not at a multiple of 8: most chords then take one step.
       for (int64_t x = x_lo[y - y_lo]; x <= x_hi[y - y_lo]; x += kLanes) {
         const int64_t i = (y - tile.y0) * kStride + (x - tile.x0);
-        const I8 live = load<I8>(st.live.data() + i);
+        const I8 live = load_vector<I8>(st.live.data() + i);
         if (!Isa::any(live)) continue;
         Eval e = power_test(s, pixel_centres(x), static_cast<float>(y) + 0.5f);
         if (!Isa::any(e.pass & live)) continue;
         alpha_test(s, e);
         const I8 blend = e.pass & live;
         if (!Isa::any(blend)) continue;
-        const D8 trans = load<D8>(st.trans.data() + i);
+        const D8 trans = load_vector<D8>(st.trans.data() + i);
         const D8 next = trans * to_double(1.0f - e.alpha);
         const I8 stop = blend & (to_float(next) < kTransmittanceMin);
         const I8 take = blend & ~stop;
         if (Isa::any(stop)) {
-          store(st.live.data() + i, live & ~stop);
+          store_vector(st.live.data() + i, live & ~stop);
           for (int k = 0; k < kLanes; ++k) alive += stop[k];  // lanes are -1 where set
         }
         const F8 weight = e.alpha * to_float(trans);
         for (int64_t ch = 0; ch < F; ++ch) {
           float* sums = st.sums.data() + ch * kTilePixels + i;
-          const F8 old = load<F8>(sums);
-          store(sums, select(take, old + weight * f[ch], old));
+          const F8 old = load_vector<F8>(sums);
+          store_vector(sums, select(take, old + weight * f[ch], old));
         }
-        store(st.trans.data() + i, select(take, next, trans));
-        store(st.last.data() + i, select(take, I8{} + static_cast<int32_t>(j + 1), load<I8>(st.last.data() + i)));
+        store_vector(st.trans.data() + i, select(take, next, trans));
+        store_vector(st.last.data() + i, select(take, I8{} + static_cast<int32_t>(j + 1), load_vector<I8>(st.last.data() + i)));
       }
     }
   }
@@ -555,7 +547,7 @@ inline void backward_tile_body(const Tile& tile, int64_t b, int64_t H, int64_t W
       for (int64_t x = x_lo[y - y_lo]; x <= x_hi[y - y_lo]; x += kLanes) {
         const int64_t i = (y - tile.y0) * kStride + (x - tile.x0);
         // Only pixels whose blend reached j (not after their last contributor or stopping Gaussian).
-        const I8 reached = load<I8>(st.last.data() + i) > static_cast<int32_t>(j);
+        const I8 reached = load_vector<I8>(st.last.data() + i) > static_cast<int32_t>(j);
         if (!Isa::any(reached)) continue;
         Eval e = power_test(s, pixel_centres(x), static_cast<float>(y) + 0.5f);
         if (!Isa::any(e.pass & reached)) continue;
@@ -565,27 +557,27 @@ inline void backward_tile_body(const Tile& tile, int64_t b, int64_t H, int64_t W
         touched = true;
         // One division for both quotients below (a double ulp off theirs; T is rounded to float).
         const D8 inverse = 1.0 / to_double(1.0f - e.alpha);
-        const D8 trans = select(m, load<D8>(st.trans.data() + i) * inverse, load<D8>(st.trans.data() + i));
-        store(st.trans.data() + i, trans);  // T before this Gaussian
+        const D8 trans = select(m, load_vector<D8>(st.trans.data() + i) * inverse, load_vector<D8>(st.trans.data() + i));
+        store_vector(st.trans.data() + i, trans);  // T before this Gaussian
         const F8 tr = to_float(trans);
         const F8 weight = e.alpha * tr;
-        const F8 last_alpha = load<F8>(st.last_alpha.data() + i);
+        const F8 last_alpha = load_vector<F8>(st.last_alpha.data() + i);
         // d out / d alpha_j = T_j (f_j - accum_j), accum_j = the normalised blend behind j.
         F8 d_alpha = F8{};
         for (int64_t ch = 0; ch < F; ++ch) {
           float* accum_p = st.accum.data() + ch * kTilePixels + i;
           float* last_p = st.last_feature.data() + ch * kTilePixels + i;
-          const F8 up = load<F8>(st.upstream.data() + ch * kTilePixels + i);
-          const F8 accum = last_alpha * load<F8>(last_p) + (1.0f - last_alpha) * load<F8>(accum_p);
-          store(accum_p, select(m, accum, load<F8>(accum_p)));
-          store(last_p, select(m, F8{} + f[ch], load<F8>(last_p)));
+          const F8 up = load_vector<F8>(st.upstream.data() + ch * kTilePixels + i);
+          const F8 accum = last_alpha * load_vector<F8>(last_p) + (1.0f - last_alpha) * load_vector<F8>(accum_p);
+          store_vector(accum_p, select(m, accum, load_vector<F8>(accum_p)));
+          store_vector(last_p, select(m, F8{} + f[ch], load_vector<F8>(last_p)));
           d_alpha += (f[ch] - accum) * up;
           add_to(g + (6 + ch) * kLanes, select(m, weight * up, F8{}));
         }
         d_alpha *= tr;
         // Output alpha = 1 - prod(1 - alpha_k): d/d alpha_j = T_final / (1 - alpha_j).
-        d_alpha += to_float(load<D8>(st.t_final.data() + i) * inverse) * load<F8>(st.d_alpha_out.data() + i);
-        store(st.last_alpha.data() + i, select(m, e.alpha, last_alpha));
+        d_alpha += to_float(load_vector<D8>(st.t_final.data() + i) * inverse) * load_vector<F8>(st.d_alpha_out.data() + i);
+        store_vector(st.last_alpha.data() + i, select(m, e.alpha, last_alpha));
         const I8 unclamped = m & (e.raw <= kAlphaMax);  // clamped at 0.99: no gradient, as torch.clamp
         const F8 d_power = d_alpha * e.raw;
         add_to(g + 5 * kLanes, select(unclamped, d_alpha * e.gauss, F8{}));
@@ -598,8 +590,8 @@ inline void backward_tile_body(const Tile& tile, int64_t b, int64_t H, int64_t W
     }
     if (!touched) continue;
     for (int64_t k = 0; k < S; ++k) {
-      part[j * S + k] = lane_sum(load<F8>(g + k * kLanes));
-      store(g + k * kLanes, F8{});
+      part[j * S + k] = lane_sum(load_vector<F8>(g + k * kLanes));
+      store_vector(g + k * kLanes, F8{});
     }
   }
 }

@@ -74,16 +74,8 @@ struct Lanes<4> {
   typedef double D __attribute__((vector_size(32)));
 };
 
-template <typename V, typename T>
-MESH_RASTER_INLINE V load_vec(const T* p) {
-  V v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-template <typename V, typename T>
-MESH_RASTER_INLINE void store_vec(T* p, V v) {
-  std::memcpy(p, &v, sizeof v);
-}
+using lift3d_cpu::load_vector;
+using lift3d_cpu::store_vector;
 template <typename V, typename T>
 MESH_RASTER_INLINE V splat(T a) {
   V v;
@@ -450,18 +442,18 @@ MESH_RASTER_INLINE void raster_tile(const TileJob& job, TileBuffer& tile) {
       const int64_t row = (y - y_begin) * kTile - x_begin;  // buffer index of pixel x is row + x
       for (int64_t x = x0; x < x1; x += N) {
         const int64_t i = row + x;
-        const VecD q = load_vec<VecD>(qx + x);
+        const VecD q = load_vector<VecD>(qx + x);
         const VecD d0 = q * n0 + r0, d1 = q * n1 + r1, d2 = q * n2 + r2;
         const VecD z = (d0 * z0 + d1 * z1 + d2 * z2) / det;
-        const VecD best = load_vec<VecD>(best_depth + i);
+        const VecD best = load_vector<VecD>(best_depth + i);
         // Triangles arrive in index order: the strict < keeps the first of equal depths.
         const VecL take = (d0 >= zero) & (d1 >= zero) & (d2 >= zero) & (z >= minus_one) & (z <= one) & (z < best) &
                           ((lanes + splat<VecD>(static_cast<double>(x))) < end);
-        store_vec(best_depth + i, select(take, z, best));
-        store_vec(best_id + i, select(take, face, load_vec<VecL>(best_id + i)));
-        store_vec(best_d0 + i, select(take, d0, load_vec<VecD>(best_d0 + i)));
-        store_vec(best_d1 + i, select(take, d1, load_vec<VecD>(best_d1 + i)));
-        store_vec(best_d2 + i, select(take, d2, load_vec<VecD>(best_d2 + i)));
+        store_vector(best_depth + i, select(take, z, best));
+        store_vector(best_id + i, select(take, face, load_vector<VecL>(best_id + i)));
+        store_vector(best_d0 + i, select(take, d0, load_vector<VecD>(best_d0 + i)));
+        store_vector(best_d1 + i, select(take, d1, load_vector<VecD>(best_d1 + i)));
+        store_vector(best_d2 + i, select(take, d2, load_vector<VecD>(best_d2 + i)));
       }
     }
   }
