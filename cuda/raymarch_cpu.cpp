@@ -60,6 +60,8 @@ namespace {
 using lift3d_raymarch::check_composite_backward_inputs;
 using lift3d_raymarch::check_composite_forward_inputs;
 using lift3d_raymarch::check_march_inputs;
+using lift3d_raymarch::CompositeOutputs;
+using lift3d_raymarch::max_optical_depth;
 using lift3d_raymarch::Tier;
 
 // ------------------------------------------------------------------------------------------------
@@ -695,25 +697,16 @@ composite_forward(const at::Tensor& sigmas, const at::Tensor& values, const at::
 
   const std::vector<int64_t> offsets = ray_offsets(ray_indices, R);
   const CompositeInputs in{sigmas.data_ptr<float>(), values.data_ptr<float>(), t_starts.data_ptr<float>(),
-                           t_ends.data_ptr<float>(), C,
-                           static_cast<float>(-std::log(transmittance_threshold))};
+                           t_ends.data_ptr<float>(), C, max_optical_depth(transmittance_threshold)};
 
-  const auto f32 = sigmas.options();
-  // Every entry of these is written.
-  at::Tensor weights = at::empty({S}, f32);
-  at::Tensor transmittance = at::empty({S}, f32);
-  at::Tensor survival = at::empty({S}, f32);
-  at::Tensor accumulated = at::empty({R, C}, f32);
-  at::Tensor opacity = at::empty({R, 1}, f32);
-  at::Tensor depth = at::empty({R, 1}, f32);
-  at::Tensor kept_ends = at::empty({R}, ray_indices.options());
-  int64_t* kept_end_out = kept_ends.data_ptr<int64_t>();
-  float* w_out = weights.data_ptr<float>();
-  float* T_out = transmittance.data_ptr<float>();
-  float* e_out = survival.data_ptr<float>();
-  float* acc_out = accumulated.data_ptr<float>();
-  float* op_out = opacity.data_ptr<float>();
-  float* depth_out = depth.data_ptr<float>();
+  const CompositeOutputs out(S, R, C, sigmas.options(), ray_indices.options());
+  int64_t* kept_end_out = out.kept_ends.data_ptr<int64_t>();
+  float* w_out = out.weights.data_ptr<float>();
+  float* T_out = out.transmittance.data_ptr<float>();
+  float* e_out = out.survival.data_ptr<float>();
+  float* acc_out = out.accumulated.data_ptr<float>();
+  float* op_out = out.opacity.data_ptr<float>();
+  float* depth_out = out.depth.data_ptr<float>();
 
   const SampleWeightsFn weights_of = pick_sample_weights();
   with_channels(C, [&](auto channels) {
@@ -733,7 +726,7 @@ composite_forward(const at::Tensor& sigmas, const at::Tensor& values, const at::
   });
   at::Tensor offsets_tensor = at::empty({R + 1}, ray_indices.options());
   std::copy(offsets.begin(), offsets.end(), offsets_tensor.data_ptr<int64_t>());
-  return {weights, accumulated, opacity, depth, offsets_tensor, kept_ends, transmittance, survival};
+  return out.with_offsets(offsets_tensor);
 }
 
 struct BackwardInputs {

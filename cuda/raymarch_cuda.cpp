@@ -39,6 +39,8 @@ namespace {
 using lift3d_raymarch::check_composite_backward_inputs;
 using lift3d_raymarch::check_composite_forward_inputs;
 using lift3d_raymarch::check_march_inputs;
+using lift3d_raymarch::CompositeOutputs;
+using lift3d_raymarch::max_optical_depth;
 using lift3d_raymarch::Tier;
 
 CUstream_st* as_stream(int64_t stream) { return reinterpret_cast<CUstream_st*>(static_cast<intptr_t>(stream)); }
@@ -84,10 +86,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> march_rays(const at::Tensor& orig
   return {ray_indices, t_starts, t_ends};
 }
 
-float max_optical_depth(double transmittance_threshold) {
-  return static_cast<float>(-std::log(transmittance_threshold));
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> composite_forward(
     const at::Tensor& sigmas, const at::Tensor& values, const at::Tensor& t_starts, const at::Tensor& t_ends,
     const at::Tensor& ray_indices, int64_t num_rays, double transmittance_threshold, int64_t stream) {
@@ -102,23 +100,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   // offsets[r] = first sample of ray r or later (so offsets[R] = S).
   const at::Tensor offsets = at::searchsorted(ray_indices, at::arange(R + 1, ray_indices.options()));
 
-  const auto f32 = sigmas.options();
-  at::Tensor weights = at::empty({S}, f32);
-  at::Tensor transmittance = at::empty({S}, f32);
-  at::Tensor survival = at::empty({S}, f32);
-  at::Tensor accumulated = at::empty({R, C}, f32);
-  at::Tensor opacity = at::empty({R, 1}, f32);
-  at::Tensor depth = at::empty({R, 1}, f32);
-  at::Tensor kept_ends = at::empty({R}, ray_indices.options());
+  const CompositeOutputs out(S, R, C, sigmas.options(), ray_indices.options());
   check_launch(lift3d_composite_forward(sigmas.data_ptr<float>(), values.data_ptr<float>(),
                                         t_starts.data_ptr<float>(), t_ends.data_ptr<float>(),
                                         offsets.data_ptr<int64_t>(), R, static_cast<int>(C),
-                                        max_optical_depth(transmittance_threshold), weights.data_ptr<float>(),
-                                        transmittance.data_ptr<float>(), survival.data_ptr<float>(),
-                                        accumulated.data_ptr<float>(), opacity.data_ptr<float>(),
-                                        depth.data_ptr<float>(), kept_ends.data_ptr<int64_t>(), as_stream(stream)),
+                                        max_optical_depth(transmittance_threshold), out.weights.data_ptr<float>(),
+                                        out.transmittance.data_ptr<float>(), out.survival.data_ptr<float>(),
+                                        out.accumulated.data_ptr<float>(), out.opacity.data_ptr<float>(),
+                                        out.depth.data_ptr<float>(), out.kept_ends.data_ptr<int64_t>(),
+                                        as_stream(stream)),
                "composite_forward");
-  return {weights, accumulated, opacity, depth, offsets, kept_ends, transmittance, survival};
+  return out.with_offsets(offsets);
 }
 
 std::tuple<at::Tensor, at::Tensor> composite_backward(const at::Tensor& values, const at::Tensor& t_starts,

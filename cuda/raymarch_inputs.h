@@ -4,7 +4,9 @@
 
 #include <torch/extension.h>
 
+#include <cmath>
 #include <cstdint>
+#include <tuple>
 #include <vector>
 
 namespace lift3d_raymarch {
@@ -94,5 +96,31 @@ inline CompositeShape check_composite_backward_inputs(
   check_tensor(grad_depth, tier, op, "grad_depth", at::kFloat, {R, 1});
   return {S, C, R};
 }
+
+// The compositing's termination bound, -log(threshold), rounded to float as torch rounds the
+// scalar in the reference's comparison.
+inline float max_optical_depth(double transmittance_threshold) {
+  return static_cast<float>(-std::log(transmittance_threshold));
+}
+
+// The composite forward's outputs for S samples, R rays and C channels, allocated alike by both
+// tiers (each writes every entry), and the op's return tuple with the tier's ray offsets.
+struct CompositeOutputs {
+  at::Tensor weights, transmittance, survival, accumulated, opacity, depth, kept_ends;
+
+  CompositeOutputs(int64_t S, int64_t R, int64_t C, const at::TensorOptions& f32, const at::TensorOptions& index)
+      : weights(at::empty({S}, f32)),
+        transmittance(at::empty({S}, f32)),
+        survival(at::empty({S}, f32)),
+        accumulated(at::empty({R, C}, f32)),
+        opacity(at::empty({R, 1}, f32)),
+        depth(at::empty({R, 1}, f32)),
+        kept_ends(at::empty({R}, index)) {}
+
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+  with_offsets(const at::Tensor& offsets) const {
+    return {weights, accumulated, opacity, depth, offsets, kept_ends, transmittance, survival};
+  }
+};
 
 }  // namespace lift3d_raymarch
