@@ -57,7 +57,7 @@ from torch import Tensor, nn
 
 from lift3d.cameras import Cameras
 from lift3d.config import Schedule
-from lift3d.geometry.meshes import load_normalized_mesh, normalize_mesh, smoothness_losses
+from lift3d.geometry.meshes import adjacent_face_pairs, load_normalized_mesh, normalize_mesh, smoothness_losses
 from lift3d.kernels import mesh_raster
 from lift3d.kernels.hashgrid import HashGridConfig, HashGridEncoding
 from lift3d.registry import register
@@ -221,6 +221,9 @@ class TexturedMesh(Representation):
         flipped = torch.as_tensor(np.asarray(uvs), dtype=torch.float32) * torch.tensor([1.0, -1.0]) + torch.tensor([0.0, 1.0])
         self.register_buffer("uvs", flipped, persistent=False)
         self.register_buffer("topology", mesh_raster.edge_topology(self.faces), persistent=False)
+        # The welded surface's face pairs for the normal-consistency loss: fixed, like the faces.
+        welded_faces = self.vmapping[self.faces]
+        self.register_buffer("welded_face_pairs", adjacent_face_pairs(welded_faces), persistent=False)
         self.offsets = nn.Parameter(torch.zeros_like(welded), requires_grad=config.optimize_geometry)
         channels = 4 if config.latent else 3
         size = config.texture_resolution
@@ -340,7 +343,8 @@ class TexturedMesh(Representation):
             return {}
         welded = self.base_vertices + self.offsets
         faces = self.vmapping[self.faces]  # regularise the welded surface: seams are not edges
-        return smoothness_losses(welded, faces, cfg.lambda_normal_consistency(step), cfg.lambda_laplacian(step))
+        return smoothness_losses(welded, faces, cfg.lambda_normal_consistency(step), cfg.lambda_laplacian(step),
+                                 pairs=self.welded_face_pairs)
 
     def on_step(self, step: int, render: RenderOutput, optimizer: torch.optim.Optimizer) -> None:
         pass
