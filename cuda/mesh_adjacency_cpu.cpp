@@ -21,18 +21,13 @@
 #include <tuple>
 #include <vector>
 
+#include "cpu_scratch.h"
+
 namespace {
 
 constexpr const char* kOp = "mesh_edge_adjacency";
 
-// A per-thread scratch buffer kept between calls (grown, never shrunk; kTag tells the uses apart):
-// fresh multi-MB allocations come from mmap and fault in page by page on every call otherwise.
-template <typename T, int kTag>
-std::vector<T>& reusable_buffer(size_t count) {
-  thread_local std::vector<T> buffer;
-  if (buffer.size() < count) buffer.resize(count);
-  return buffer;
-}
+using lift3d_cpu::reusable_buffer;
 
 // Items sorted in (low, high, j) order: item = (high << 32) | j, with the items of low vertex v at
 // [start[v], start[v + 1]). Entries are scattered by low vertex in j order, then each vertex's

@@ -46,6 +46,7 @@
 #include <vector>
 
 #include "cpu_features.h"
+#include "cpu_scratch.h"
 
 namespace {
 
@@ -252,14 +253,7 @@ inline bool setup_triangle(const float* positions, const int32_t* face, Setup& s
   return true;
 }
 
-// A per-thread buffer kept between calls (grown, never shrunk; kTag tells the uses apart). Fresh
-// allocations of hundreds of KB come from mmap and fault in page by page on every call otherwise.
-template <typename T, int kTag>
-std::vector<T>& reusable_buffer(size_t count) {
-  thread_local std::vector<T> buffer;
-  if (buffer.size() < count) buffer.resize(count);
-  return buffer;
-}
+using lift3d_cpu::reusable_buffer;
 
 // The fixed tile grid of an H x W image.
 struct TileGrid {
