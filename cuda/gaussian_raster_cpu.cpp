@@ -53,6 +53,7 @@
 #include <vector>
 
 #include "cpu_features.h"
+#include "cpu_sort.h"
 
 #ifdef LIFT3D_CPU_X86
 #include <immintrin.h>
@@ -282,28 +283,17 @@ void make_splats(const Inputs& in, const int32_t* radii, const Grid& grid, std::
 // The indices of depths[0, n) in stable increasing order (ties by index, -0 = +0, NaN last like
 // torch.sort): an LSD radix sort of order-preserving 32-bit keys (stable by construction).
 void depth_order(const float* depths, int64_t n, int32_t* order) {
-  std::vector<uint32_t> keys(n), next_keys(n);
-  std::vector<int32_t> next(n);
+  std::vector<uint32_t> keys(n);
+  std::vector<int32_t> indices(n);
   for (int64_t i = 0; i < n; ++i) {
     const float z = depths[i] == 0.0f ? 0.0f : depths[i];
     uint32_t bits;
     std::memcpy(&bits, &z, sizeof bits);
     keys[i] = std::isnan(z) ? 0xffffffffu : (bits & 0x80000000u) ? ~bits : bits | 0x80000000u;
-    order[i] = static_cast<int32_t>(i);
+    indices[i] = static_cast<int32_t>(i);
   }
-  for (int shift = 0; shift < 32; shift += 8) {
-    int64_t count[257] = {0};
-    for (int64_t i = 0; i < n; ++i) ++count[((keys[i] >> shift) & 0xff) + 1];
-    if (n == 0 || count[((keys[0] >> shift) & 0xff) + 1] == n) continue;  // one digit value: no move
-    for (int d = 0; d < 256; ++d) count[d + 1] += count[d];
-    for (int64_t i = 0; i < n; ++i) {
-      const int64_t to = count[(keys[i] >> shift) & 0xff]++;
-      next_keys[to] = keys[i];
-      next[to] = order[i];
-    }
-    keys.swap(next_keys);
-    std::copy(next.begin(), next.end(), order);
-  }
+  lift3d_cpu::radix_sort_pairs<8>(keys, indices, 32);
+  std::copy(indices.begin(), indices.end(), order);
 }
 
 // Stable depth order per camera (ties by index, NaN last like torch.sort), binned into the tiles

@@ -24,12 +24,13 @@
 #include <torch/extension.h>
 
 #include <algorithm>
-#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <tuple>
 #include <vector>
+
+#include "cpu_sort.h"
 
 namespace {
 
@@ -43,25 +44,6 @@ void check(const at::Tensor& t, const char* name, at::ScalarType dtype, int64_t 
   TORCH_CHECK(t.is_contiguous(), op, " (cpu tier): ", name, " must be contiguous");
   TORCH_CHECK(t.dim() == dim && (last < 0 || t.size(dim - 1) == last), op, " (cpu tier): ", name,
               " has shape ", t.sizes());
-}
-
-// Sorts `keys` (all < 2^bits) with their `items`, stably, 11 bits per pass.
-void radix_sort(std::vector<uint64_t>& keys, std::vector<int64_t>& items, int bits) {
-  constexpr int kRadix = 11;
-  std::vector<uint64_t> keys_out(keys.size());
-  std::vector<int64_t> items_out(items.size());
-  for (int shift = 0; shift < bits; shift += kRadix) {
-    std::array<int64_t, (1 << kRadix) + 1> start{};
-    for (const uint64_t key : keys) ++start[((key >> shift) & ((1u << kRadix) - 1)) + 1];
-    for (size_t b = 1; b < start.size(); ++b) start[b] += start[b - 1];
-    for (size_t i = 0; i < keys.size(); ++i) {
-      const int64_t at = start[(keys[i] >> shift) & ((1u << kRadix) - 1)]++;
-      keys_out[at] = keys[i];
-      items_out[at] = items[i];
-    }
-    keys.swap(keys_out);
-    items.swap(items_out);
-  }
 }
 
 // Whether the face (p0, p1, p2 edge midpoints, d = c_out - c_in) is decided, and flipped: see the
@@ -150,7 +132,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> marching_tetrahedra_topology(
   }
   int bits = 1;
   while (bits < 64 && (static_cast<uint64_t>(V) * static_cast<uint64_t>(V)) >> bits) ++bits;
-  radix_sort(keys, slots, bits);
+  lift3d_cpu::radix_sort_pairs<11>(keys, slots, bits);
   std::vector<int64_t> slot_vertex(6 * C, -1);
   std::vector<uint64_t> unique;
   for (size_t i = 0; i < keys.size(); ++i) {
